@@ -1,0 +1,30 @@
+# Two commands a user needs: `make demo` (the whole pipeline on the default toy world) and `make test`.
+# Both set up the virtualenv first; the setup is skipped when its stamp is newer than pyproject.toml.
+PYTHON ?= python3
+VENV ?= .venv
+VLLM_EXTRA ?= cpu
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(VLLM_EXTRA)
+
+.PHONY: setup demo test bench world clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup_env.sh
+	VENV=$(VENV) PYTHON=$(PYTHON) VLLM_EXTRA=$(VLLM_EXTRA) bash scripts/setup_env.sh
+	touch $(STAMP)
+
+world: setup
+	$(PY) recipes/make_world.py
+
+demo: setup
+	$(PY) recipes/make_world.py
+
+test: setup
+	$(PY) -m pytest tests -q
+
+bench: setup
+	$(PY) benchmarks/world.py
+
+clean:
+	rm -rf runs

@@ -1,0 +1,245 @@
+"""The simulated homepage world: catalog, users, behaviour model, reward system and logging policy.
+
+`World.generate(config)` builds it deterministically from `config.seed`; `world.save(dir)` /
+`World.load(dir)` persist it (hidden state included, so ground truth survives code changes to the
+generators); `world.true_page_reward(...)` is the ground truth every later stage is judged on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from homepage.behavior import BehaviorModel, BehaviorParams, Feedback
+from homepage.catalog import Catalog, make_catalog
+from homepage.config import from_dict
+from homepage.logging_policy import LoggingPolicy, LoggingPolicyConfig
+from homepage.pages import PageBatch
+from homepage.rewards import RewardConfig
+from homepage.users import Requests, Users, make_users, sample_requests
+
+WORLD_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Size and behaviour of the simulated world. Defaults are the toy world that runs on 2 CPU cores."""
+
+    seed: int = 0  # everything (catalog, users, logs) is a deterministic function of this
+    n_entities: int = 400  # catalog size (movies, shows, games)
+    n_users: int = 4000  # user profiles
+    kids_fraction: float = 0.15  # share of kids profiles
+    content_dim: int = 16  # size of the content embedding (stand-in for synopsis/cast embeddings)
+    latent_dim: int = 8  # size of the hidden taste space
+    new_title_days: int = 30  # titles released within this many days are "new"
+    history_min: int = 6  # shortest viewing history per user (actions)
+    history_max: int = 20  # longest viewing history per user (actions); all of it fits the prompt
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / valid / test users
+    n_impressions: int = 24000  # impressions the logging policy serves to build the logs
+    batch_size: int = 2000  # impressions simulated per vectorized batch (memory vs speed)
+    behavior: BehaviorParams = field(default_factory=BehaviorParams)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    logging_policy: LoggingPolicyConfig = field(default_factory=LoggingPolicyConfig)
+
+    def __post_init__(self) -> None:
+        checks = {
+            "n_entities": self.n_entities >= 50,
+            "n_users": self.n_users >= 10,
+            "n_impressions": self.n_impressions >= 1,
+            "batch_size": self.batch_size >= 1,
+            "history_min": 1 <= self.history_min <= self.history_max,
+            "kids_fraction": 0.0 <= self.kids_fraction <= 1.0,
+            "split_fractions": len(self.split_fractions) == 3 and abs(sum(self.split_fractions) - 1) < 1e-6,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                f"invalid world config value(s) {bad}: need n_entities >= 50, n_users >= 10, n_impressions >= 1, "
+                "1 <= history_min <= history_max, 0 <= kids_fraction <= 1, split_fractions summing to 1"
+            )
+
+
+@dataclass
+class ImpressionBatch:
+    """B simulated impressions: who, when, what was shown, and what happened."""
+
+    impression_id: np.ndarray  # [B] int64
+    user: np.ndarray  # [B] user index
+    requests: Requests  # B requests
+    pages: PageBatch  # B pages
+    feedback: Feedback  # aligned with pages
+
+
+def _save_dataclass(obj, prefix: str, arrays: dict, meta: dict) -> None:
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, np.ndarray):
+            arrays[f"{prefix}.{f.name}"] = v
+        else:
+            meta[f"{prefix}.{f.name}"] = v
+
+
+def _load_dataclass(cls, prefix: str, arrays, meta: dict):
+    kw = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}"
+        kw[f.name] = arrays[key] if key in arrays else meta[key]
+    return cls(**kw)
+
+
+class World:
+    def __init__(self, config: WorldConfig, catalog: Catalog, users: Users):
+        self.config, self.catalog, self.users = config, catalog, users
+        self.behavior = BehaviorModel(catalog, users, config.behavior, config.rewards)
+        self.logging_policy = LoggingPolicy(catalog, users, config.logging_policy)
+        self._user_index = users.index_of()
+        self._entity_index = catalog.index_of()
+
+    @classmethod
+    def generate(cls, config: WorldConfig) -> "World":
+        rng = np.random.default_rng([config.seed, 0])
+        catalog = make_catalog(rng, config.n_entities, config.content_dim, config.latent_dim, config.new_title_days)
+        users = make_users(
+            rng, catalog, config.n_users, config.kids_fraction, config.history_min, config.history_max,
+            config.split_fractions,
+        )
+        return cls(config, catalog, users)
+
+    # -- persistence -------------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, np.ndarray] = {}
+        meta: dict = {"format_version": WORLD_FORMAT_VERSION, "config": dataclasses.asdict(self.config)}
+        _save_dataclass(self.catalog, "catalog", arrays, meta)
+        _save_dataclass(self.users, "users", arrays, meta)
+        np.savez_compressed(directory / "world_state.npz", **arrays)
+        (directory / "world.json").write_text(json.dumps(meta))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "World":
+        directory = Path(directory)
+        meta_path = directory / "world.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{meta_path} not found: generate the world first with `python recipes/make_world.py`")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != WORLD_FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: world format {meta.get('format_version')}, expected {WORLD_FORMAT_VERSION}")
+        config = from_dict(WorldConfig, meta["config"], where=str(meta_path))
+        with np.load(directory / "world_state.npz") as arrays:
+            arrays = dict(arrays)
+        catalog = _load_dataclass(Catalog, "catalog", arrays, meta)
+        users = _load_dataclass(Users, "users", arrays, meta)
+        return cls(config, catalog, users)
+
+    # -- lookups -----------------------------------------------------------------------------------------
+    def user_indices(self, user_ids: list[str]) -> np.ndarray:
+        missing = [u for u in user_ids if u not in self._user_index]
+        if missing:
+            raise KeyError(f"{len(missing)} user id(s) not in this world, e.g. {missing[:3]}")
+        return np.array([self._user_index[u] for u in user_ids], dtype=np.int64)
+
+    @property
+    def entity_index(self) -> dict[str, int]:
+        return self._entity_index
+
+    # -- simulation --------------------------------------------------------------------------------------
+    def sample_users(self, rng: np.random.Generator, n: int, split: str | None = None) -> np.ndarray:
+        from homepage.users import SPLITS
+
+        pool = np.arange(self.users.n) if split is None else np.flatnonzero(self.users.split == SPLITS.index(split))
+        return rng.choice(pool, size=n)
+
+    def sample_requests(self, rng: np.random.Generator, user: np.ndarray) -> Requests:
+        return sample_requests(rng, self.users.profile_type[user])
+
+    def simulate(self, user: np.ndarray, req: Requests, pages: PageBatch, rng: np.random.Generator) -> Feedback:
+        """One sampled browsing session per page (what a log records)."""
+        return self.behavior.sample(user, req, pages, rng)
+
+    def true_page_reward(self, user: np.ndarray, req: Requests, pages: PageBatch) -> np.ndarray:
+        """Ground truth: the exact expected page reward of each (user, request, page).  -> [B]"""
+        out = np.empty(len(pages))
+        bs = self.config.batch_size
+        for s in range(0, len(pages), bs):
+            sl = slice(s, s + bs)
+            out[sl] = self.behavior.expected_reward(user[sl], req.take(np.arange(len(pages))[sl]), pages.take(sl))
+        return out
+
+    def iter_logs(self, n_impressions: int | None = None, seed: int | None = None) -> Iterator[ImpressionBatch]:
+        """The logging policy serving `n_impressions` requests, in deterministic batches."""
+        n = n_impressions or self.config.n_impressions
+        seed = self.config.seed if seed is None else seed
+        bs = self.config.batch_size
+        for k, start in enumerate(range(0, n, bs)):
+            rng = np.random.default_rng([seed, 1, k])
+            b = min(bs, n - start)
+            user = self.sample_users(rng, b)
+            req = self.sample_requests(rng, user)
+            pages = self.logging_policy.act(user, req, rng)
+            fb = self.simulate(user, req, pages, rng)
+            yield ImpressionBatch(np.arange(start, start + b, dtype=np.int64), user, req, pages, fb)
+
+
+def _padded(flat: np.ndarray, lengths: np.ndarray, width: int, fill: int = -1) -> np.ndarray:
+    """Ragged values (flat, with per-row lengths) -> [rows, width] padded array."""
+    out = np.full((len(lengths), max(width, 1)), fill, dtype=np.int64)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[rows, cols] = flat
+    return out
+
+
+def batch_from_table(world: World, table) -> tuple[np.ndarray, Requests, PageBatch]:
+    """Logged impressions (LOG_SCHEMA table) -> (user indices [B], requests, pages) for the ground truth.
+
+    Vectorized over the table. Ids unknown to this world raise KeyError: ground truth exists only for the
+    world's own users and titles.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from homepage.catalog import ROW_IDS
+    from homepage.users import DEVICES
+
+    def lookup(values, known: list[str], what: str) -> np.ndarray:
+        idx = pc.index_in(values, value_set=pa.array(known, pa.string())).to_numpy(zero_copy_only=False)
+        idx = _nan_for_null(idx)
+        if np.isnan(idx).any():
+            bad = values[int(np.flatnonzero(np.isnan(idx))[0])].as_py()
+            raise KeyError(f"{what} {bad!r} is not in this world; ground truth needs the world's own ids")
+        return idx.astype(np.int64)
+
+    user = lookup(table.column("user_id").combine_chunks(), world.users.user_ids, "user id")
+    req = Requests(
+        table.column("hour").to_numpy().astype(np.int8),
+        table.column("day_of_week").to_numpy().astype(np.int8),
+        lookup(table.column("device").combine_chunks(), list(DEVICES), "device").astype(np.int8),
+    )
+    rows_col = table.column("page_row_ids").combine_chunks()
+    n_rows = pc.list_value_length(rows_col).to_numpy(zero_copy_only=False)
+    row_idx = lookup(rows_col.flatten(), list(ROW_IDS), "row id")
+    ents_col = table.column("page_entity_ids").combine_chunks()
+    row_lists = ents_col.flatten()
+    row_len = pc.list_value_length(row_lists).to_numpy(zero_copy_only=False)
+    ent_idx = lookup(row_lists.flatten(), world.catalog.entity_ids, "entity id")
+    R, L = int(n_rows.max(initial=1)), int(row_len.max(initial=1))
+    rows = _padded(row_idx, n_rows, R)  # [B, R]
+    ents_by_row = _padded(ent_idx, row_len, L)  # [sum rows, L]
+    ents = np.full((len(n_rows), R, L), -1, dtype=np.int64)
+    b = np.repeat(np.arange(len(n_rows)), n_rows)
+    r = np.arange(len(b)) - np.repeat(np.cumsum(n_rows) - n_rows, n_rows)
+    ents[b, r] = ents_by_row
+    return user, req, PageBatch(rows, ents)
+
+
+def _nan_for_null(idx: np.ndarray) -> np.ndarray:
+    """pyarrow nulls come back as NaN (float) or None (object); normalize to float with NaN."""
+    if idx.dtype == object:
+        return np.array([np.nan if v is None else v for v in idx], dtype=np.float64)
+    return idx.astype(np.float64)
