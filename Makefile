@@ -6,7 +6,7 @@ VLLM_EXTRA ?= cpu
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(VLLM_EXTRA)
 
-.PHONY: setup demo test bench world clean
+.PHONY: setup demo test bench clean
 
 setup: $(STAMP)
 
@@ -14,9 +14,7 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 	VENV=$(VENV) PYTHON=$(PYTHON) VLLM_EXTRA=$(VLLM_EXTRA) bash scripts/setup_env.sh
 	touch $(STAMP)
 
-world: setup
-	$(PY) recipes/make_world.py
-
+# The main job: the pipeline on the default toy world. Each stage reuses its outputs when they exist.
 demo: setup
 	$(PY) recipes/make_world.py
 

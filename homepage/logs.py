@@ -192,7 +192,13 @@ class LogWriter:
         self.rows = 0
 
     def write(self, table: pa.Table) -> None:
-        self._writer.write_table(table.cast(LOG_SCHEMA))
+        names, expected = set(table.column_names), set(LOG_SCHEMA.names)
+        if names != expected:
+            raise LogSchemaError(
+                f"{self.path}: table fields differ from the log schema: missing {sorted(expected - names)}, "
+                f"extra {sorted(names - expected)}"
+            )
+        self._writer.write_table(table.select(LOG_SCHEMA.names).cast(LOG_SCHEMA))
         self.rows += table.num_rows
 
     def close(self) -> None:

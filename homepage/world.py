@@ -64,6 +64,14 @@ class WorldConfig:
             )
 
 
+@dataclass(frozen=True)
+class MakeWorldConfig:
+    """Config of `recipes/make_world.py` (recipes/configs/world.yaml)."""
+
+    out_dir: str = "runs/world"  # where the world, logs, tokenizer and summary go
+    world: WorldConfig = field(default_factory=WorldConfig)  # size, behaviour, rewards, logging policy
+
+
 @dataclass
 class ImpressionBatch:
     """B simulated impressions: who, when, what was shown, and what happened."""

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +25,8 @@ from homepage.catalog import ENTITY_TYPES, GENRES, LANGUAGES, MATURITY, ROW_IDS
 from homepage.logs import batch_to_table, read_logs
 from homepage.recipe_utils import parse_recipe_args, write_summary
 from homepage.rewards import FEEDBACK_TYPES
-from homepage.world import World, WorldConfig, batch_from_table
+from homepage.world import MakeWorldConfig, World, batch_from_table
 from policies.tokenizer import GenPageTokenizer
-
-
-@dataclass(frozen=True)
-class MakeWorldConfig:
-    out_dir: str = "runs/world"  # where the world, logs, tokenizer and summary go
-    world: WorldConfig = field(default_factory=WorldConfig)  # size, behaviour, rewards, logging policy
 
 
 def main() -> None:

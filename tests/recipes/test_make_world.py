@@ -1,0 +1,60 @@
+"""Runs recipes/make_world.py as a user would (subprocess), on a tiny world."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).parents[2]
+TINY = ["world.n_entities=80", "world.n_users=60", "world.n_impressions=900", "world.batch_size=300"]
+KEYS = {"impressions", "users", "entities", "rows", "gen_impressions_per_s", "ground_truth_pages_per_s"}
+
+
+def run(out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "recipes" / "make_world.py"), f"out_dir={out}", *TINY, *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    run(out)
+    return out
+
+
+def test_writes_world_logs_tokenizer_and_summary(world_dir):
+    summary = json.loads((world_dir / "summary.json").read_text())
+    assert KEYS <= set(summary)
+    assert summary["impressions"] == 900 and summary["users"] == 60 and summary["entities"] == 80
+    assert summary["gen_impressions_per_s"] > 0 and summary["ground_truth_pages_per_s"] > 0
+    assert len(list((world_dir / "logs").glob("part-*.parquet"))) == 3
+    assert (world_dir / "tokenizer" / "tokenizer.json").exists()
+    assert pq.read_table(world_dir / "catalog.parquet").num_rows == 80
+
+
+def test_rerun_reuses_and_resumes_a_missing_part_identically(world_dir):
+    part = world_dir / "logs" / "part-00001.parquet"
+    before = pq.read_table(part)
+    untouched = (world_dir / "logs" / "part-00000.parquet").stat().st_mtime_ns
+    part.unlink()  # as if the run was interrupted before writing it
+    proc = run(world_dir)
+    assert "reusing" in proc.stdout and "wrote 300 impressions" in proc.stdout
+    assert pq.read_table(part).equals(before)
+    assert (world_dir / "logs" / "part-00000.parquet").stat().st_mtime_ns == untouched
+
+
+def test_changed_config_is_refused_without_force(world_dir):
+    proc = run(world_dir, "world.seed=9", check=False)
+    assert proc.returncode != 0 and "--force" in proc.stderr
+
+
+def test_bad_config_value_fails_at_start_with_the_fix(tmp_path):
+    proc = run(tmp_path / "w", "world.n_users=lots", check=False)
+    assert proc.returncode == 2 and "world.n_users: expected an integer" in proc.stderr
+    assert not (tmp_path / "w").exists()
