@@ -251,3 +251,23 @@ def _nan_for_null(idx: np.ndarray) -> np.ndarray:
     if idx.dtype == object:
         return np.array([np.nan if v is None else v for v in idx], dtype=np.float64)
     return idx.astype(np.float64)
+
+
+def world_contexts(world: World, user: np.ndarray, req: Requests):
+    """The prompt side of impressions for world users: what the logs would record as context."""
+    from homepage.catalog import LANGUAGES
+    from homepage.logs import Context, HistoryAction
+    from homepage.users import ACTIONS, DEVICES, PROFILE_TYPES
+
+    us, ids = world.users, world.catalog.entity_ids
+    out = []
+    for b, u in enumerate(user):
+        valid = us.hist_entity[u] >= 0
+        history = tuple(
+            HistoryAction(ids[e], ACTIONS[a], float(d), float(f))
+            for e, a, d, f in zip(us.hist_entity[u][valid], us.hist_action[u][valid], us.hist_days_ago[u][valid],
+                                  us.hist_fraction[u][valid])
+        )
+        out.append(Context(us.user_ids[u], LANGUAGES[us.language[u]], PROFILE_TYPES[us.profile_type[u]],
+                           int(req.hour[b]), int(req.day_of_week[b]), DEVICES[req.device[b]], history))
+    return out

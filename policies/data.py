@@ -1,0 +1,93 @@
+"""Token sequences from impression logs: (prompt ids, page ids) pairs and padded training batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from homepage.logs import iter_impressions
+from policies.tokenizer import EncodeStats, GenPageTokenizer
+
+IGNORE_INDEX = -100  # labels of prompt and padding positions (no loss)
+
+
+@dataclass
+class PageSequences:
+    """Encoded impressions. prompts[i] ends with [PAGE]; pages[i] ends with [EOP]."""
+
+    prompts: list[list[int]]
+    pages: list[list[int]]
+    user_ids: list[str]
+    page_reward: np.ndarray  # [N] observed page reward
+    stats: EncodeStats
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def subset(self, idx) -> "PageSequences":
+        idx = list(idx)
+        return PageSequences(
+            [self.prompts[i] for i in idx], [self.pages[i] for i in idx], [self.user_ids[i] for i in idx],
+            self.page_reward[idx], self.stats,
+        )
+
+
+def encode_table(table: pa.Table, tok: GenPageTokenizer, split: str | None = None, min_page_reward: float | None = None,
+                 exclude_entities: frozenset[str] = frozenset()) -> tuple[PageSequences, dict[str, int]]:
+    """Encodes logged impressions, optionally one split, positive pages only, or without some titles.
+
+    Returns the sequences and counts of impressions left out by each filter (reported, never silent).
+    """
+    skipped = {"other_split": 0, "not_positive": 0, "holds_excluded_title": 0}
+    stats = EncodeStats()
+    prompts, pages, users, rewards = [], [], [], []
+    for imp in iter_impressions(table):
+        if split is not None and imp.split != split:
+            skipped["other_split"] += 1
+            continue
+        if min_page_reward is not None and imp.page_reward <= min_page_reward:
+            skipped["not_positive"] += 1
+            continue
+        if exclude_entities and (
+            exclude_entities.intersection(imp.page.entity_ids)
+            or exclude_entities.intersection(h.entity_id for h in imp.context.history)
+        ):
+            skipped["holds_excluded_title"] += 1
+            continue
+        p, g = tok.encode(imp, stats)
+        prompts.append(p)
+        pages.append(g)
+        users.append(imp.context.user_id)
+        rewards.append(imp.page_reward)
+    return PageSequences(prompts, pages, users, np.asarray(rewards, dtype=np.float32), stats), skipped
+
+
+def collate(prompts: list[list[int]], pages: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch with labels on page tokens only (paper section 5.1: the context is the prompt).
+
+    Returns input_ids [B, T], attention_mask [B, T], labels [B, T] (IGNORE_INDEX outside pages).
+    """
+    T = max(len(p) + len(g) for p, g in zip(prompts, pages))
+    B = len(prompts)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    for i, (p, g) in enumerate(zip(prompts, pages)):
+        n = len(p) + len(g)
+        ids[i, :n] = torch.tensor(p + g)
+        mask[i, :n] = 1
+        labels[i, len(p):n] = torch.tensor(g)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def page_token_nll(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed negative log-likelihood of page tokens and their count.  -> (scalar, scalar)"""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+    targets = batch["labels"][:, 1:]  # [B, T-1]
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    valid = targets != IGNORE_INDEX
+    nll = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+    return (nll * valid).sum(), valid.sum()

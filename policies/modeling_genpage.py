@@ -1,0 +1,144 @@
+"""GenPage as a registered Hugging Face architecture (paper sections 4, 6.1, 6.2).
+
+A decoder-only transformer in the modern LLM shape (RoPE, RMSNorm, gated SiLU MLP, sdpa attention), built
+from transformers' Llama modules so that parameter names match vLLM's Llama loader, with:
+- untied input embedding and output projection (section 4);
+- semantic embedding fusion (section 6.1): input embedding of token t = E[t] + W_c c[t], where c[t] is the
+  title's content embedding (zero for non-entity tokens), kept in the checkpoint as a frozen parameter;
+- fallback tokens (section 6.2): in training, with probability `fallback_prob`, an entity or row input token's
+  ID embedding is swapped for its fallback token's (content kept), so a title known only by its content
+  embedding still gets a meaningful representation (`add_cold_entities`).
+
+Importing this module registers `GenPageConfig` (model_type "genpage") with AutoConfig,
+`GenPageForCausalLM` with AutoModelForCausalLM, and `GenPageForPageReward` (scalar head read at the
+end-of-page position, for the reward model) with AutoModelForSequenceClassification.
+"""
+
+from __future__ import annotations
+
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+from transformers.models.llama.configuration_llama import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
+
+
+@strict
+class GenPageConfig(LlamaConfig):
+    r"""Llama-shaped config plus GenPage's fields.
+
+    content_dim: size of the per-token content embedding fused into the input embedding (0 disables fusion).
+    fallback_prob: training-time probability of swapping an entity/row input ID embedding for its fallback's.
+    token_fallback: per token id, the fallback token id (entities -> type fallback, rows -> row:<unk>), -1 for
+        tokens without one. Length vocab_size.
+    page_token_id: id of the [PAGE] token that ends every prompt (the prompt/page boundary).
+    """
+
+    model_type = "genpage"
+
+    content_dim: int = 16
+    fallback_prob: float = 0.0
+    token_fallback: list[int] | None = None
+    page_token_id: int | None = None
+
+
+class GenPageModel(LlamaModel):
+    """Llama backbone whose input embedding fuses content embeddings and applies fallback replacement."""
+
+    config_class = GenPageConfig
+
+    def __init__(self, config: GenPageConfig):
+        super().__init__(config)
+        self.content_proj = nn.Linear(config.content_dim, config.hidden_size, bias=False)
+        # A frozen parameter rather than a buffer: it travels with weight updates (verl -> vLLM) unchanged.
+        self.content_embeddings = nn.Parameter(torch.zeros(config.vocab_size, config.content_dim), requires_grad=False)
+        fallback = config.token_fallback or [-1] * config.vocab_size
+        if len(fallback) != config.vocab_size:
+            raise ValueError(f"token_fallback has {len(fallback)} entries, expected vocab_size={config.vocab_size}")
+        self.register_buffer("token_fallback", torch.tensor(fallback, dtype=torch.long), persistent=False)
+        self.post_init()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] -> [B, T, H]: ID embedding (possibly of the fallback token) + projected content."""
+        ids = input_ids
+        if self.training and self.config.fallback_prob > 0:
+            fb = self.token_fallback[input_ids]  # [B, T]
+            swap = (fb >= 0) & (torch.rand(input_ids.shape, device=input_ids.device) < self.config.fallback_prob)
+            ids = torch.where(swap, fb, input_ids)
+        content = self.content_embeddings[input_ids].to(self.content_proj.weight.dtype)  # [B, T, C] original title
+        return self.embed_tokens(ids) + self.content_proj(content)
+
+    def forward(self, input_ids=None, inputs_embeds=None, **kwargs):
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        return super().forward(input_ids=None, inputs_embeds=inputs_embeds, **kwargs)
+
+
+class GenPageForCausalLM(LlamaForCausalLM):
+    """The page generator: next-token logits over the domain vocabulary, untied output projection."""
+
+    config_class = GenPageConfig
+    _tied_weights_keys: dict = {}
+
+    def __init__(self, config: GenPageConfig):
+        if config.tie_word_embeddings:
+            raise ValueError("GenPage keeps input and output embeddings untied (paper section 4): set tie_word_embeddings=False")
+        LlamaPreTrainedModel.__init__(self, config)
+        self.model = GenPageModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def set_content_embeddings(self, content: torch.Tensor) -> None:
+        """content: [V, C] per-token content vectors (zeros for tokens without content)."""
+        with torch.no_grad():
+            self.model.content_embeddings.copy_(content)
+
+    @torch.no_grad()
+    def add_cold_entities(self, token_ids: list[int], content: torch.Tensor) -> None:
+        """Gives tokens of titles unseen in training their content and their fallback's ID embedding.
+
+        token_ids: vocabulary ids of the new titles; content: [n, C] their content embeddings. The output
+        projection row is set to the fallback's too, so the titles can be generated before any training.
+        """
+        fb = self.model.token_fallback[torch.tensor(token_ids)]
+        if (fb < 0).any():
+            raise ValueError("add_cold_entities: some token ids have no fallback token (not entity tokens)")
+        self.model.content_embeddings[token_ids] = content.to(self.model.content_embeddings.dtype)
+        self.model.embed_tokens.weight[token_ids] = self.model.embed_tokens.weight[fb]
+        self.lm_head.weight[token_ids] = self.lm_head.weight[fb]
+
+
+class GenPageForPageReward(LlamaPreTrainedModel):
+    """Sequence regression on the same backbone: a scalar read at the last non-padding position (the
+    end-of-page token). `config.reward_mean` / `reward_std` (set by the reward-model trainer) map the
+    normalized output back to reward units in `page_reward`."""
+
+    config_class = GenPageConfig
+
+    def __init__(self, config: GenPageConfig):
+        super().__init__(config)
+        self.model = GenPageModel(config)
+        self.score = nn.Linear(config.hidden_size, 1, bias=True)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs) -> SequenceClassifierOutputWithPast:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = out.last_hidden_state  # [B, T, H]
+        if attention_mask is None:
+            last = torch.full((hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device)
+        else:  # last attended position; works for left and right padding
+            pos = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
+            last = (attention_mask.long() * (pos + 1)).argmax(-1)
+        logits = self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])  # [B, 1]
+        loss = None
+        if labels is not None:
+            loss = nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
+        return SequenceClassifierOutputWithPast(loss=loss, logits=logits)
+
+
+AutoConfig.register("genpage", GenPageConfig, exist_ok=True)
+AutoModelForCausalLM.register(GenPageConfig, GenPageForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(GenPageConfig, GenPageForPageReward, exist_ok=True)

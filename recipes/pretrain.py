@@ -1,0 +1,215 @@
+"""Stage 2: pretrain GenPage by next-token prediction on positively engaged pages (paper section 5.1).
+
+    python recipes/pretrain.py [--config recipes/configs/pretrain.yaml] [--force] [key=value ...]
+
+Reads the world directory written by recipes/make_world.py. Loss on page tokens only (the context is the
+prompt). Resumes from the last checkpoint in out_dir/checkpoints when interrupted. Writes out_dir/model (HF
+directory: weights, config, tokenizer), out_dir/summary.json and a wandb run (offline by default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from homepage.logs import read_logs
+from homepage.recipe_utils import parse_recipe_args, write_summary
+from homepage.world import World, world_contexts
+from policies.build import build_model, load_content
+from policies.configs import PretrainConfig
+from policies.data import collate, encode_table, page_token_nll
+from policies.evaluation import pages_from_tokens, popularity_page_loss, unigram_page_loss
+from policies.tokenizer import GenPageTokenizer
+from policies.training import cosine_lr, init_wandb, latest_checkpoint, load_trainer_state, save_checkpoint
+
+
+def heldout_loss(model, data, batch_size: int, pad_id: int) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(data), batch_size):
+            nll, n = page_token_nll(model, collate(data.prompts[s:s + batch_size], data.pages[s:s + batch_size], pad_id))
+            total, count = total + nll.item(), count + n.item()
+    model.train()
+    return total / count
+
+
+def hf_generate(model, prompts: list[list[int]], tok: GenPageTokenizer, temperature: float, max_new_tokens: int) -> list[list[int]]:
+    """transformers generate, left-padded batches (the evaluation fallback without vLLM)."""
+    model.eval()
+    out = []
+    for s in range(0, len(prompts), 64):
+        chunk = prompts[s:s + 64]
+        T = max(map(len, chunk))
+        ids = torch.tensor([[tok.pad_id] * (T - len(p)) + p for p in chunk])
+        mask = (torch.arange(T)[None, :] >= torch.tensor([T - len(p) for p in chunk])[:, None]).long()
+        kw = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 eos_token_id=tok.eop_id, pad_token_id=tok.pad_id, **kw)
+        for row in gen[:, T:].tolist():
+            out.append(row[: row.index(tok.eop_id) + 1] if tok.eop_id in row else row)
+    return out
+
+
+def main() -> None:
+    cfg, args = parse_recipe_args(PretrainConfig, "recipes/configs/pretrain.yaml", __doc__.splitlines()[1])
+    torch.set_num_threads(cfg.num_threads)
+    world_dir, out = Path(cfg.world_dir), Path(cfg.out_dir)
+    for need in ("world.json", "logs", "tokenizer", "catalog.parquet"):
+        if not (world_dir / need).exists():
+            raise SystemExit(f"{world_dir / need} is missing: run `python recipes/make_world.py` first (or set world_dir=...)")
+    if args.force and out.exists():
+        shutil.rmtree(out)
+    if (out / "summary.json").exists() and (out / "model" / "config.json").exists():
+        print(f"[pretrain] reusing {out} (pass --force to retrain)")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+
+    # -- data -------------------------------------------------------------------------------------------------
+    tok = GenPageTokenizer.from_pretrained(world_dir / "tokenizer")
+    content = load_content(world_dir / "catalog.parquet")
+    world = World.load(world_dir)
+    table, report = read_logs(world_dir / "logs", known_entity_ids=frozenset(tok.entity_ids))
+    print(f"[data] {report.summary()}")
+    rng = np.random.default_rng(cfg.seed)
+    cold = sorted(rng.choice(tok.entity_ids, size=cfg.cold_start_titles, replace=False).tolist()) if cfg.cold_start_titles else []
+    train, skipped_train = encode_table(table, tok, split="train", min_page_reward=0.0, exclude_entities=frozenset(cold))
+    valid, skipped_valid = encode_table(table, tok, split="valid", min_page_reward=0.0, exclude_entities=frozenset(cold))
+    valid = valid.subset(range(min(len(valid), cfg.eval_sequences)))
+    print(f"[data] train {len(train)} positive pages (left out: {skipped_train}); held-out {len(valid)} (left out: {skipped_valid})")
+    print(f"[data] cold-start titles held out of training: {cold}")
+    if len(train) == 0 or len(valid) == 0:
+        raise SystemExit("no training or validation pages left: check the logs' splits and page rewards")
+
+    # -- model, optimizer, resume -----------------------------------------------------------------------------
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(exist_ok=True)
+    resume = latest_checkpoint(ckpt_dir)
+    if resume is not None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(resume, dtype=torch.float32)
+    else:
+        model = build_model(tok, content, cfg.model, seed=cfg.seed)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    start, extra = (load_trainer_state(resume, optimizer) if resume is not None else (0, {}))
+    history = extra.get("history", [])
+    if resume is not None:
+        print(f"[pretrain] resuming from {resume} at step {start}")
+    run = init_wandb(cfg.wandb_project, out, dataclasses.asdict(cfg), cfg.wandb_mode, "pretrain", extra.get("wandb_id"))
+    n_params = sum(p.numel() for p in params)
+
+    # -- train ------------------------------------------------------------------------------------------------
+    tokens_seen, t_train = 0, 0.0
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="pretrain", unit="step")
+    for step in bar:
+        batch_rng = np.random.default_rng([cfg.seed, step])  # batch order is a function of the step: resumable
+        idx = batch_rng.choice(len(train), size=min(cfg.batch_size, len(train)), replace=False)
+        batch = collate([train.prompts[i] for i in idx], [train.pages[i] for i in idx], tok.pad_id)
+        lr = cosine_lr(step, cfg.steps, cfg.warmup_steps, cfg.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        nll, n = page_token_nll(model, batch)
+        loss = nll / n
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        t_train += time.perf_counter() - t0
+        tokens_seen += int(batch["attention_mask"].sum())
+        metrics = {"pretrain/loss": loss.item(), "pretrain/lr": lr, "pretrain/grad_norm": grad_norm.item(),
+                   "pretrain/tokens_per_s": tokens_seen / t_train}
+        if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.steps:
+            metrics["pretrain/heldout_page_loss"] = heldout_loss(model, valid, 64, tok.pad_id)
+            history.append({"step": step + 1, "heldout_page_loss": metrics["pretrain/heldout_page_loss"]})
+            bar.set_postfix(loss=f"{loss.item():.3f}", heldout=f"{metrics['pretrain/heldout_page_loss']:.3f}")
+        run.log(metrics, step=step + 1)
+        if (step + 1) % cfg.checkpoint_interval == 0 or step + 1 == cfg.steps:
+            save_checkpoint(ckpt_dir, step + 1, model, optimizer, {"history": history, "wandb_id": run.id})
+    tokens_per_s = tokens_seen / t_train if t_train else None
+
+    # -- final HF directory -----------------------------------------------------------------------------------
+    model.eval()
+    model_dir = out / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+
+    # -- evaluation: page loss vs baselines, true reward of decoded pages, vLLM parity, cold start ------------
+    heldout = heldout_loss(model, valid, 64, tok.pad_id)
+    unigram = unigram_page_loss(tok, train.pages, valid.pages)
+    popularity = popularity_page_loss(tok, train.pages, valid.pages)
+    eval_rng = np.random.default_rng([cfg.seed, 99])
+    users = world.sample_users(eval_rng, cfg.eval_users, split="test")
+    req = world.sample_requests(eval_rng, users)
+    prompts = [tok.encode_context(c) for c in world_contexts(world, users, req)]
+    true_logging = world.true_page_reward(users, req, world.logging_policy.act(users, req, eval_rng))
+    parity = None
+    if cfg.eval_backend == "vllm":
+        from policies import vllm_engine
+
+        llm = vllm_engine.make_llm(model_dir, seed=cfg.seed)
+        gen = {name: [s[0]["token_ids"] for s in vllm_engine.generate(llm, prompts, temp, cfg.max_new_tokens, tok.eop_id)]
+               for name, temp in (("sampled", 1.0), ("greedy", 0.0))}
+        seqs = [p + g for p, g in zip(valid.prompts[:64], valid.pages[:64])]
+        vllm_lp = vllm_engine.sequence_logprobs(llm, seqs)
+        with torch.no_grad():
+            diffs = []
+            for s, v in zip(seqs, vllm_lp):
+                lp = torch.log_softmax(model(torch.tensor([s])).logits[0].float(), -1)
+                hf = lp[torch.arange(len(s) - 1), torch.tensor(s[1:])].numpy()
+                diffs.append(np.abs(hf - np.array(v)).max())
+        parity = float(max(diffs))
+        del llm
+    else:
+        torch.manual_seed(cfg.seed)
+        gen = {name: hf_generate(model, prompts, tok, temp, cfg.max_new_tokens) for name, temp in (("sampled", 1.0), ("greedy", 0.0))}
+    true_reward, decode_reports = {}, {}
+    for name, pages in gen.items():
+        batch_pages, rep = pages_from_tokens(tok, pages, world.entity_index)
+        true_reward[name] = world.true_page_reward(users, req, batch_pages)
+        decode_reports[name] = dataclasses.asdict(rep)
+
+    from policies.cold_start import cold_start_report
+
+    cold_report = cold_start_report(model, tok, content, cold) if cold else {}
+    summary = {
+        "heldout_page_loss": heldout,
+        "unigram_page_loss": unigram,
+        "popularity_page_loss": popularity,
+        "true_reward_logging": float(true_logging.mean()),
+        "true_reward_pretrained_sampled": float(true_reward["sampled"].mean()),
+        "true_reward_pretrained_greedy": float(true_reward["greedy"].mean()),
+        "sampled_vs_logging": float(true_reward["sampled"].mean() / true_logging.mean()),
+        "greedy_vs_logging": float(true_reward["greedy"].mean() / true_logging.mean()),
+        "vllm_hf_max_abs_logprob_diff": parity,
+        "tokens_per_s": tokens_per_s,
+        "parameters": n_params,
+        "train_pages": len(train),
+        "heldout_pages": len(valid),
+        "eval_users": cfg.eval_users,
+        "eval_backend": cfg.eval_backend,
+        "decode_reports": decode_reports,
+        "cold_start": cold_report,
+        "loss_history": history,
+        "left_out": {"train": skipped_train, "valid": skipped_valid},
+        "config": dataclasses.asdict(cfg),
+    }
+    write_summary(out / "summary.json", summary)
+    run.summary.update({f"pretrain/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+    run.finish()
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
