@@ -31,13 +31,14 @@ from policies.training import cosine_lr, init_wandb, latest_checkpoint, load_tra
 
 
 def heldout_loss(model, data, batch_size: int, pad_id: int) -> float:
+    was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(data), batch_size):
             nll, n = page_token_nll(model, collate(data.prompts[s:s + batch_size], data.pages[s:s + batch_size], pad_id))
             total, count = total + nll.item(), count + n.item()
-    model.train()
+    model.train(was_training)
     return total / count
 
 
@@ -57,6 +58,23 @@ def hf_generate(model, prompts: list[list[int]], tok: GenPageTokenizer, temperat
         for row in gen[:, T:].tolist():
             out.append(row[: row.index(tok.eop_id) + 1] if tok.eop_id in row else row)
     return out
+
+
+def pick_cold_start_titles(table, entity_ids: list[str], n: int, seed: int) -> list[str]:
+    """n titles drawn from the 10% least present in the logs, so holding them out costs few pages."""
+    if n == 0:
+        return []
+    import pyarrow.compute as pc
+
+    flat = pc.list_flatten(pc.list_flatten(table.column("page_entity_ids")))
+    hist = pc.list_flatten(table.column("history_entity_ids"))
+    counts = dict.fromkeys(entity_ids, 0)
+    for col in (flat, hist):
+        for item in pc.value_counts(col).to_pylist():
+            if item["values"] in counts:
+                counts[item["values"]] += item["counts"]
+    rare = sorted(entity_ids, key=lambda e: (counts[e], e))[: max(n, len(entity_ids) // 10)]
+    return sorted(np.random.default_rng(seed).choice(rare, size=n, replace=False).tolist())
 
 
 def main() -> None:
@@ -79,8 +97,7 @@ def main() -> None:
     world = World.load(world_dir)
     table, report = read_logs(world_dir / "logs", known_entity_ids=frozenset(tok.entity_ids))
     print(f"[data] {report.summary()}")
-    rng = np.random.default_rng(cfg.seed)
-    cold = sorted(rng.choice(tok.entity_ids, size=cfg.cold_start_titles, replace=False).tolist()) if cfg.cold_start_titles else []
+    cold = pick_cold_start_titles(table, tok.entity_ids, cfg.cold_start_titles, cfg.seed)
     train, skipped_train = encode_table(table, tok, split="train", min_page_reward=0.0, exclude_entities=frozenset(cold))
     valid, skipped_valid = encode_table(table, tok, split="valid", min_page_reward=0.0, exclude_entities=frozenset(cold))
     valid = valid.subset(range(min(len(valid), cfg.eval_sequences)))
@@ -104,6 +121,8 @@ def main() -> None:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     start, extra = (load_trainer_state(resume, optimizer) if resume is not None else (0, {}))
     history = extra.get("history", [])
+    if not history:  # the untrained model's held-out loss, the reference the smoke test compares to
+        history.append({"step": 0, "heldout_page_loss": heldout_loss(model, valid, 64, tok.pad_id)})
     if resume is not None:
         print(f"[pretrain] resuming from {resume} at step {start}")
     run = init_wandb(cfg.wandb_project, out, dataclasses.asdict(cfg), cfg.wandb_mode, "pretrain", extra.get("wandb_id"))
@@ -158,7 +177,8 @@ def main() -> None:
     if cfg.eval_backend == "vllm":
         from policies import vllm_engine
 
-        llm = vllm_engine.make_llm(model_dir, seed=cfg.seed)
+        # Prefix caching off: with it, vLLM 0.30 returned wrong prompt log-probs for cached prefixes (diff ~2).
+        llm = vllm_engine.make_llm(model_dir, seed=cfg.seed, enable_prefix_caching=False)
         gen = {name: [s[0]["token_ids"] for s in vllm_engine.generate(llm, prompts, temp, cfg.max_new_tokens, tok.eop_id)]
                for name, temp in (("sampled", 1.0), ("greedy", 0.0))}
         seqs = [p + g for p, g in zip(valid.prompts[:64], valid.pages[:64])]

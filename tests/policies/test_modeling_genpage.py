@@ -1,0 +1,114 @@
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from policies.build import ModelSize, build_model, token_fallback_map
+from policies.modeling_genpage import GenPageConfig, GenPageForCausalLM, GenPageForPageReward
+from policies.tokenizer import GenPageTokenizer
+
+ENTITIES = [f"{t}_{i:04d}" for i, t in enumerate(["movie", "show", "game"] * 10)]
+TOK = GenPageTokenizer(ENTITIES)
+SIZE = ModelSize(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=128, fallback_prob=0.5)
+
+
+def content(dim=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return {e: rng.normal(size=dim).astype(np.float32) for e in ENTITIES}
+
+
+@pytest.fixture(scope="module")
+def model() -> GenPageForCausalLM:
+    return build_model(TOK, content(), SIZE).eval()
+
+
+def ids(n=2, T=20, seed=0):
+    return torch.randint(0, len(TOK), (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_registration_round_trip_same_outputs(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    TOK.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "genpage"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert isinstance(loaded, GenPageForCausalLM)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.model.content_embeddings, model.model.content_embeddings)
+    reward = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert isinstance(reward, GenPageForPageReward)
+    torch.testing.assert_close(reward.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_embeddings_untied_and_content_fused(model):
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    e = TOK.vocab[f"ent:{ENTITIES[3]}"]
+    with torch.no_grad():
+        fused = model.model.embed(torch.tensor([[e]]))[0, 0]
+        id_only = model.model.embed_tokens.weight[e]
+        expected = id_only + model.model.content_proj.weight @ torch.tensor(content()[ENTITIES[3]])
+    torch.testing.assert_close(fused, expected)
+    assert not torch.allclose(fused, id_only)
+    assert not model.model.content_embeddings.requires_grad
+    with pytest.raises(ValueError, match="untied"):
+        GenPageForCausalLM(GenPageConfig(vocab_size=10, hidden_size=64, num_attention_heads=1, tie_word_embeddings=True))
+
+
+def test_fallback_replacement_only_in_training_and_only_for_entities_and_rows(model):
+    fb = torch.tensor(token_fallback_map(TOK))
+    e = TOK.vocab[f"ent:{ENTITIES[4]}"]  # a show
+    assert fb[e] == TOK.vocab["ent:<unk_show>"]
+    assert fb[TOK.vocab["row:kids"]] == TOK.row_fallback_id
+    assert fb[TOK.vocab["act:play"]] == -1
+    x = torch.tensor([[e] * 400 + [TOK.vocab["act:play"]] * 400])
+    model.train()
+    try:
+        torch.manual_seed(0)
+        emb = model.model.embed(x)[0]
+    finally:
+        model.eval()
+    with torch.no_grad():
+        known = model.model.embed(torch.tensor([[e]]))[0, 0]
+        swapped = known - model.model.embed_tokens.weight[e] + model.model.embed_tokens.weight[fb[e]]
+        ctx = model.model.embed(torch.tensor([[TOK.vocab["act:play"]]]))[0, 0]
+    is_swapped = torch.isclose(emb[:400], swapped, atol=1e-6).all(-1)
+    is_known = torch.isclose(emb[:400], known, atol=1e-6).all(-1)
+    assert (is_swapped | is_known).all()
+    assert 0.35 < is_swapped.float().mean() < 0.65  # fallback_prob = 0.5
+    assert torch.isclose(emb[400:], ctx, atol=1e-6).all()  # context tokens never replaced
+    with torch.no_grad():
+        torch.testing.assert_close(model.model.embed(x), model.model.embed(x))  # eval: deterministic
+
+
+def test_add_cold_entities_uses_fallback_id_and_own_content(model):
+    import copy
+
+    m = copy.deepcopy(model)
+    e = TOK.vocab[f"ent:{ENTITIES[0]}"]
+    new_content = torch.ones(1, 8)
+    m.add_cold_entities([e], new_content)
+    fb = TOK.vocab["ent:<unk_movie>"]
+    torch.testing.assert_close(m.model.embed_tokens.weight[e], m.model.embed_tokens.weight[fb])
+    torch.testing.assert_close(m.model.content_embeddings[e], new_content[0])
+    with pytest.raises(ValueError, match="no fallback"):
+        m.add_cold_entities([TOK.vocab["act:play"]], new_content)
+
+
+def test_reward_head_reads_last_attended_position():
+    m = GenPageForPageReward(build_model(TOK, content(), SIZE).config).eval()
+    x = ids(1, 12)
+    with torch.no_grad():
+        full = m(x[:, :8], attention_mask=torch.ones(1, 8)).logits
+        right = m(x, attention_mask=torch.tensor([[1] * 8 + [0] * 4])).logits
+        left = m(torch.cat([torch.zeros(1, 4, dtype=torch.long), x[:, :8]], 1), attention_mask=torch.tensor([[0] * 4 + [1] * 8]),
+                 position_ids=torch.tensor([[0] * 4 + list(range(8))])).logits
+    torch.testing.assert_close(right, full)
+    torch.testing.assert_close(left, full, atol=1e-5, rtol=1e-5)
+    out = m(x, attention_mask=torch.ones_like(x), labels=torch.tensor([1.0]))
+    assert out.loss is not None and out.logits.shape == (1, 1)
+
+
+def test_model_size_validation():
+    with pytest.raises(ValueError, match="head_dim"):
+        ModelSize(hidden_size=64, num_attention_heads=4)
