@@ -17,12 +17,15 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 # The main job: the pipeline on the default toy world. Each stage reuses its outputs when they exist.
 demo: setup
 	$(PY) recipes/make_world.py
+	$(PY) recipes/pretrain.py
 
 test: setup
 	$(PY) -m pytest tests -q
 
 bench: setup
 	$(PY) benchmarks/world.py
+	$(PY) recipes/make_world.py
+	$(PY) benchmarks/pretrain.py
 
 clean:
 	rm -rf runs

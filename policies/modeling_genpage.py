@@ -4,7 +4,10 @@ A decoder-only transformer in the modern LLM shape (RoPE, RMSNorm, gated SiLU ML
 from transformers' Llama modules so that parameter names match vLLM's Llama loader, with:
 - untied input embedding and output projection (section 4);
 - semantic embedding fusion (section 6.1): input embedding of token t = E[t] + W_c c[t], where c[t] is the
-  title's content embedding (zero for non-entity tokens), kept in the checkpoint as a frozen parameter;
+  title's content embedding (zero for non-entity tokens), kept in the checkpoint as a frozen parameter.
+  The output side is fused the same way with its own projection: logit_t = h . (U[t] + W_o c[t]). Untied
+  ID embeddings alone make copying a title from the history into the page a per-title association to learn;
+  the shared content term gives every title the same route (and a new title a score from its content);
 - fallback tokens (section 6.2): in training, with probability `fallback_prob`, an entity or row input token's
   ID embedding is swapped for its fallback token's (content kept), so a title known only by its content
   embedding still gets a meaningful representation (`add_cold_entities`).
@@ -20,7 +23,7 @@ import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 
@@ -89,7 +92,24 @@ class GenPageForCausalLM(LlamaForCausalLM):
         self.model = GenPageModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.output_content_proj = nn.Linear(config.content_dim, config.hidden_size, bias=False)
         self.post_init()
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, T, H] -> [B, T, V]: h . U[t] + (h W_o) . c[t]."""
+        content = self.model.content_embeddings.to(hidden.dtype)  # [V, C]
+        return self.lm_head(hidden) + (hidden @ self.output_content_proj.weight) @ content.T
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        hidden = out.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.compute_logits(hidden[:, keep])
+        loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs) if labels is not None else None
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                      hidden_states=out.hidden_states, attentions=out.attentions)
 
     def set_content_embeddings(self, content: torch.Tensor) -> None:
         """content: [V, C] per-token content vectors (zeros for tokens without content)."""

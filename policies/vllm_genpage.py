@@ -26,5 +26,16 @@ class GenPageVllmModel(LlamaModel):
 
 
 class GenPageForCausalLMVllm(LlamaForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = "", layer_type: type[nn.Module] = LlamaDecoderLayer):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+        config = vllm_config.model_config.hf_config
+        self.output_content_proj = nn.Linear(config.content_dim, config.hidden_size, bias=False)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        # Output-side content fusion, as GenPageForCausalLM.compute_logits (single rank: no vocab sharding).
+        logits = super().compute_logits(hidden_states)
+        content = self.model.content_embeddings.to(hidden_states.dtype)
+        return logits + (hidden_states @ self.output_content_proj.weight) @ content.T
+
     def _init_model(self, vllm_config, prefix: str = "", layer_type: type[nn.Module] = LlamaDecoderLayer):
         return GenPageVllmModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)

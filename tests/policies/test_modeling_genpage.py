@@ -112,3 +112,13 @@ def test_reward_head_reads_last_attended_position():
 def test_model_size_validation():
     with pytest.raises(ValueError, match="head_dim"):
         ModelSize(hidden_size=64, num_attention_heads=4)
+
+
+def test_output_side_content_fusion(model):
+    x = ids(1, 10)
+    with torch.no_grad():
+        hidden = model.model(x).last_hidden_state
+        expected = hidden @ model.lm_head.weight.T + hidden @ (model.output_content_proj(model.model.content_embeddings)).T
+        torch.testing.assert_close(model(x).logits, expected, atol=1e-5, rtol=1e-5)
+        # logits_to_keep=1 (what generate uses) is the last position of the full logits
+        torch.testing.assert_close(model(x, logits_to_keep=1).logits[:, -1], model(x).logits[:, -1])

@@ -18,6 +18,7 @@ def checkpoint(tmp_path_factory):
     model = build_model(tok, content, ModelSize(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256))
     with torch.no_grad():  # make the content path matter
         model.model.content_proj.weight.mul_(20)
+        model.output_content_proj.weight.mul_(20)
     path = tmp_path_factory.mktemp("genpage")
     model.eval().save_pretrained(path)
     tok.save_pretrained(path)
