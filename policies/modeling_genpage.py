@@ -79,7 +79,21 @@ class GenPageModel(LlamaModel):
         return super().forward(input_ids=None, inputs_embeds=inputs_embeds, **kwargs)
 
 
-class GenPageForCausalLM(LlamaForCausalLM):
+class _FrozenContentMixin:
+    """After from_pretrained: the content table stays frozen (loading materializes parameters with
+    requires_grad=True), and the non-persistent fallback map is rebuilt from the config (loading initializes
+    on the meta device, which leaves non-persistent buffers undefined)."""
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        model.model.content_embeddings.requires_grad_(False)
+        fallback = model.config.token_fallback or [-1] * model.config.vocab_size
+        model.model.token_fallback = torch.tensor(fallback, dtype=torch.long, device=model.model.content_embeddings.device)
+        return model
+
+
+class GenPageForCausalLM(_FrozenContentMixin, LlamaForCausalLM):
     """The page generator: next-token logits over the domain vocabulary, untied output projection."""
 
     config_class = GenPageConfig
@@ -131,7 +145,7 @@ class GenPageForCausalLM(LlamaForCausalLM):
         self.lm_head.weight[token_ids] = self.lm_head.weight[fb]
 
 
-class GenPageForPageReward(LlamaPreTrainedModel):
+class GenPageForPageReward(_FrozenContentMixin, LlamaPreTrainedModel):
     """Sequence regression on the same backbone: a scalar read at the last non-padding position (the
     end-of-page token). `config.reward_mean` / `reward_std` (set by the reward-model trainer) map the
     normalized output back to reward units in `page_reward`."""

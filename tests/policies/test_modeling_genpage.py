@@ -36,6 +36,8 @@ def test_registration_round_trip_same_outputs(model, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
     torch.testing.assert_close(loaded.model.content_embeddings, model.model.content_embeddings)
+    assert not loaded.model.content_embeddings.requires_grad  # same trainable set after a reload (resume)
+    torch.testing.assert_close(loaded.model.token_fallback, model.model.token_fallback)  # fallback replacement works
     reward = AutoModelForSequenceClassification.from_pretrained(tmp_path)
     assert isinstance(reward, GenPageForPageReward)
     torch.testing.assert_close(reward.model.embed_tokens.weight, model.model.embed_tokens.weight)
