@@ -194,12 +194,17 @@ class World:
             yield ImpressionBatch(np.arange(start, start + b, dtype=np.int64), user, req, pages, fb)
 
 
-def _padded(flat: np.ndarray, lengths: np.ndarray, width: int, fill: int = -1) -> np.ndarray:
-    """Ragged values (flat, with per-row lengths) -> [rows, width] padded array."""
-    out = np.full((len(lengths), max(width, 1)), fill, dtype=np.int64)
+def _ragged_positions(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of each flat value of a ragged array with the given per-row lengths."""
     rows = np.repeat(np.arange(len(lengths)), lengths)
-    cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    out[rows, cols] = flat
+    cols = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return rows, cols
+
+
+def _padded(flat: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarray:
+    """Ragged values (flat, with per-row lengths) -> [rows, width] array padded with -1."""
+    out = np.full((len(lengths), max(width, 1)), -1, dtype=np.int64)
+    out[_ragged_positions(lengths)] = flat
     return out
 
 
@@ -216,10 +221,9 @@ def batch_from_table(world: World, table) -> tuple[np.ndarray, Requests, PageBat
     from homepage.users import DEVICES
 
     def lookup(values, known: list[str], what: str) -> np.ndarray:
-        idx = pc.index_in(values, value_set=pa.array(known, pa.string())).to_numpy(zero_copy_only=False)
-        idx = _nan_for_null(idx)
-        if np.isnan(idx).any():
-            bad = values[int(np.flatnonzero(np.isnan(idx))[0])].as_py()
+        idx = pc.index_in(values, value_set=pa.array(known, pa.string())).fill_null(-1).to_numpy(zero_copy_only=False)
+        if (idx < 0).any():
+            bad = values[int(np.flatnonzero(idx < 0)[0])].as_py()
             raise KeyError(f"{what} {bad!r} is not in this world; ground truth needs the world's own ids")
         return idx.astype(np.int64)
 
@@ -240,17 +244,8 @@ def batch_from_table(world: World, table) -> tuple[np.ndarray, Requests, PageBat
     rows = _padded(row_idx, n_rows, R)  # [B, R]
     ents_by_row = _padded(ent_idx, row_len, L)  # [sum rows, L]
     ents = np.full((len(n_rows), R, L), -1, dtype=np.int64)
-    b = np.repeat(np.arange(len(n_rows)), n_rows)
-    r = np.arange(len(b)) - np.repeat(np.cumsum(n_rows) - n_rows, n_rows)
-    ents[b, r] = ents_by_row
+    ents[_ragged_positions(n_rows)] = ents_by_row
     return user, req, PageBatch(rows, ents)
-
-
-def _nan_for_null(idx: np.ndarray) -> np.ndarray:
-    """pyarrow nulls come back as NaN (float) or None (object); normalize to float with NaN."""
-    if idx.dtype == object:
-        return np.array([np.nan if v is None else v for v in idx], dtype=np.float64)
-    return idx.astype(np.float64)
 
 
 def world_contexts(world: World, user: np.ndarray, req: Requests):

@@ -115,3 +115,15 @@ def test_world_config_rejects_bad_values():
 
 def test_genre_rows_exist_for_every_genre():
     assert [r for r in ROW_IDS if r.startswith("genre_")] == [f"genre_{g}" for g in GENRES]
+
+
+def test_batch_from_table_refuses_ids_outside_the_world(small_world):
+    import pyarrow as pa
+
+    table = batch_to_table(next(small_world.iter_logs(5)), small_world)
+    ents = table.column("page_entity_ids").to_pylist()
+    ents[2][0][0] = "movie_from_elsewhere"
+    table = table.set_column(table.column_names.index("page_entity_ids"), "page_entity_ids",
+                             pa.array(ents, table.schema.field("page_entity_ids").type))
+    with pytest.raises(KeyError, match="movie_from_elsewhere"):
+        batch_from_table(small_world, table)
