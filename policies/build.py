@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import torch
 
 from policies.modeling_genpage import GenPageConfig, GenPageForCausalLM
-from policies.tokenizer import KIND_ENTITY, KIND_ROW, GenPageTokenizer
+from policies.tokenizer import GenPageTokenizer
 
 
 @dataclass(frozen=True)
@@ -87,10 +87,3 @@ def build_model(tok: GenPageTokenizer, content: dict[str, np.ndarray], size: Mod
     model.set_content_embeddings(content_matrix(tok, content, dim))
     return model
 
-
-def is_page_token(tok: GenPageTokenizer) -> np.ndarray:
-    """[V] bool: tokens that may appear in a page (rows, entities, [EOP])."""
-    kinds = tok.token_kind
-    out = (kinds == KIND_ROW) | (kinds == KIND_ENTITY)
-    out[tok.eop_id] = True
-    return out

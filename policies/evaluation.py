@@ -68,7 +68,7 @@ def popularity_page_loss(tok: GenPageTokenizer, train_pages: list[list[int]], ev
     from the previous token's kind and the row's length so far, then the row or entity by its training
     popularity among those not yet on the page (add-one smoothed)."""
     kind = tok.token_kind
-    rows_pop = np.bincount(np.concatenate(train_pages), minlength=len(tok)).astype(np.float64) + 1.0
+    token_pop = np.bincount(np.concatenate(train_pages), minlength=len(tok)).astype(np.float64) + 1.0
     is_row, is_ent = kind == KIND_ROW, kind == KIND_ENTITY
 
     def state(prev_kind: int, run: int) -> tuple[int, int]:
@@ -94,7 +94,7 @@ def popularity_page_loss(tok: GenPageTokenizer, train_pages: list[list[int]], ev
                 p = p_kind[2]
             else:
                 pool = (is_row if nxt == 0 else is_ent) & ~used
-                p = p_kind[nxt] * rows_pop[t] / rows_pop[pool].sum() if pool[t] else p_kind[nxt] * 1e-6
+                p = p_kind[nxt] * token_pop[t] / token_pop[pool].sum() if pool[t] else p_kind[nxt] * 1e-6
             nll -= np.log(p)
             n += 1
             used[t] = True

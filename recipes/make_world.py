@@ -54,7 +54,7 @@ def main() -> None:
     logs_dir.mkdir(parents=True, exist_ok=True)
     n_parts = -(-cfg.world.n_impressions // cfg.world.batch_size)
     existing = {p.name for p in logs_dir.glob("part-*.parquet")}
-    generated, gen_seconds = 0, 0.0
+    generated = 0
     t0 = time.perf_counter()
     for k, batch in enumerate(tqdm(world.iter_logs(), total=n_parts, desc="logs", unit="part")):
         name = f"part-{k:05d}.parquet"

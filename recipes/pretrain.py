@@ -23,6 +23,7 @@ from homepage.logs import read_logs
 from homepage.recipe_utils import parse_recipe_args, write_summary
 from homepage.world import World, world_contexts
 from policies.build import build_model, load_content
+from policies.cold_start import cold_start_report
 from policies.configs import PretrainConfig
 from policies.data import collate, encode_table, page_token_nll
 from policies.evaluation import pages_from_tokens, popularity_page_loss, unigram_page_loss
@@ -199,8 +200,6 @@ def main() -> None:
         batch_pages, rep = pages_from_tokens(tok, pages, world.entity_index)
         true_reward[name] = world.true_page_reward(users, req, batch_pages)
         decode_reports[name] = dataclasses.asdict(rep)
-
-    from policies.cold_start import cold_start_report
 
     cold_report = cold_start_report(model, tok, content, cold) if cold else {}
     summary = {

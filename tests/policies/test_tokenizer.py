@@ -1,11 +1,10 @@
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from homepage.catalog import ROW_IDS
-from homepage.logs import Context, HistoryAction, Impression
+from homepage.logs import Context, HistoryAction
 from homepage.pages import Page, Row
 from policies.tokenizer import (
     KIND_ENTITY, KIND_ROW, EncodeStats, GenPageTokenizer, PageDecodeError, daypart, duration_bucket, time_bucket,

@@ -76,7 +76,7 @@ def test_killed_run_resumes_from_last_checkpoint(world_dir, tmp_path):
                        weights_only=False)["step"]
     again = pretrain(world_dir, out, *args)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resuming from" in again.stdout and f"at step {saved}" in again.stdout
+    assert "resuming from" in again.stdout and f"at step {saved}" in again.stdout
     # tqdm counts from the resumed step: the finished steps are not repeated.
     assert f"{saved}/120" in again.stderr
     assert json.loads((out / "summary.json").read_text())["loss_history"][-1]["step"] == 120
