@@ -27,6 +27,8 @@ from policies.cold_start import cold_start_report
 from policies.configs import PretrainConfig
 from policies.data import collate, encode_table, page_token_nll
 from policies.evaluation import pages_from_tokens, popularity_page_loss, unigram_page_loss
+from policies.hf_generation import generate_pages_hf
+from policies.rules import RuleEngine
 from policies.tokenizer import GenPageTokenizer
 from policies.training import cosine_lr, init_wandb, latest_checkpoint, load_trainer_state, save_checkpoint
 
@@ -41,24 +43,6 @@ def heldout_loss(model, data, batch_size: int, pad_id: int) -> float:
             total, count = total + nll.item(), count + n.item()
     model.train(was_training)
     return total / count
-
-
-def hf_generate(model, prompts: list[list[int]], tok: GenPageTokenizer, temperature: float, max_new_tokens: int) -> list[list[int]]:
-    """transformers generate, left-padded batches (the evaluation fallback without vLLM)."""
-    model.eval()
-    out = []
-    for s in range(0, len(prompts), 64):
-        chunk = prompts[s:s + 64]
-        T = max(map(len, chunk))
-        ids = torch.tensor([[tok.pad_id] * (T - len(p)) + p for p in chunk])
-        mask = (torch.arange(T)[None, :] >= torch.tensor([T - len(p) for p in chunk])[:, None]).long()
-        kw = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-        with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 eos_token_id=tok.eop_id, pad_token_id=tok.pad_id, **kw)
-        for row in gen[:, T:].tolist():
-            out.append(row[: row.index(tok.eop_id) + 1] if tok.eop_id in row else row)
-    return out
 
 
 def pick_cold_start_titles(table, entity_ids: list[str], n: int, seed: int) -> list[str]:
@@ -194,7 +178,13 @@ def main() -> None:
         del llm
     else:
         torch.manual_seed(cfg.seed)
-        gen = {name: hf_generate(model, prompts, tok, temp, cfg.max_new_tokens) for name, temp in (("sampled", 1.0), ("greedy", 0.0))}
+        gen = {name: generate_pages_hf(model, tok, prompts, temp, cfg.max_new_tokens) for name, temp in (("sampled", 1.0), ("greedy", 0.0))}
+    # The same prompts under the step-by-step business-rule masks (HF generation; first rule engine).
+    rules = RuleEngine(tok, world_dir / "catalog.parquet", world.config.new_title_days,
+                       trending=set(np.asarray(world.catalog.entity_ids)[world.catalog.trending]))
+    torch.manual_seed(cfg.seed)
+    gen.update({f"masked_{name}": generate_pages_hf(model, tok, prompts, temp, cfg.max_new_tokens, rules=rules)
+                for name, temp in (("sampled", 1.0), ("greedy", 0.0))})
     true_reward, decode_reports = {}, {}
     for name, pages in gen.items():
         batch_pages, rep = pages_from_tokens(tok, pages, world.entity_index)
@@ -211,6 +201,10 @@ def main() -> None:
         "true_reward_pretrained_greedy": float(true_reward["greedy"].mean()),
         "sampled_vs_logging": float(true_reward["sampled"].mean() / true_logging.mean()),
         "greedy_vs_logging": float(true_reward["greedy"].mean() / true_logging.mean()),
+        "true_reward_pretrained_masked_sampled": float(true_reward["masked_sampled"].mean()),
+        "true_reward_pretrained_masked_greedy": float(true_reward["masked_greedy"].mean()),
+        "masked_sampled_vs_logging": float(true_reward["masked_sampled"].mean() / true_logging.mean()),
+        "masked_greedy_vs_logging": float(true_reward["masked_greedy"].mean() / true_logging.mean()),
         "vllm_hf_max_abs_logprob_diff": parity,
         "tokens_per_s": tokens_per_s,
         "parameters": n_params,

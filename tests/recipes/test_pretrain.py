@@ -46,6 +46,7 @@ def test_smoke_run_lowers_heldout_loss_and_writes_hf_model(world_dir, tmp_path):
     assert [h["step"] for h in summary["loss_history"]] == [0, 15, 30]
     assert losses[-1] < losses[0] - 0.5, losses
     for key in ("heldout_page_loss", "unigram_page_loss", "popularity_page_loss", "true_reward_logging",
+                "true_reward_pretrained_masked_sampled", "true_reward_pretrained_masked_greedy",
                 "true_reward_pretrained_sampled", "true_reward_pretrained_greedy", "tokens_per_s"):
         assert isinstance(summary[key], float), key
     assert summary["cold_start"]["neighbour_rank_percentile"] > 0

@@ -1,0 +1,44 @@
+"""Page generation with transformers `generate` (the fallback without vLLM), optionally under rule masks."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from policies.tokenizer import GenPageTokenizer
+
+MASK_VALUE = -1e9  # large finite negative, not -inf: entropy stays finite (0 * -inf is NaN)
+
+
+class RuleMaskProcessor(LogitsProcessor):
+    """Masks tokens the rule engine disallows, per batch row (prompt = the left-padded input)."""
+
+    def __init__(self, rules, prompts: list[list[int]], prompt_width: int):
+        self.rules, self.prompts, self.width = rules, prompts, prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for b, prompt in enumerate(self.prompts):
+            allowed = torch.from_numpy(self.rules.allowed(prompt, input_ids[b, self.width:].tolist()))
+            scores[b, ~allowed] = MASK_VALUE
+        return scores
+
+
+def generate_pages_hf(model, tok: GenPageTokenizer, prompts: list[list[int]], temperature: float,
+                      max_new_tokens: int, rules=None, batch_size: int = 64) -> list[list[int]]:
+    """Page token ids per prompt (ending at [EOP] when generated). temperature 0 = greedy."""
+    model.eval()
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s:s + batch_size]
+        T = max(map(len, chunk))
+        ids = torch.tensor([[tok.pad_id] * (T - len(p)) + p for p in chunk])
+        mask = (torch.arange(T)[None, :] >= torch.tensor([T - len(p) for p in chunk])[:, None]).long()
+        kw = dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0 else dict(do_sample=False)
+        if rules is not None:
+            kw["logits_processor"] = LogitsProcessorList([RuleMaskProcessor(rules, chunk, T)])
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 eos_token_id=tok.eop_id, pad_token_id=tok.pad_id, **kw)
+        for row in gen[:, T:].tolist():
+            out.append(row[: row.index(tok.eop_id) + 1] if tok.eop_id in row else row)
+    return out
