@@ -162,8 +162,7 @@ def main() -> None:
     if cfg.eval_backend == "vllm":
         from policies import vllm_engine
 
-        # Prefix caching off: with it, vLLM 0.30 returned wrong prompt log-probs for cached prefixes (diff ~2).
-        llm = vllm_engine.make_llm(model_dir, seed=cfg.seed, enable_prefix_caching=False)
+        llm = vllm_engine.make_llm(model_dir, seed=cfg.seed)
         gen = {name: [s[0]["token_ids"] for s in vllm_engine.generate(llm, prompts, temp, cfg.max_new_tokens, tok.eop_id)]
                for name, temp in (("sampled", 1.0), ("greedy", 0.0))}
         seqs = [p + g for p, g in zip(valid.prompts[:64], valid.pages[:64])]
@@ -171,7 +170,7 @@ def main() -> None:
         with torch.no_grad():
             diffs = []
             for s, v in zip(seqs, vllm_lp):
-                lp = torch.log_softmax(model(torch.tensor([s])).logits[0].float(), -1)
+                lp = torch.log_softmax(model(torch.tensor([s])).logits[0].float(), -1)  # eval mode: no fallback swaps
                 hf = lp[torch.arange(len(s) - 1), torch.tensor(s[1:])].numpy()
                 diffs.append(np.abs(hf - np.array(v)).max())
         parity = float(max(diffs))

@@ -29,7 +29,7 @@ def checkpoint(tmp_path_factory):
 def llm(checkpoint):
     from policies import vllm_engine
 
-    engine = vllm_engine.make_llm(checkpoint[0], seed=0, enable_prefix_caching=False)
+    engine = vllm_engine.make_llm(checkpoint[0], seed=0)
     yield engine
     del engine
 
