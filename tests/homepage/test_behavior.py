@@ -26,6 +26,12 @@ def orthonormal(n: int, d: int, seed: int = 0) -> np.ndarray:
     return q[:n].astype(np.float32)
 
 
+def equal_distinct_titles(world, user: int, ents: np.ndarray) -> None:
+    """`ents` equally liked by `user` and mutually orthogonal in content (no satiation between them)."""
+    neutralize(world, user, ents)
+    world.catalog.content_emb[ents] = orthonormal(len(ents), world.catalog.content_emb.shape[1])
+
+
 def test_near_duplicates_score_lower_than_diverse_page_of_equally_liked_titles(controlled_world):
     w = controlled_world
     user = 0
@@ -70,8 +76,7 @@ def test_position_bias_within_a_row(controlled_world):
     w = controlled_world
     user = 2
     ents = np.arange(20, 26)
-    neutralize(w, user, ents)
-    w.catalog.content_emb[ents] = orthonormal(6, w.catalog.content_emb.shape[1])
+    equal_distinct_titles(w, user, ents)
     pr = w.behavior.probabilities(np.array([user]), one_request(), page([(genre_row_id("action"), list(ents))]))
     assert np.all(np.diff(pr.engage[0, 0, :6]) < 0)  # equal titles: strictly less attention to the right
 
@@ -96,8 +101,7 @@ def test_kids_profile_with_mature_title_is_worse(controlled_world):
     w = controlled_world
     user = 3
     ents = np.arange(30, 36)
-    neutralize(w, user, ents)
-    w.catalog.content_emb[ents] = orthonormal(6, w.catalog.content_emb.shape[1])
+    equal_distinct_titles(w, user, ents)
     req = one_request(hour=15)
     p = page([(genre_row_id("family"), list(ents))])
     safe = w.true_page_reward(np.array([user]), req, p)[0]
