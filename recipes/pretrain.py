@@ -150,7 +150,7 @@ def main() -> None:
     tok.save_pretrained(model_dir)
 
     # -- evaluation: page loss vs baselines, true reward of decoded pages, vLLM parity, cold start ------------
-    heldout = heldout_loss(model, valid, 64, tok.pad_id)
+    heldout = history[-1]["heldout_page_loss"]  # evaluated at the last step (saved with its checkpoint)
     unigram = unigram_page_loss(tok, train.pages, valid.pages)
     popularity = popularity_page_loss(tok, train.pages, valid.pages)
     eval_rng = np.random.default_rng([cfg.seed, 99])
