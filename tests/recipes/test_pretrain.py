@@ -50,6 +50,7 @@ def test_smoke_run_lowers_heldout_loss_and_writes_hf_model(world_dir, tmp_path):
                 "true_reward_pretrained_sampled", "true_reward_pretrained_greedy", "tokens_per_s"):
         assert isinstance(summary[key], float), key
     assert summary["cold_start"]["neighbour_rank_percentile"] > 0
+    import policies  # noqa: F401  (registers GenPage with the Auto classes, as a user would)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "pt" / "model")
