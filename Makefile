@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 demo: setup
 	$(PY) recipes/make_world.py
 	$(PY) recipes/pretrain.py
+	$(PY) benchmarks/rules.py
 
 test: setup
 	$(PY) -m pytest tests -q

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from policies.build import ModelSize
+from policies.rules import RuleConfig
 
 
 @dataclass(frozen=True)
@@ -14,6 +15,7 @@ class PretrainConfig:
     world_dir: str = "runs/world"  # output of recipes/make_world.py: logs, tokenizer, catalog, world state
     out_dir: str = "runs/pretrain"  # checkpoints/, model/ (final HF directory), summary.json, wandb/
     model: ModelSize = field(default_factory=ModelSize)  # transformer shape and fallback rate
+    rules: RuleConfig = field(default_factory=RuleConfig)  # business rules saved with the model (policies/rules.py)
     steps: int = 500  # optimizer steps
     batch_size: int = 32  # sequences (prompt + page) per step
     lr: float = 3e-3  # peak AdamW learning rate (cosine decay to 10%)

@@ -11,21 +11,25 @@ MASK_VALUE = -1e9  # large finite negative, not -inf: entropy stays finite (0 * 
 
 
 class RuleMaskProcessor(LogitsProcessor):
-    """Masks tokens the rule engine disallows, per batch row (prompt = the left-padded input)."""
+    """HF adapter of the business rules: masks the tokens the rule engine forbids, per batch row.
+
+    rules: a policies.rules.RuleSet; prompts: the unpadded prompts; prompt_width: the left-padded prompt
+    width of `input_ids` (generated tokens start there)."""
 
     def __init__(self, rules, prompts: list[list[int]], prompt_width: int):
         self.rules, self.prompts, self.width = rules, prompts, prompt_width
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for b, prompt in enumerate(self.prompts):
-            allowed = torch.from_numpy(self.rules.allowed(prompt, input_ids[b, self.width:].tolist()))
-            scores[b, ~allowed] = MASK_VALUE
+        allowed = self.rules.allowed_step(self.prompts, input_ids[:, self.width:].tolist())  # [B, V]
+        V = allowed.shape[-1]
+        scores[:, :V] = scores[:, :V].masked_fill(~allowed.to(scores.device), MASK_VALUE)
         return scores
 
 
 def generate_pages_hf(model, tok: GenPageTokenizer, prompts: list[list[int]], temperature: float,
                       max_new_tokens: int, rules=None, batch_size: int = 64) -> list[list[int]]:
-    """Page token ids per prompt (ending at [EOP] when generated). temperature 0 = greedy."""
+    """Page token ids per prompt (ending at [EOP] when generated). temperature 0 = greedy.
+    rules: a RuleSet whose mask-mode rules are enforced (None: unconstrained)."""
     model.eval()
     out = []
     for s in range(0, len(prompts), batch_size):

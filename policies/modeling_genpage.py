@@ -37,6 +37,13 @@ class GenPageConfig(LlamaConfig):
     token_fallback: per token id, the fallback token id (entities -> type fallback, rows -> row:<unk>), -1 for
         tokens without one. Length vocab_size.
     page_token_id: id of the [PAGE] token that ends every prompt (the prompt/page boundary).
+    reward_mean, reward_std: the reward model's target normalization (paper section 5.3): it predicts
+        (page_reward - reward_mean) / reward_std; set by recipes/train_rm.py, unused by the generator.
+    business_rules: the deployment's ruleset (policies.rules.RuleSet.to_dict()), so every process that loads
+        the checkpoint (trainer, vLLM workers, evaluation) enforces the same rules.
+    mask_logits: replay the rule mask inside `forward` on full sequences (paper section 6.3): the trainer's
+        log-probs are then those of the masked distribution vLLM sampled from. Incremental decoding with a
+        KV cache is masked by the logits-processor adapters instead (vLLM, policies.hf_generation).
     """
 
     model_type = "genpage"
@@ -45,6 +52,10 @@ class GenPageConfig(LlamaConfig):
     fallback_prob: float = 0.0
     token_fallback: list[int] | None = None
     page_token_id: int | None = None
+    reward_mean: float = 0.0
+    reward_std: float = 1.0
+    business_rules: dict | None = None
+    mask_logits: bool = False
 
 
 class GenPageModel(LlamaModel):
@@ -121,9 +132,23 @@ class GenPageForCausalLM(_FrozenContentMixin, LlamaForCausalLM):
         hidden = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.compute_logits(hidden[:, keep])
+        if self.config.mask_logits and input_ids is not None and logits.shape[1] == input_ids.shape[1] and not _has_cache(past_key_values):
+            logits = self.rules.mask_logits(logits, input_ids, position_ids)
         loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                       hidden_states=out.hidden_states, attentions=out.attentions)
+
+    @property
+    def rules(self):
+        """The checkpoint's RuleSet (built once from config.business_rules)."""
+        if getattr(self, "_rules", None) is None:
+            from policies.rules import RuleSet
+
+            self._rules = RuleSet.from_model_config(self.config)
+            if self._rules is None:
+                raise ValueError("config.mask_logits is set but config.business_rules is empty: attach rules with "
+                                 "`python -m policies.rules --model DIR`")
+        return self._rules
 
     def set_content_embeddings(self, content: torch.Tensor) -> None:
         """content: [V, C] per-token content vectors (zeros for tokens without content)."""
@@ -143,6 +168,13 @@ class GenPageForCausalLM(_FrozenContentMixin, LlamaForCausalLM):
         self.model.content_embeddings[token_ids] = content.to(self.model.content_embeddings.dtype)
         self.model.embed_tokens.weight[token_ids] = self.model.embed_tokens.weight[fb]
         self.lm_head.weight[token_ids] = self.lm_head.weight[fb]
+
+
+def _has_cache(past_key_values) -> bool:
+    if past_key_values is None:
+        return False
+    get = getattr(past_key_values, "get_seq_length", None)
+    return bool(get()) if get is not None else True
 
 
 class GenPageForPageReward(_FrozenContentMixin, LlamaPreTrainedModel):

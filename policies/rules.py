@@ -1,111 +1,541 @@
-"""Business rules as an allowed-token mask for the next page token (paper section 6.3), step by step.
+"""Business rules of a homepage as allowed-token masks (paper section 6.3) and format rewards (section 5.3).
 
-A first, pure-numpy engine for one (prompt, page prefix) at a time: structure (row then entities, row and page
-length bounds, [EOP]), deduplication (no entity or row twice), category consistency (genre rows hold titles
-of that genre; Continue Watching only titles partially watched in the prompt's history; New Releases only new
-titles; Kids only kids-safe titles) and maturity (kids profiles see only kids-safe titles). Rows are only
-opened when enough eligible titles remain to fill them, so a mask never dead-ends.
+One engine, written once as pure tensor functions over a *page state*:
 
-Not here yet (issue: business rules): per-rule enforcement modes, pinned and business-critical rows, the
-vectorized all-positions mask, the vLLM logits processor and mask replay in the trainer.
+    state (what the page so far is) ──rule_masks──> {rule: allowed [..., V]} ──combine──> allowed [..., V]
+
+The state has any leading shape: `[N]` for one decoding step of N requests (the vLLM logits processor, HF
+generation) or `[B, T]` for every position of a batch of full sequences at once (mask replay inside
+GenPage's forward, where the trainer computes log-probs; the format reward). `policies/rules_reference.py`
+is the same rules written as a plain per-position loop; property tests check the two agree.
+
+Rules (each with an enforcement mode: "mask" = hard, never violated; "reward" = scored by the format reward;
+"off"):
+- structure: the page is rows, each a row token then min..max entity tokens; min..max rows; ends with [EOP].
+  A row may only be opened when enough titles satisfying the entity rules in force remain to fill it, so
+  masks never dead-end.
+- dedup: no title twice, no row twice.
+- category: a genre row holds titles of that genre; Continue Watching only titles the user partially watched
+  (read from the prompt's history); New Releases only new titles; Trending Now only trending titles; Kids
+  only kids-safe titles.
+- maturity: a kids profile (read from the prompt) sees only kids-safe titles.
+- pinning: a configured row sits at a fixed row position (when it can be filled at that point).
+- critical_rows: a configured row (e.g. Continue Watching) appears within the first k rows (when it can be
+  filled), and the page cannot end before it.
+"Can be filled" means: at least min_row_len titles satisfying the entity rules not set to "off" remain. A pin
+or critical row that cannot be filled for this user is void (it does not block the page).
+
+The ruleset (config + per-token tables built from the catalog) is a plain dict saved in the checkpoint's
+config.json (`GenPageConfig.business_rules`), so every process that loads the checkpoint has the same rules.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 
 from homepage.catalog import CONTINUE_WATCHING, KIDS, NEW_RELEASES, ROW_IDS, TRENDING
-from policies.tokenizer import DURATION_BUCKET_EDGES, KIND_ENTITY, KIND_ROW, GenPageTokenizer
+from policies.tokenizer import DURATION_BUCKET_EDGES, GenPageTokenizer
 
+RULES = ("structure", "dedup", "category", "maturity", "pinning", "critical_rows")
+MODES = ("mask", "reward", "off")
+ENTITY_RULES = ("dedup", "category", "maturity")  # rules that decide which titles can fill a row
 PARTIAL_DURATION_BUCKETS = tuple(f"db:{i}" for i in range(1, len(DURATION_BUCKET_EDGES)))  # 5%..90% watched
+RULESET_VERSION = 1
 
 
 @dataclass(frozen=True)
 class PageShape:
     """Structure bounds of a page."""
 
-    min_rows: int = 3
-    max_rows: int = 6
-    min_row_len: int = 3
-    max_row_len: int = 8
+    min_rows: int = 3  # fewest rows on a page
+    max_rows: int = 6  # most rows on a page
+    min_row_len: int = 3  # fewest titles in a row
+    max_row_len: int = 8  # most titles in a row
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_rows <= self.max_rows:
+            raise ValueError(f"rules.shape: need 1 <= min_rows <= max_rows, got {self.min_rows}, {self.max_rows}")
+        if not 1 <= self.min_row_len <= self.max_row_len:
+            raise ValueError(f"rules.shape: need 1 <= min_row_len <= max_row_len, got {self.min_row_len}, {self.max_row_len}")
 
 
-class RuleEngine:
-    """Allowed-token masks over the tokenizer's vocabulary for one page being written."""
+@dataclass(frozen=True)
+class RuleModes:
+    """Enforcement of each rule: "mask" (hard), "reward" (soft, format reward), or "off"."""
 
-    def __init__(self, tok: GenPageTokenizer, catalog_path: str | Path, new_title_days: int = 30,
-                 shape: PageShape = PageShape(), trending: set[str] | None = None):
-        self.tok, self.shape = tok, shape
-        table = pq.read_table(catalog_path, columns=["entity_id", "genres", "maturity", "release_day"]).to_pylist()
-        V = len(tok)
-        self.is_row = tok.token_kind == KIND_ROW
-        self.is_row[tok.row_fallback_id] = False
-        self.row_of = {tok.vocab[f"row:{r}"]: r for r in ROW_IDS}
-        self.row_elig: dict[str, np.ndarray] = {r: np.zeros(V, dtype=bool) for r in ROW_IDS}
-        self.kids_safe = np.zeros(V, dtype=bool)
-        self.is_entity = np.zeros(V, dtype=bool)
-        for row in table:
-            t = tok.vocab.get(f"ent:{row['entity_id']}")
-            if t is None:
-                continue
-            self.is_entity[t] = True
-            for g in row["genres"]:
-                self.row_elig[f"genre_{g}"][t] = True
-            self.row_elig[CONTINUE_WATCHING][t] = True  # narrowed per prompt
-            self.row_elig[TRENDING][t] = trending is None or row["entity_id"] in trending
-            self.row_elig[NEW_RELEASES][t] = row["release_day"] > -new_title_days
-            self.kids_safe[t] = row["maturity"] == "kids"
-        self.row_elig[KIDS] = self.kids_safe.copy()
-        self._partial = {tok.vocab[t] for t in PARTIAL_DURATION_BUCKETS}
-        self._kids_token = tok.vocab["ptype:kids"]
+    structure: str = "mask"  # rows of min..max titles, min..max rows, [EOP] at the end
+    dedup: str = "mask"  # no title or row twice
+    category: str = "mask"  # titles match their row's category
+    maturity: str = "mask"  # kids profiles see kids-safe titles only
+    pinning: str = "mask"  # pinned rows at their positions
+    critical_rows: str = "mask"  # critical rows within their first k rows
 
-    def prompt_facts(self, prompt: list[int]) -> tuple[np.ndarray, bool]:
-        """(resumable [V] bool: titles partially watched in the history, is_kids_profile)."""
-        resumable = np.zeros(len(self.tok), dtype=bool)
-        kind = self.tok.token_kind
-        for j, t in enumerate(prompt[:-3]):
-            if kind[t] == KIND_ENTITY and prompt[j + 3] in self._partial and self.is_entity[t]:
-                resumable[t] = True
-        return resumable, self._kids_token in prompt
+    def __post_init__(self) -> None:
+        for name in RULES:
+            if getattr(self, name) not in MODES:
+                raise ValueError(f"rules.modes.{name} must be one of {MODES}, got {getattr(self, name)!r}")
 
-    def allowed(self, prompt: list[int], prefix: list[int]) -> np.ndarray:
-        """[V] bool mask of tokens allowed after `prefix` (page tokens so far) for this prompt."""
-        resumable, kids = self.prompt_facts(prompt)
+
+@dataclass(frozen=True)
+class RuleConfig:
+    """The business rules of a deployment (saved with the checkpoint)."""
+
+    shape: PageShape = field(default_factory=PageShape)  # page structure bounds
+    modes: RuleModes = field(default_factory=RuleModes)  # enforcement per rule
+    pinned_rows: dict = field(default_factory=dict)  # row id -> 0-based row position, e.g. {trending_now: 0}
+    critical_rows: dict = field(default_factory=lambda: {CONTINUE_WATCHING: 2})  # row id -> must be within first k rows
+    new_title_days: int = 30  # titles released within this many days belong in New Releases
+    format_weights: dict = field(default_factory=dict)  # rule -> weight of one violation in the format reward (default 1)
+
+    def __post_init__(self) -> None:
         s = self.shape
-        used = np.zeros(len(self.tok), dtype=bool)
-        used[list(prefix)] = True
-        rows = [t for t in prefix if self.is_row[t]]
-        row_len = 0
-        for t in reversed(prefix):
-            if self.is_row[t]:
-                break
-            row_len += 1
-        base = self.is_entity & ~used & (self.kids_safe | (not kids))  # [V]
+        for row, pos in self.pinned_rows.items():
+            if row not in ROW_IDS:
+                raise ValueError(f"rules.pinned_rows: unknown row {row!r}; known rows: {list(ROW_IDS)}")
+            if not isinstance(pos, int) or not 0 <= pos < s.max_rows:
+                raise ValueError(f"rules.pinned_rows.{row}: position must be an integer in [0, max_rows={s.max_rows})")
+        if len(set(self.pinned_rows.values())) != len(self.pinned_rows):
+            raise ValueError("rules.pinned_rows: two rows pinned at the same position")
+        for row, k in self.critical_rows.items():
+            if row not in ROW_IDS:
+                raise ValueError(f"rules.critical_rows: unknown row {row!r}; known rows: {list(ROW_IDS)}")
+            if row in self.pinned_rows:
+                raise ValueError(f"rules.critical_rows: {row} is also pinned; keep one of the two")
+            if not isinstance(k, int) or not 1 <= k <= s.max_rows:
+                raise ValueError(f"rules.critical_rows.{row}: k must be an integer in [1, max_rows={s.max_rows}]")
+        slots = [self.critical_slot(r) for r in self.critical_rows]
+        if any(sl is None for sl in slots):
+            raise ValueError("rules.critical_rows: every position within k is pinned; raise k or move the pin")
+        if len(set(slots)) != len(slots):
+            raise ValueError("rules.critical_rows: two critical rows would be forced into the same position; use different k")
+        unknown = set(self.format_weights) - set(RULES)
+        if unknown:
+            raise ValueError(f"rules.format_weights: unknown rule(s) {sorted(unknown)}; rules: {list(RULES)}")
 
-        def eligible(row_token: int) -> np.ndarray:
-            name = self.row_of[row_token]
-            elig = self.row_elig[name] & base
-            return elig & resumable if name == CONTINUE_WATCHING else elig
+    def critical_slot(self, row: str) -> int | None:
+        """The last row position < k not taken by a pin: where a critical row is forced if still missing."""
+        free = [p for p in range(self.critical_rows[row]) if p not in self.pinned_rows.values()]
+        return free[-1] if free else None
 
-        mask = np.zeros(len(self.tok), dtype=bool)
-        in_row = bool(rows)
-        if in_row and row_len < s.max_row_len:
-            mask |= eligible(rows[-1])
-        row_done = not in_row or row_len >= s.min_row_len
-        if row_done and len(rows) < s.max_rows:
-            for r in np.flatnonzero(self.is_row & ~used):
-                if eligible(r).sum() >= s.min_row_len:
-                    mask[r] = True
-        if in_row and row_done and len(rows) >= s.min_rows:
-            mask[self.tok.eop_id] = True
-        if in_row and row_done and not mask.any():
-            mask[self.tok.eop_id] = True  # nothing left to open: end the page rather than dead-end
-        return mask
 
-    def violations(self, prompt: list[int], page: list[int]) -> int:
-        """Tokens of a finished page that the mask would not have allowed (an audit)."""
-        return sum(not self.allowed(prompt, page[:i])[t] for i, t in enumerate(page))
+class PageState(NamedTuple):
+    """What a page prefix is, for any leading shape S ([N] one step, [B, T] all positions).
+
+    active:    [*S] bool, a page is being written (the prompt ended, [EOP] not yet written)
+    used:      [*S, V] bool, tokens already on the page
+    n_rows:    [*S] long, rows opened so far
+    row_len:   [*S] long, tokens since the current row token (0 when no row is open)
+    cur_row:   [*S] long, index into ROW_IDS of the open row, -1 before the first row
+    resumable: [*S or broadcastable, V] bool, titles partially watched in the prompt's history
+    kids:      [*S or broadcastable] bool, the prompt is a kids profile
+    """
+
+    active: torch.Tensor
+    used: torch.Tensor
+    n_rows: torch.Tensor
+    row_len: torch.Tensor
+    cur_row: torch.Tensor
+    resumable: torch.Tensor
+    kids: torch.Tensor
+
+
+class FormatReport(NamedTuple):
+    """Format reward of N pages: score [N] (<= 0: minus the weighted violations of reward-mode rules) and
+    violations {rule: [N] counts} for every rule not off (mask-mode rules too, as an audit)."""
+
+    score: np.ndarray
+    violations: dict
+
+
+class RuleSet:
+    """The rules of one deployment over one vocabulary: per-token tables + config. Build with
+    `build_ruleset`, load with `from_dict` / `from_model_config` / `from_pretrained`."""
+
+    def __init__(self, config: RuleConfig, tables: dict):
+        self.config, self.tables = config, tables
+        V = tables["vocab_size"]
+        self.vocab_size = V
+        self.eop_id, self.page_id, self.kids_token = tables["eop_id"], tables["page_id"], tables["kids_token"]
+        self.row_token = torch.tensor([tables["row_tokens"][r] for r in ROW_IDS])  # [R]
+        self.row_index = torch.full((V,), -1, dtype=torch.long)  # [V] token -> row index, -1 for non-rows
+        self.row_index[self.row_token] = torch.arange(len(ROW_IDS))
+        self.is_row = self.row_index >= 0  # [V]
+        self.row_of = {int(t): i for i, t in enumerate(self.row_token.tolist())}  # token -> row index (per-token loops)
+        self.is_entity = _ids_mask(tables["entities"], V)  # [V] known catalog titles (no fallback tokens)
+        self.kids_safe = _ids_mask(tables["kids_safe"], V)  # [V]
+        self.is_partial = _ids_mask(tables["partial_duration_buckets"], V)  # [V]
+        self.row_elig = torch.stack([_ids_mask(tables["row_eligible"][r], V) for r in ROW_IDS])  # [R, V]
+        self.cw = ROW_IDS.index(CONTINUE_WATCHING)
+        R, s = len(ROW_IDS), config.shape
+        self.pin_at = torch.full((s.max_rows + 1,), -1, dtype=torch.long)  # [max_rows+1] row index pinned at position
+        self.pin_pos = torch.full((R,), -1, dtype=torch.long)  # [R] pinned position of a row, -1 none
+        for row, pos in config.pinned_rows.items():
+            self.pin_at[pos] = ROW_IDS.index(row)
+            self.pin_pos[ROW_IDS.index(row)] = pos
+        self.crit_slot = torch.full((R,), -1, dtype=torch.long)  # [R] position a critical row is forced to, -1 none
+        for row in config.critical_rows:
+            self.crit_slot[ROW_IDS.index(row)] = config.critical_slot(row)
+        self.masked_rules = tuple(r for r in RULES if getattr(config.modes, r) == "mask")
+        self.reward_rules = tuple(r for r in RULES if getattr(config.modes, r) == "reward")
+        self.audited_rules = tuple(r for r in RULES if getattr(config.modes, r) != "off")
+
+    # -- serialization ----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"version": RULESET_VERSION, "config": _config_to_dict(self.config), "tables": self.tables}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RuleSet":
+        if data.get("version") != RULESET_VERSION:
+            raise ValueError(f"business_rules version {data.get('version')!r} is not {RULESET_VERSION}: rebuild the ruleset")
+        from homepage.config import from_dict
+
+        return cls(from_dict(RuleConfig, data["config"], "business_rules.config"), data["tables"])
+
+    @classmethod
+    def from_model_config(cls, config) -> "RuleSet | None":
+        rules = getattr(config, "business_rules", None)
+        return cls.from_dict(rules) if rules else None
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> "RuleSet":
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+        if not cfg.get("business_rules"):
+            raise ValueError(f"{model_dir}/config.json has no business_rules: attach them with `python -m policies.rules --model {model_dir}`")
+        return cls.from_dict(cfg["business_rules"])
+
+    # -- page states ------------------------------------------------------------------------------------------
+    def prompt_facts(self, input_ids: torch.Tensor, page_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids [B, T], page_start [B] (index of the first page token) -> resumable [B, V], kids [B].
+
+        History actions are quadruples (entity, action, time bucket, duration bucket): a title is resumable
+        when the duration bucket 3 tokens after it (still in the prompt) is a partial-watch bucket."""
+        B, T = input_ids.shape
+        pos = torch.arange(T)
+        in_prompt = pos[None, :] < page_start[:, None]  # [B, T]
+        kids = ((input_ids == self.kids_token) & in_prompt).any(-1)  # [B]
+        resumable = torch.zeros(B, self.vocab_size, dtype=torch.bool)
+        if T > 3:
+            ent = self.is_entity[input_ids[:, :-3]] & self.is_partial[input_ids[:, 3:]] & in_prompt[:, 3:]  # [B, T-3]
+            b, j = ent.nonzero(as_tuple=True)
+            resumable[b, input_ids[b, j]] = True
+        return resumable, kids
+
+    def state_all_positions(self, input_ids: torch.Tensor, page_start: torch.Tensor) -> PageState:
+        """State after each position of full sequences: input_ids [B, T], page_start [B] -> PageState [B, T].
+
+        Position t's state describes the page tokens in [page_start, t]; it is active from page_start - 1
+        (the [PAGE] token, which predicts the first page token) until an [EOP] is written."""
+        B, T = input_ids.shape
+        pos = torch.arange(T)[None, :]  # [1, T]
+        in_page = pos >= page_start[:, None]  # [B, T]
+        eop = (input_ids == self.eop_id) & in_page
+        active = (pos >= page_start[:, None] - 1) & (eop.long().cumsum(-1) == 0)  # [B, T]
+        is_row = self.is_row[input_ids] & in_page  # [B, T]
+        n_rows = is_row.long().cumsum(-1)
+        last_row = torch.where(is_row, pos, torch.full_like(input_ids, -1)).cummax(-1).values  # [B, T]
+        cur_row = torch.where(last_row >= 0, self.row_index[input_ids.gather(1, last_row.clamp(min=0))], -1)
+        row_len = torch.where(last_row >= 0, pos - last_row, 0)
+        onehot = torch.zeros(B, T, self.vocab_size, dtype=torch.int32)
+        onehot.scatter_(2, input_ids.unsqueeze(-1), in_page.int().unsqueeze(-1))
+        used = onehot.cumsum(1) > 0  # [B, T, V]
+        resumable, kids = self.prompt_facts(input_ids, page_start)
+        return PageState(active, used, n_rows, row_len, cur_row, resumable[:, None, :], kids[:, None])
+
+    def state_step(self, prompts: list[list[int]], prefixes: list[list[int]]) -> PageState:
+        """State after each of N page prefixes (one decoding step) -> PageState [N]."""
+        N = len(prompts)
+        W = max(len(p) for p in prompts)
+        ids = torch.full((N, W), self.page_id, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        resumable, kids = self.prompt_facts(ids, torch.tensor([len(p) for p in prompts]))
+        used = torch.zeros(N, self.vocab_size, dtype=torch.bool)
+        active = torch.ones(N, dtype=torch.bool)
+        n_rows, row_len, cur_row = (torch.zeros(N, dtype=torch.long) for _ in range(3))
+        cur_row -= 1
+        for i, prefix in enumerate(prefixes):
+            st = IncrementalPage(self)
+            st.extend(prefix)
+            active[i], n_rows[i], row_len[i], cur_row[i] = st.active, st.n_rows, st.row_len, st.cur_row
+            used[i, list(st.used)] = True
+        return PageState(active, used, n_rows, row_len, cur_row, resumable, kids)
+
+    # -- masks ------------------------------------------------------------------------------------------------
+    def rule_masks(self, st: PageState, rules: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """Allowed tokens of each rule, {rule: [*S, V] bool}. Inactive states (prompt, after [EOP]) allow all."""
+        c, s = self.config, self.config.shape
+        rules = self.audited_rules if rules is None else rules
+        entity_on = {r: getattr(c.modes, r) != "off" for r in ENTITY_RULES}
+        n_rows, row_len, cur_row = st.n_rows, st.row_len, st.cur_row
+        in_row = cur_row >= 0
+        row_done = ~in_row | (row_len >= s.min_row_len)
+        is_entity, is_row = self.is_entity, self.is_row  # [V]
+
+        # Titles each row could still be filled with under the entity rules in force -> openable [*S, R].
+        fill = is_entity.expand(st.used.shape)  # [*S, V]
+        if entity_on["dedup"]:
+            fill = fill & ~st.used
+        if entity_on["maturity"]:
+            fill = fill & (self.kids_safe | ~st.kids[..., None])
+        if entity_on["category"]:
+            counts = fill.float() @ self.row_elig.T.float()  # [*S, R]
+            cw = (fill & st.resumable).sum(-1).float()  # [*S]
+            counts = torch.cat([counts[..., : self.cw], cw[..., None], counts[..., self.cw + 1:]], -1)
+        else:
+            counts = fill.sum(-1, keepdim=True).float().expand(*fill.shape[:-1], len(ROW_IDS))
+        row_used = st.used[..., self.row_token]  # [*S, R]
+        openable = counts >= s.min_row_len  # [*S, R]
+        if entity_on["dedup"]:
+            openable = openable & ~row_used
+
+        def rows_to_vocab(rows_allowed: torch.Tensor) -> torch.Tensor:  # [*S, R] -> [*S, V] (row tokens only)
+            out = torch.zeros(*rows_allowed.shape[:-1], self.vocab_size, dtype=torch.bool)
+            out[..., self.row_token] = rows_allowed
+            return out
+
+        eop = torch.zeros(self.vocab_size, dtype=torch.bool)
+        eop[self.eop_id] = True
+        out = {}
+        if "structure" in rules:
+            ent_ok = in_row & (row_len < s.max_row_len)  # [*S]
+            open_ok = row_done & (n_rows < s.max_rows)
+            eop_ok = in_row & row_done & (n_rows >= s.min_rows)
+            m = (is_entity & ent_ok[..., None]) | rows_to_vocab(openable & open_ok[..., None]) | (eop & eop_ok[..., None])
+            out["structure"] = m
+        if "dedup" in rules:
+            out["dedup"] = ~(st.used & (is_entity | is_row))
+        if "category" in rules:
+            row_elig = self.row_elig[cur_row.clamp(min=0)]  # [*S, V]
+            row_elig = torch.where((cur_row == self.cw)[..., None], st.resumable & is_entity, row_elig)
+            out["category"] = ~is_entity | ~in_row[..., None] | row_elig
+        if "maturity" in rules:
+            out["maturity"] = ~is_entity | self.kids_safe | ~st.kids[..., None]
+        if "pinning" in rules:
+            pinned = self.pin_pos >= 0  # [R]
+            here = self.pin_at[n_rows.clamp(max=s.max_rows)]  # [*S] row pinned at the next row position, -1 none
+            here_ok = (here >= 0) & openable.gather(-1, here.clamp(min=0)[..., None]).squeeze(-1)  # the pin binds
+            rows_ok = ~pinned.expand(openable.shape).clone()  # pinned rows only at their position
+            rows_ok |= pinned & (self.pin_pos == n_rows[..., None])
+            only_pinned = torch.arange(len(ROW_IDS)) == here[..., None]  # [*S, R]
+            rows_ok = torch.where(here_ok[..., None], only_pinned, rows_ok)
+            pending = pinned & (self.pin_pos >= n_rows[..., None]) & openable  # [*S, R] pins still to fill
+            m = rows_to_vocab(rows_ok) | ~is_row
+            m[..., self.eop_id] = ~pending.any(-1)
+            out["pinning"] = m
+        if "critical_rows" in rules:
+            crit = self.crit_slot >= 0  # [R]
+            missing = crit & ~row_used & openable  # [*S, R] critical rows not yet placed that can be
+            forced = missing & (self.crit_slot == n_rows[..., None])  # [*S, R]
+            rows_ok = torch.where(forced.any(-1, keepdim=True), forced, torch.ones_like(forced))
+            m = rows_to_vocab(rows_ok) | ~is_row
+            m[..., self.eop_id] = ~(missing & (self.crit_slot >= n_rows[..., None])).any(-1)
+            out["critical_rows"] = m
+        inactive = ~st.active[..., None]  # before the page starts and after [EOP]: no rule applies
+        return {r: m | inactive for r, m in out.items()}
+
+    def combine(self, masks: dict[str, torch.Tensor], st: PageState) -> torch.Tensor:
+        """AND of the mask-mode rules; where that leaves nothing, [EOP] (a page can always end)."""
+        allowed = torch.ones(*st.n_rows.shape, self.vocab_size, dtype=torch.bool)
+        for r in self.masked_rules:
+            allowed &= masks[r]
+        dead = ~allowed.any(-1)  # [*S]
+        allowed[..., self.eop_id] |= dead
+        return allowed
+
+    def allowed(self, st: PageState) -> torch.Tensor:
+        """Allowed-token mask [*S, V] of the mask-mode rules for page states [*S]."""
+        return self.combine(self.rule_masks(st, self.masked_rules), st)
+
+    def allowed_step(self, prompts: list[list[int]], prefixes: list[list[int]]) -> torch.Tensor:
+        """[N, V] allowed next tokens after N (prompt, page prefix) pairs."""
+        return self.allowed(self.state_step(prompts, prefixes))
+
+    def allowed_all_positions(self, input_ids: torch.Tensor, page_start: torch.Tensor) -> torch.Tensor:
+        """[B, T, V]: at position t, the tokens allowed at t + 1 (all True outside an active page)."""
+        return self.allowed(self.state_all_positions(input_ids, page_start))
+
+    def mask_logits(self, logits: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask replay for the trainer: logits [B, T, V] of full sequences -> disallowed tokens set to
+        finfo.min / 2 (finite: entropy stays defined). Sequences are found by the [PAGE] token; packed rows
+        (position_ids restarting at 0 inside a row) are split per sequence."""
+        neg = torch.finfo(logits.dtype).min / 2
+        segments = _segments(input_ids, position_ids)
+        if all(len(seg) == 1 for seg in segments):  # padded batch: one sequence per row, all rows at once
+            is_page = input_ids == self.page_id
+            T = input_ids.shape[1]
+            page_start = torch.where(is_page.any(-1), is_page.long().argmax(-1) + 1, T + 1)  # [B]
+            allowed = self.allowed_all_positions(input_ids.cpu(), page_start.cpu()).to(logits.device)  # [B, T, V]
+            return logits.masked_fill(~allowed, neg)
+        for b, segs in enumerate(segments):
+            for lo, hi in segs:
+                ids = input_ids[b, lo:hi][None].cpu()  # [1, L]
+                hit = (ids[0] == self.page_id).nonzero()
+                if len(hit) == 0:
+                    continue  # no page in this sequence (e.g. a bare prompt): nothing to mask
+                allowed = self.allowed_all_positions(ids, hit[:1, 0] + 1)[0].to(logits.device)  # [L, V]
+                logits[b, lo:hi] = logits[b, lo:hi].masked_fill(~allowed, neg)
+        return logits
+
+    # -- format reward ----------------------------------------------------------------------------------------
+    def violations(self, prompts: list[list[int]], pages: list[list[int]]) -> dict[str, np.ndarray]:
+        """{rule: [N] number of page tokens the rule forbids} for every rule not off (a page without [EOP]
+        counts one more structure violation), plus "total" (of the mask-mode rules)."""
+        ids, page_start, nxt, valid = _pack(prompts, pages, self.page_id)
+        st = self.state_all_positions(ids, page_start)
+        masks = self.rule_masks(st, self.audited_rules)
+        unfinished = np.array([int(self.eop_id not in p) for p in pages])
+        out = {}
+        for r, m in masks.items():
+            ok = m[:, :-1].gather(-1, nxt[..., None]).squeeze(-1)  # [B, T-1] the written token was allowed
+            out[r] = ((~ok) & valid).sum(-1).numpy() + (unfinished if r == "structure" else 0)
+        out["total"] = sum((out[r] for r in self.masked_rules), np.zeros(len(pages), dtype=np.int64))
+        return out
+
+    def format_reward(self, prompts: list[list[int]], pages: list[list[int]]) -> FormatReport:
+        """Score [N] = -sum over reward-mode rules of weight x violations, and the per-rule violation counts."""
+        v = self.violations(prompts, pages)
+        score = np.zeros(len(pages))
+        for r in self.reward_rules:
+            score -= self.config.format_weights.get(r, 1.0) * v[r]
+        return FormatReport(score, v)
+
+
+class IncrementalPage:
+    """A page prefix's state updated token by token (the vLLM logits processor keeps one per request)."""
+
+    def __init__(self, rules: RuleSet):
+        self.rules = rules
+        self.used: set[int] = set()
+        self.active, self.n_rows, self.row_len, self.cur_row = True, 0, 0, -1
+        self.seen = 0  # tokens consumed
+
+    def extend(self, tokens) -> None:
+        r = self.rules
+        for t in tokens:
+            self.seen += 1
+            if not self.active:
+                continue
+            if t == r.eop_id:
+                self.active = False
+                continue
+            self.used.add(int(t))
+            if t in r.row_of:
+                self.n_rows += 1
+                self.cur_row, self.row_len = r.row_of[t], 0
+            elif self.cur_row >= 0:
+                self.row_len += 1
+
+
+def build_ruleset(tok: GenPageTokenizer, catalog_path: str | Path, config: RuleConfig = RuleConfig(),
+                  trending: set[str] | None = None) -> RuleSet:
+    """Per-token tables from the tokenizer and the catalog (Parquet written by recipes/make_world.py).
+
+    trending: titles allowed in Trending Now (None: any title)."""
+    table = pq.read_table(catalog_path, columns=["entity_id", "genres", "maturity", "release_day"]).to_pylist()
+    elig: dict[str, list[int]] = {r: [] for r in ROW_IDS}
+    entities, kids_safe = [], []
+    for row in table:
+        t = tok.vocab.get(f"ent:{row['entity_id']}")
+        if t is None:
+            continue
+        entities.append(t)
+        for g in row["genres"]:
+            elig[f"genre_{g}"].append(t)
+        if trending is None or row["entity_id"] in trending:
+            elig[TRENDING].append(t)
+        if row["release_day"] > -config.new_title_days:
+            elig[NEW_RELEASES].append(t)
+        if row["maturity"] == "kids":
+            kids_safe.append(t)
+    elig[KIDS] = list(kids_safe)
+    elig[CONTINUE_WATCHING] = []  # per prompt: the titles the user partially watched
+    tables = {
+        "vocab_size": len(tok), "eop_id": tok.eop_id, "page_id": tok.page_id, "kids_token": tok.vocab["ptype:kids"],
+        "row_tokens": {r: tok.vocab[f"row:{r}"] for r in ROW_IDS}, "entities": entities, "kids_safe": kids_safe,
+        "row_eligible": elig, "partial_duration_buckets": [tok.vocab[t] for t in PARTIAL_DURATION_BUCKETS],
+    }
+    return RuleSet(config, tables)
+
+
+def world_ruleset(world_dir: str | Path, config: RuleConfig = RuleConfig()) -> RuleSet:
+    """The ruleset of a world directory written by recipes/make_world.py (its tokenizer and catalog)."""
+    from homepage.world import World
+
+    world_dir = Path(world_dir)
+    world = World.load(world_dir)
+    tok = GenPageTokenizer.from_pretrained(world_dir / "tokenizer")
+    trending = set(np.asarray(world.catalog.entity_ids)[world.catalog.trending])
+    config = dataclasses.replace(config, new_title_days=world.config.new_title_days)
+    return build_ruleset(tok, world_dir / "catalog.parquet", config, trending)
+
+
+def attach_rules(model_dir: str | Path, ruleset: RuleSet, mask_logits: bool | None = None) -> None:
+    """Writes the ruleset into a checkpoint's config.json (and optionally the mask-replay switch)."""
+    path = Path(model_dir) / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["business_rules"] = ruleset.to_dict()
+    if mask_logits is not None:
+        cfg["mask_logits"] = mask_logits
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _ids_mask(ids: list[int], V: int) -> torch.Tensor:
+    m = torch.zeros(V, dtype=torch.bool)
+    m[torch.as_tensor(ids, dtype=torch.long)] = True
+    return m
+
+
+def _config_to_dict(config: RuleConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def _pack(prompts: list[list[int]], pages: list[list[int]], pad: int):
+    """Right-padded prompt+page batch -> ids [B, T], page_start [B], next tokens [B, T-1], valid [B, T-1]
+    (position t predicts a page token at t + 1)."""
+    B = len(prompts)
+    T = max(len(p) + len(g) for p, g in zip(prompts, pages))
+    ids = torch.full((B, T), pad, dtype=torch.long)
+    valid = torch.zeros(B, T, dtype=torch.bool)
+    for i, (p, g) in enumerate(zip(prompts, pages)):
+        ids[i, : len(p) + len(g)] = torch.tensor(p + g, dtype=torch.long)
+        valid[i, len(p): len(p) + len(g)] = True
+    page_start = torch.tensor([len(p) for p in prompts])
+    return ids, page_start, ids[:, 1:], valid[:, 1:]
+
+
+def _segments(input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> list[list[tuple[int, int]]]:
+    """Per batch row, [lo, hi) spans of separate sequences: the whole row, or (packed rows) spans where
+    position_ids restart at 0."""
+    B, T = input_ids.shape
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != B:
+        return [[(0, T)] for _ in range(B)]
+    out = []
+    for b in range(B):
+        starts = (position_ids[b] == 0).nonzero().flatten().tolist()
+        starts = [s for s in starts if s > 0 and position_ids[b, s - 1] != 0]  # left padding repeats 0s
+        bounds = [0] + starts + [T]
+        out.append(list(zip(bounds[:-1], bounds[1:])))
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from homepage.config import load_config
+
+    parser = argparse.ArgumentParser(description="Attach business rules to a GenPage checkpoint (written into config.json).")
+    parser.add_argument("--model", required=True, help="checkpoint directory")
+    parser.add_argument("--world", default="runs/world", help="world directory (tokenizer, catalog)")
+    parser.add_argument("--config", default=None, help="YAML with RuleConfig fields (default: the default rules)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. modes.category=reward")
+    args = parser.parse_args()
+    attach_rules(args.model, world_ruleset(args.world, load_config(RuleConfig, args.config, args.overrides)))
+    print(f"business rules written into {args.model}/config.json")

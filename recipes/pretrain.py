@@ -28,7 +28,7 @@ from policies.configs import PretrainConfig
 from policies.data import collate, encode_table, page_token_nll
 from policies.evaluation import pages_from_tokens, popularity_page_loss, unigram_page_loss
 from policies.hf_generation import generate_pages_hf
-from policies.rules import RuleEngine
+from policies.rules import world_ruleset
 from policies.tokenizer import GenPageTokenizer
 from policies.training import cosine_lr, init_wandb, latest_checkpoint, load_trainer_state, save_checkpoint
 
@@ -146,6 +146,8 @@ def main() -> None:
     # -- final HF directory -----------------------------------------------------------------------------------
     model.eval()
     model_dir = out / "model"
+    rules = world_ruleset(world_dir, cfg.rules)  # saved in config.json: every process loads the same rules
+    model.config.business_rules = rules.to_dict()
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
 
@@ -159,12 +161,15 @@ def main() -> None:
     prompts = [tok.encode_context(c) for c in world_contexts(world, users, req)]
     true_logging = world.true_page_reward(users, req, world.logging_policy.act(users, req, eval_rng))
     parity = None
+    modes = {"sampled": (1.0, False), "greedy": (0.0, False), "masked_sampled": (1.0, True), "masked_greedy": (0.0, True)}
     if cfg.eval_backend == "vllm":
         from policies import vllm_engine
+        from policies.vllm_rules import OPT_OUT_KEY
 
-        llm = vllm_engine.make_llm(model_dir, seed=cfg.seed)
-        gen = {name: [s[0]["token_ids"] for s in vllm_engine.generate(llm, prompts, temp, cfg.max_new_tokens, tok.eop_id)]
-               for name, temp in (("sampled", 1.0), ("greedy", 0.0))}
+        llm = vllm_engine.make_llm(model_dir, seed=cfg.seed)  # the rule logits processor reads the saved rules
+        gen = {name: [s[0]["token_ids"] for s in vllm_engine.generate(
+            llm, prompts, temp, cfg.max_new_tokens, tok.eop_id, extra_args=None if masked else {OPT_OUT_KEY: False})]
+            for name, (temp, masked) in modes.items()}
         seqs = [p + g for p, g in zip(valid.prompts[:64], valid.pages[:64])]
         vllm_lp = vllm_engine.sequence_logprobs(llm, seqs)
         with torch.no_grad():
@@ -176,19 +181,16 @@ def main() -> None:
         parity = float(max(diffs))
         del llm
     else:
-        torch.manual_seed(cfg.seed)
-        gen = {name: generate_pages_hf(model, tok, prompts, temp, cfg.max_new_tokens) for name, temp in (("sampled", 1.0), ("greedy", 0.0))}
-    # The same prompts under the step-by-step business-rule masks (HF generation; first rule engine).
-    rules = RuleEngine(tok, world_dir / "catalog.parquet", world.config.new_title_days,
-                       trending=set(np.asarray(world.catalog.entity_ids)[world.catalog.trending]))
-    torch.manual_seed(cfg.seed)
-    gen.update({f"masked_{name}": generate_pages_hf(model, tok, prompts, temp, cfg.max_new_tokens, rules=rules)
-                for name, temp in (("sampled", 1.0), ("greedy", 0.0))})
+        gen = {}
+        for name, (temp, masked) in modes.items():
+            torch.manual_seed(cfg.seed)
+            gen[name] = generate_pages_hf(model, tok, prompts, temp, cfg.max_new_tokens, rules=rules if masked else None)
     true_reward, decode_reports = {}, {}
     for name, pages in gen.items():
         batch_pages, rep = pages_from_tokens(tok, pages, world.entity_index)
         true_reward[name] = world.true_page_reward(users, req, batch_pages)
         decode_reports[name] = dataclasses.asdict(rep)
+    violations = {name: {r: int(v.sum()) for r, v in rules.violations(prompts, pages).items()} for name, pages in gen.items()}
 
     cold_report = cold_start_report(model, tok, content, cold) if cold else {}
     summary = {
@@ -212,6 +214,7 @@ def main() -> None:
         "eval_users": cfg.eval_users,
         "eval_backend": cfg.eval_backend,
         "decode_reports": decode_reports,
+        "rule_violations": violations,
         "cold_start": cold_report,
         "loss_history": history,
         "left_out": {"train": skipped_train, "valid": skipped_valid},

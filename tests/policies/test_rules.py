@@ -1,48 +1,66 @@
-"""The step-by-step rule mask: never dead-ends, and pages written under it obey the rules as the world
-defines them (checked independently of the engine, from the world's own users and catalog)."""
+"""The rule engine: masks never dead-end, pages written under them obey the rules as the world defines them
+(checked independently, from the world's own users and catalog), the vectorized masks (one step, all
+positions) equal the plain-loop reference rule by rule, the format reward counts known violations, and the
+mask replayed inside GenPage's forward is the same mask."""
+
+import dataclasses
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from homepage.catalog import CONTINUE_WATCHING, GENRES, KIDS, MATURITY, NEW_RELEASES, TRENDING
 from homepage.world import world_contexts
-from policies.rules import PageShape, RuleEngine
+from policies.rules import MODES, RULES, PageShape, RuleConfig, RuleModes, RuleSet, build_ruleset
+from policies.rules_reference import reference_allowed, reference_rule_masks
 from policies.tokenizer import GenPageTokenizer
 
 SHAPE = PageShape(min_rows=2, max_rows=4, min_row_len=3, max_row_len=5)
+CONFIG = RuleConfig(shape=SHAPE, pinned_rows={TRENDING: 0}, critical_rows={CONTINUE_WATCHING: 3})
 
 
-@pytest.fixture(scope="module")
-def setup(small_world, tmp_path_factory):
-    c = small_world.catalog
-    path = tmp_path_factory.mktemp("cat") / "catalog.parquet"
+def write_catalog(world, path):
+    c = world.catalog
     pq.write_table(pa.table({
         "entity_id": c.entity_ids,
         "genres": [[g for g, on in zip(GENRES, row) if on] for row in c.genres],
         "maturity": [MATURITY[m] for m in c.maturity],
         "release_day": c.release_day,
     }), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(small_world, tmp_path_factory):
+    c = small_world.catalog
+    path = write_catalog(small_world, tmp_path_factory.mktemp("cat") / "catalog.parquet")
     tok = GenPageTokenizer(c.entity_ids, max_history=small_world.config.history_max)
-    rules = RuleEngine(tok, path, c.new_title_days, SHAPE, trending=set(np.asarray(c.entity_ids)[c.trending]))
-    return small_world, tok, rules
+    rules = build_ruleset(tok, path, dataclasses.replace(CONFIG, new_title_days=c.new_title_days),
+                          trending=set(np.asarray(c.entity_ids)[c.trending]))
+    return small_world, tok, rules, path
 
 
-def walk(rules, tok, prompt, rng, max_len=60):
-    """Writes a page by choosing uniformly among allowed tokens; asserts no step is a dead end."""
+def prompt_of(world, tok, user: int, seed: int = 0) -> list[int]:
+    req = world.sample_requests(np.random.default_rng(seed), np.array([user]))
+    return tok.encode_context(world_contexts(world, np.array([user]), req)[0])
+
+
+def walk(rules, tok, prompt, rng, max_len=60, noise=0.0):
+    """Writes a page choosing among allowed tokens (or, with probability `noise`, any token)."""
     page = []
     for _ in range(max_len):
-        allowed = rules.allowed(prompt, page)
+        allowed = rules.allowed_step([prompt], [page])[0].numpy()
         assert allowed.any(), f"dead end after {page}"
-        assert not allowed[tok.row_fallback_id] and not allowed[tok.pad_id]
-        t = int(rng.choice(np.flatnonzero(allowed)))
+        pool = np.arange(len(tok)) if rng.random() < noise else np.flatnonzero(allowed)
+        t = int(rng.choice(pool))
         page.append(t)
         if t == tok.eop_id:
-            return page
-    raise AssertionError("page did not end within max_len")
+            break
+    return page
 
 
 def check_page(world, tok, user: int, page: list[int]) -> list[str]:
@@ -53,7 +71,8 @@ def check_page(world, tok, user: int, page: list[int]) -> list[str]:
     problems = []
     if not SHAPE.min_rows <= len(decoded.rows) <= SHAPE.max_rows:
         problems.append(f"{len(decoded.rows)} rows")
-    if len({r.row_id for r in decoded.rows}) != len(decoded.rows):
+    row_ids = [r.row_id for r in decoded.rows]
+    if len(set(row_ids)) != len(row_ids):
         problems.append("row twice")
     ents = decoded.entity_ids
     if len(set(ents)) != len(ents):
@@ -75,46 +94,171 @@ def check_page(world, tok, user: int, page: list[int]) -> list[str]:
                 problems.append(f"{e} not kids-safe")
             if row.row_id == TRENDING and not c.trending[n]:
                 problems.append(f"{e} not trending")
+    # Pin and critical row, where the user's data lets them be filled from the start (3 eligible titles).
+    safe = c.kids_safe | (us.profile_type[user] == 0)
+    if (c.trending & safe).sum() >= SHAPE.min_row_len and (not row_ids or row_ids[0] != TRENDING):
+        problems.append("trending_now not pinned first")
+    resumable = us.resume[user] & safe
+    if resumable.sum() >= SHAPE.min_row_len + 6 and CONTINUE_WATCHING not in row_ids[:3]:
+        problems.append("continue_watching not within the first 3 rows")  # (+6: earlier rows may take some)
     return problems
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(user=st.integers(0, 199), seed=st.integers(0, 10_000))
 def test_random_walks_under_the_mask_never_dead_end_and_obey_the_rules(setup, user, seed):
-    world, tok, rules = setup
+    world, tok, rules, _ = setup
     rng = np.random.default_rng(seed)
-    req = world.sample_requests(rng, np.array([user]))
-    prompt = tok.encode_context(world_contexts(world, np.array([user]), req)[0])
+    prompt = prompt_of(world, tok, user, seed)
     page = walk(rules, tok, prompt, rng)
+    assert page[-1] == tok.eop_id
     assert check_page(world, tok, user, page) == []
-    assert rules.violations(prompt, page) == 0
+    assert rules.violations([prompt], [page])["total"][0] == 0
 
 
-def test_resumable_titles_come_from_the_prompt_history(setup):
-    world, tok, rules = setup
+modes_strategy = st.builds(RuleModes, **{r: st.sampled_from(MODES) for r in RULES})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(user=st.integers(0, 199), seed=st.integers(0, 10_000), modes=modes_strategy, noise=st.sampled_from([0.0, 0.1, 0.5]))
+def test_vectorized_masks_equal_the_reference_loop_rule_by_rule(setup, user, seed, modes, noise):
+    world, tok, base, _ = setup
+    rules = RuleSet(dataclasses.replace(base.config, modes=modes), base.tables)
+    rng = np.random.default_rng(seed)
+    prompt = prompt_of(world, tok, user, seed)
+    page = walk(rules, tok, prompt, rng, noise=noise)
+    # all positions of the full sequence at once (what the trainer replays) ...
+    ids = torch.tensor([prompt + page])
+    state = rules.state_all_positions(ids, torch.tensor([len(prompt)]))
+    all_pos = rules.rule_masks(state)
+    combined = rules.combine(all_pos, state)
+    for i in range(len(page)):
+        ref = reference_rule_masks(rules, prompt, page[:i])
+        pos = len(prompt) - 1 + i  # position predicting page token i
+        for r in rules.audited_rules:
+            assert set(all_pos[r][0, pos].nonzero().flatten().tolist()) == ref[r], (r, i)
+        want = reference_allowed(rules, prompt, page[:i])
+        assert set(combined[0, pos].nonzero().flatten().tolist()) == want, i
+        assert combined[0, pos].any() and want  # never a dead end
+    # ... and one decoding step for every prefix in one batch (what vLLM and HF generation use)
+    step = rules.allowed_step([prompt] * len(page), [page[:i] for i in range(len(page))])
+    assert torch.equal(step, combined[0, len(prompt) - 1: len(prompt) - 1 + len(page)])
+
+
+def test_resumable_titles_and_kids_profile_come_from_the_prompt(setup):
+    world, tok, rules, _ = setup
     user = int(np.flatnonzero(world.users.resume.any(1))[0])
-    prompt = tok.encode_context(world_contexts(world, np.array([user]), world.sample_requests(np.random.default_rng(0), np.array([user])))[0])
-    resumable, kids = rules.prompt_facts(prompt)
+    prompt = prompt_of(world, tok, user)
+    resumable, kids = rules.prompt_facts(torch.tensor([prompt]), torch.tensor([len(prompt)]))
     expected = {tok.vocab[f"ent:{world.catalog.entity_ids[n]}"] for n in np.flatnonzero(world.users.resume[user])}
-    assert set(np.flatnonzero(resumable)) == expected
-    assert kids == (world.users.profile_type[user] == 1)
+    assert set(resumable[0].nonzero().flatten().tolist()) == expected
+    assert bool(kids[0]) == (world.users.profile_type[user] == 1)
 
 
-def test_mask_blocks_known_violations(setup):
-    world, tok, rules = setup
+def test_mask_blocks_known_violations_and_format_reward_counts_them(setup):
+    world, tok, base, _ = setup
     c = world.catalog
+    rules = RuleSet(dataclasses.replace(base.config, pinned_rows={}, critical_rows={}), base.tables)
     kids_user = int(np.flatnonzero(world.users.profile_type == 1)[0])
-    prompt = tok.encode_context(world_contexts(world, np.array([kids_user]), world.sample_requests(np.random.default_rng(0), np.array([kids_user])))[0])
+    prompt = prompt_of(world, tok, kids_user)
     row = tok.vocab["row:genre_comedy"]
-    first = rules.allowed(prompt, [row])
+    first = rules.allowed_step([prompt], [[row]])[0]
     comedy_safe = [tok.vocab[f"ent:{e}"] for n, e in enumerate(c.entity_ids) if c.genres[n, GENRES.index("comedy")] and c.kids_safe[n]]
-    mature = [tok.vocab[f"ent:{e}"] for n, e in enumerate(c.entity_ids) if not c.kids_safe[n]]
+    mature_n = np.flatnonzero(~c.kids_safe)
+    mature = [tok.vocab[f"ent:{c.entity_ids[n]}"] for n in mature_n]
     assert first[comedy_safe].all() and not first[mature].any()
     assert not first[tok.eop_id] and not first[rules.is_row].any()  # a row needs min_row_len titles first
     page = [row] + comedy_safe[:3]
-    after = rules.allowed(prompt, page)
+    after = rules.allowed_step([prompt], [page])[0]
     assert not after[comedy_safe[:3]].any()  # no title twice
     assert not after[row]  # no row twice
     assert not after[tok.eop_id]  # fewer than min_rows rows so far
     assert after[comedy_safe[3]] and after[rules.is_row].any()
-    assert rules.violations(prompt, [row, mature[0], tok.eop_id]) == 2
+    # [row, mature title, same title again, EOP]: maturity 2 (twice mature), dedup 1, structure 1 (EOP after
+    # one title: row too short and too few rows), category 0 or 2 (whether the title is a comedy)
+    bad = [row, mature[0], mature[0], tok.eop_id]
+    v = rules.violations([prompt], [bad])
+    is_comedy = bool(c.genres[mature_n[0], GENRES.index("comedy")])
+    assert (v["maturity"][0], v["dedup"][0], v["structure"][0]) == (2, 1, 1)
+    assert v["category"][0] == (0 if is_comedy else 2)
+    assert v["total"][0] == sum(v[r][0] for r in RULES)
+    # Reward mode: the score is minus the weighted violations of reward-mode rules only.
+    soft = RuleSet(dataclasses.replace(rules.config, modes=RuleModes(maturity="reward", dedup="reward"),
+                                       format_weights={"maturity": 0.5}), rules.tables)
+    rep = soft.format_reward([prompt, prompt], [bad, page + [tok.vocab["row:kids"]] + comedy_safe[3:6] + [tok.eop_id]])
+    assert rep.score[0] == pytest.approx(-(0.5 * 2 + 1.0 * 1))
+    assert rep.violations["total"][0] == v["structure"][0] + v["category"][0]  # mask-mode rules only
+    # An unfinished page (no [EOP]) is a structure violation.
+    assert rules.violations([prompt], [page])["structure"][0] == 1
+
+
+def test_a_pinned_row_is_forced_at_its_position_and_the_page_cannot_end_before_it(setup):
+    world, tok, base, _ = setup
+    rules = RuleSet(dataclasses.replace(base.config, pinned_rows={NEW_RELEASES: 1}, critical_rows={}), base.tables)
+    adult = int(np.flatnonzero(world.users.profile_type == 0)[0])
+    prompt = prompt_of(world, tok, adult)
+    first = rules.allowed_step([prompt], [[]])[0]
+    assert not first[tok.vocab[f"row:{NEW_RELEASES}"]] and first[tok.vocab["row:genre_drama"]]
+    new_titles = [tok.vocab[f"ent:{e}"] for n, e in enumerate(world.catalog.entity_ids) if world.catalog.is_new[n]]
+    assert len(new_titles) >= 3
+    drama = [tok.vocab[f"ent:{e}"] for n, e in enumerate(world.catalog.entity_ids)
+             if world.catalog.genres[n, GENRES.index("drama")] and not world.catalog.is_new[n]][:3]
+    second = rules.allowed_step([prompt], [[tok.vocab["row:genre_drama"], *drama]])[0]
+    rows_allowed = [t for t in second.nonzero().flatten().tolist() if rules.is_row[t]]
+    assert rows_allowed == [tok.vocab[f"row:{NEW_RELEASES}"]]  # the only row that may open at position 1
+
+
+def test_ruleset_round_trips_through_a_dict_and_rejects_bad_configs(setup):
+    _, _, rules, _ = setup
+    again = RuleSet.from_dict(rules.to_dict())
+    assert again.config == rules.config and again.tables == rules.tables
+    with pytest.raises(ValueError, match="unknown row"):
+        RuleConfig(pinned_rows={"nope": 0})
+    with pytest.raises(ValueError, match="same position"):
+        RuleConfig(pinned_rows={TRENDING: 0, KIDS: 0})
+    with pytest.raises(ValueError, match="must be one of"):
+        RuleModes(category="soft")
+    with pytest.raises(ValueError, match="every position within k is pinned"):
+        RuleConfig(pinned_rows={TRENDING: 0}, critical_rows={CONTINUE_WATCHING: 1})
+
+
+def test_mask_replay_in_forward_equals_the_engine_mask_with_padding_and_packing(setup):
+    from policies.build import ModelSize, build_model
+
+    world, tok, rules, _ = setup
+    rng = np.random.default_rng(0)
+    model = build_model(tok, {}, ModelSize(hidden_size=64, num_hidden_layers=1, num_attention_heads=1, intermediate_size=64)).eval()
+    model.config.business_rules = rules.to_dict()
+    seqs = []
+    for user in (0, 1, 2):
+        prompt = prompt_of(world, tok, user)
+        seqs.append((prompt, walk(rules, tok, prompt, rng, noise=0.2)))
+    T = max(len(p) + len(g) for p, g in seqs) + 2
+    # Left-padded prompts, right-padded pages (the trainer's layout).
+    ids = torch.full((3, T), tok.pad_id)
+    attn = torch.zeros(3, T, dtype=torch.long)
+    for b, (p, g) in enumerate(seqs):
+        ids[b, 1: 1 + len(p) + len(g)] = torch.tensor(p + g)
+        attn[b, 1: 1 + len(p) + len(g)] = 1
+    with torch.no_grad():
+        raw = model(input_ids=ids, attention_mask=attn).logits
+        model.config.mask_logits = True
+        masked = model(input_ids=ids, attention_mask=attn).logits
+    neg = torch.finfo(masked.dtype).min / 2
+    for b, (p, g) in enumerate(seqs):
+        want = rules.allowed_step([p] * len(g), [g[:i] for i in range(len(g))])  # [len(g), V]
+        got = masked[b, len(p): len(p) + len(g)]  # positions predicting page tokens (offset 1 = left pad)
+        assert torch.equal(got > neg / 2, want)
+        assert torch.equal(got[want], raw[b, len(p): len(p) + len(g)][want])  # allowed logits untouched
+        assert torch.isfinite(masked[b]).all()
+    # Packed: the three sequences in one row, position ids restarting per sequence, no padding.
+    flat = torch.tensor([[t for p, g in seqs for t in p + g]])
+    pos = torch.tensor([[i for p, g in seqs for i in range(len(p) + len(g))]])
+    with torch.no_grad():
+        packed = model.rules.mask_logits(torch.zeros(1, flat.shape[1], len(tok)), flat, pos)
+    start = 0
+    for b, (p, g) in enumerate(seqs):
+        want = rules.allowed_step([p] * len(g), [g[:i] for i in range(len(g))])
+        got = packed[0, start + len(p) - 1: start + len(p) - 1 + len(g)]
+        assert torch.equal(got == 0, want)
+        start += len(p) + len(g)

@@ -50,6 +50,11 @@ def test_smoke_run_lowers_heldout_loss_and_writes_hf_model(world_dir, tmp_path):
                 "true_reward_pretrained_sampled", "true_reward_pretrained_greedy", "tokens_per_s"):
         assert isinstance(summary[key], float), key
     assert summary["cold_start"]["neighbour_rank_percentile"] > 0
+    # The business rules travel in config.json; HF generation under them breaks no mask rule.
+    config = json.loads((tmp_path / "pt" / "model" / "config.json").read_text())
+    assert set(config["business_rules"]["config"]["modes"].values()) == {"mask"}
+    for name in ("masked_sampled", "masked_greedy"):
+        assert summary["rule_violations"][name]["total"] == 0, summary["rule_violations"]
     import policies  # noqa: F401  (registers GenPage with the Auto classes, as a user would)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
