@@ -2,7 +2,8 @@
 
 One engine, written once as pure tensor functions over a *page state*:
 
-    state (what the page so far is) ──rule_masks──> {rule: allowed [..., V]} ──combine──> allowed [..., V]
+    state (what the page so far is) ──rule_parts──> per rule: allowed titles / rows / [EOP]
+        ──allowed──> the mask-mode rules together [..., V]      ──rule_masks──> {rule: [..., V]} (audit)
 
 The state has any leading shape: `[N]` for one decoding step of N requests (the vLLM logits processor, HF
 generation) or `[B, T]` for every position of a batch of full sequences at once (mask replay inside
@@ -147,6 +148,21 @@ class PageState(NamedTuple):
     kids: torch.Tensor
 
 
+class RulePart(NamedTuple):
+    """What one rule allows, by token kind (None: no restriction). Broadcastable to state shape [*S]:
+
+    entities: [*S, V] or broadcastable, read at title tokens
+    rows:     [*S, R] row tokens, R = len(ROW_IDS) in ROW_IDS order
+    eop:      [*S] the [EOP] token
+    other:    whether tokens that are none of these (prompt tokens, fallbacks, padding) are allowed
+    """
+
+    entities: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    eop: torch.Tensor | None = None
+    other: bool = True
+
+
 class FormatReport(NamedTuple):
     """Format reward of N pages: score [N] (<= 0: minus the weighted violations of reward-mode rules) and
     violations {rule: [N] counts} for every rule not off (mask-mode rules too, as an audit)."""
@@ -269,18 +285,16 @@ class RuleSet:
         return PageState(active, used, n_rows, row_len, cur_row, resumable, kids)
 
     # -- masks ------------------------------------------------------------------------------------------------
-    def rule_masks(self, st: PageState, rules: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
-        """Allowed tokens of each rule, {rule: [*S, V] bool}. Inactive states (prompt, after [EOP]) allow all."""
+    def rule_parts(self, st: PageState, rules: tuple[str, ...]) -> dict[str, RulePart]:
+        """What each rule allows, split by token kind (see RulePart); broadcastable tensors, None = anything."""
         c, s = self.config, self.config.shape
-        rules = self.audited_rules if rules is None else rules
         entity_on = {r: getattr(c.modes, r) != "off" for r in ENTITY_RULES}
         n_rows, row_len, cur_row = st.n_rows, st.row_len, st.cur_row
         in_row = cur_row >= 0
         row_done = ~in_row | (row_len >= s.min_row_len)
-        is_entity, is_row = self.is_entity, self.is_row  # [V]
 
         # Titles each row could still be filled with under the entity rules in force -> openable [*S, R].
-        fill = is_entity.expand(st.used.shape)  # [*S, V]
+        fill = self.is_entity.expand(st.used.shape)  # [*S, V]
         if entity_on["dedup"]:
             fill = fill & ~st.used
         if entity_on["maturity"]:
@@ -296,63 +310,69 @@ class RuleSet:
         if entity_on["dedup"]:
             openable = openable & ~row_used
 
-        def rows_to_vocab(rows_allowed: torch.Tensor) -> torch.Tensor:  # [*S, R] -> [*S, V] (row tokens only)
-            out = torch.zeros(*rows_allowed.shape[:-1], self.vocab_size, dtype=torch.bool)
-            out[..., self.row_token] = rows_allowed
-            return out
-
-        eop = torch.zeros(self.vocab_size, dtype=torch.bool)
-        eop[self.eop_id] = True
         out = {}
         if "structure" in rules:
-            ent_ok = in_row & (row_len < s.max_row_len)  # [*S]
-            open_ok = row_done & (n_rows < s.max_rows)
-            eop_ok = in_row & row_done & (n_rows >= s.min_rows)
-            m = (is_entity & ent_ok[..., None]) | rows_to_vocab(openable & open_ok[..., None]) | (eop & eop_ok[..., None])
-            out["structure"] = m
+            out["structure"] = RulePart(
+                entities=(in_row & (row_len < s.max_row_len))[..., None],
+                rows=openable & (row_done & (n_rows < s.max_rows))[..., None],
+                eop=in_row & row_done & (n_rows >= s.min_rows),
+                other=False,  # only rows, titles and [EOP] belong on a page
+            )
         if "dedup" in rules:
-            out["dedup"] = ~(st.used & (is_entity | is_row))
+            out["dedup"] = RulePart(entities=~st.used, rows=~row_used)
         if "category" in rules:
             row_elig = self.row_elig[cur_row.clamp(min=0)]  # [*S, V]
-            row_elig = torch.where((cur_row == self.cw)[..., None], st.resumable & is_entity, row_elig)
-            out["category"] = ~is_entity | ~in_row[..., None] | row_elig
+            row_elig = torch.where((cur_row == self.cw)[..., None], st.resumable, row_elig)
+            out["category"] = RulePart(entities=row_elig | ~in_row[..., None])
         if "maturity" in rules:
-            out["maturity"] = ~is_entity | self.kids_safe | ~st.kids[..., None]
+            out["maturity"] = RulePart(entities=self.kids_safe | ~st.kids[..., None])
         if "pinning" in rules:
             pinned = self.pin_pos >= 0  # [R]
             here = self.pin_at[n_rows.clamp(max=s.max_rows)]  # [*S] row pinned at the next row position, -1 none
-            here_ok = (here >= 0) & openable.gather(-1, here.clamp(min=0)[..., None]).squeeze(-1)  # the pin binds
-            rows_ok = ~pinned.expand(openable.shape).clone()  # pinned rows only at their position
-            rows_ok |= pinned & (self.pin_pos == n_rows[..., None])
-            only_pinned = torch.arange(len(ROW_IDS)) == here[..., None]  # [*S, R]
-            rows_ok = torch.where(here_ok[..., None], only_pinned, rows_ok)
+            binds = (here >= 0) & openable.gather(-1, here.clamp(min=0)[..., None]).squeeze(-1)  # [*S]
+            rows_ok = ~pinned | (self.pin_pos == n_rows[..., None])  # [*S, R] pinned rows only at their position
+            rows_ok = torch.where(binds[..., None], torch.arange(len(ROW_IDS)) == here[..., None], rows_ok)
             pending = pinned & (self.pin_pos >= n_rows[..., None]) & openable  # [*S, R] pins still to fill
-            m = rows_to_vocab(rows_ok) | ~is_row
-            m[..., self.eop_id] = ~pending.any(-1)
-            out["pinning"] = m
+            out["pinning"] = RulePart(rows=rows_ok, eop=~pending.any(-1))
         if "critical_rows" in rules:
             crit = self.crit_slot >= 0  # [R]
             missing = crit & ~row_used & openable  # [*S, R] critical rows not yet placed that can be
             forced = missing & (self.crit_slot == n_rows[..., None])  # [*S, R]
-            rows_ok = torch.where(forced.any(-1, keepdim=True), forced, torch.ones_like(forced))
-            m = rows_to_vocab(rows_ok) | ~is_row
-            m[..., self.eop_id] = ~(missing & (self.crit_slot >= n_rows[..., None])).any(-1)
-            out["critical_rows"] = m
-        inactive = ~st.active[..., None]  # before the page starts and after [EOP]: no rule applies
-        return {r: m | inactive for r, m in out.items()}
+            rows_ok = forced | ~forced.any(-1, keepdim=True)
+            out["critical_rows"] = RulePart(rows=rows_ok, eop=~(missing & (self.crit_slot >= n_rows[..., None])).any(-1))
+        return out
 
-    def combine(self, masks: dict[str, torch.Tensor], st: PageState) -> torch.Tensor:
-        """AND of the mask-mode rules; where that leaves nothing, [EOP] (a page can always end)."""
-        allowed = torch.ones(*st.n_rows.shape, self.vocab_size, dtype=torch.bool)
-        for r in self.masked_rules:
-            allowed &= masks[r]
-        dead = ~allowed.any(-1)  # [*S]
-        allowed[..., self.eop_id] |= dead
-        return allowed
+    def _assemble(self, part: RulePart, st: PageState) -> torch.Tensor:
+        """A RulePart -> allowed [*S, V]; every token allowed where no page is being written."""
+        shape = (*st.n_rows.shape, self.vocab_size)
+        ent = torch.ones(shape, dtype=torch.bool) if part.entities is None else part.entities.expand(shape)
+        out = torch.where(self.is_entity, ent, torch.tensor(part.other))  # [*S, V]
+        if part.rows is not None:
+            out[..., self.row_token] = part.rows.expand(*shape[:-1], len(ROW_IDS))
+        if part.eop is not None:
+            out[..., self.eop_id] = part.eop
+        return out | ~st.active[..., None]
+
+    def rule_masks(self, st: PageState, rules: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """Allowed tokens of each rule, {rule: [*S, V] bool}. Inactive states (prompt, after [EOP]) allow all."""
+        parts = self.rule_parts(st, self.audited_rules if rules is None else rules)
+        return {r: self._assemble(p, st) for r, p in parts.items()}
 
     def allowed(self, st: PageState) -> torch.Tensor:
-        """Allowed-token mask [*S, V] of the mask-mode rules for page states [*S]."""
-        return self.combine(self.rule_masks(st, self.masked_rules), st)
+        """Allowed-token mask [*S, V] of the mask-mode rules together for page states [*S]; where they leave
+        nothing, [EOP] (a page can always end)."""
+        parts = list(self.rule_parts(st, self.masked_rules).values())
+
+        def both(a, b):
+            return b if a is None else a if b is None else a & b
+
+        merged = RulePart(None, None, None, True)
+        for p in parts:
+            merged = RulePart(both(merged.entities, p.entities), both(merged.rows, p.rows), both(merged.eop, p.eop),
+                              merged.other and p.other)
+        allowed = self._assemble(merged, st)
+        allowed[..., self.eop_id] |= ~allowed.any(-1)
+        return allowed
 
     def allowed_step(self, prompts: list[list[int]], prefixes: list[list[int]]) -> torch.Tensor:
         """[N, V] allowed next tokens after N (prompt, page prefix) pairs."""

@@ -131,7 +131,7 @@ def test_vectorized_masks_equal_the_reference_loop_rule_by_rule(setup, user, see
     ids = torch.tensor([prompt + page])
     state = rules.state_all_positions(ids, torch.tensor([len(prompt)]))
     all_pos = rules.rule_masks(state)
-    combined = rules.combine(all_pos, state)
+    combined = rules.allowed(state)
     for i in range(len(page)):
         ref = reference_rule_masks(rules, prompt, page[:i])
         pos = len(prompt) - 1 + i  # position predicting page token i
