@@ -14,24 +14,36 @@ from policies.tokenizer import GenPageTokenizer
 from tests.policies.test_rules import CONFIG, prompt_of, write_catalog
 
 
-@pytest.fixture(scope="module")
-def setup(small_world, tmp_path_factory):
-    c = small_world.catalog
-    tmp = tmp_path_factory.mktemp("vllm_rules")
-    tok = GenPageTokenizer(c.entity_ids, max_history=small_world.config.history_max)
-    rules = build_ruleset(tok, write_catalog(small_world, tmp / "catalog.parquet"),
+def tiny_checkpoint(world, directory, max_history: int = 20):
+    """An untrained 1-layer GenPage with the test rules (2-4 rows of 3-5 titles, trending pinned first,
+    Continue Watching within 3 rows) saved with its tokenizer."""
+    c = world.catalog
+    tok = GenPageTokenizer(c.entity_ids, max_history=max_history)
+    rules = build_ruleset(tok, write_catalog(world, directory / "catalog.parquet"),
                           dataclasses.replace(CONFIG, new_title_days=c.new_title_days), set(np.asarray(c.entity_ids)[c.trending]))
     rng = np.random.default_rng(0)
     content = {e: rng.normal(size=8).astype(np.float32) for e in c.entity_ids}
     model = build_model(tok, content, ModelSize(hidden_size=128, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128)).eval()
     model.config.business_rules = rules.to_dict()
-    model.save_pretrained(tmp / "model")
-    tok.save_pretrained(tmp / "model")
+    model.save_pretrained(directory / "model")
+    tok.save_pretrained(directory / "model")
+    return directory / "model", model, tok, rules
+
+
+def sample_prompts(world, tok):
+    users = np.concatenate([np.flatnonzero(world.users.profile_type == 1)[:6], np.arange(18)])  # kids profiles too
+    return [prompt_of(world, tok, int(u), seed=i) for i, u in enumerate(users)]
+
+
+@pytest.fixture(scope="module")
+def setup(small_world, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vllm_rules")
+    model_dir, model, tok, rules = tiny_checkpoint(small_world, tmp, max_history=small_world.config.history_max)
     users = np.concatenate([np.flatnonzero(small_world.users.profile_type == 1)[:8], np.arange(24)])  # kids profiles too
     prompts = [prompt_of(small_world, tok, int(u), seed=i) for i, u in enumerate(users)]
     from policies import vllm_engine
 
-    llm = vllm_engine.make_llm(tmp / "model", seed=0, logprobs_mode="processed_logprobs")
+    llm = vllm_engine.make_llm(model_dir, seed=0, logprobs_mode="processed_logprobs")
     yield model, tok, rules, prompts, llm
     del llm
 
