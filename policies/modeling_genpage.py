@@ -19,6 +19,8 @@ end-of-page position, for the reward model) with AutoModelForSequenceClassificat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
@@ -44,6 +46,10 @@ class GenPageConfig(LlamaConfig):
     mask_logits: replay the rule mask inside `forward` on full sequences (paper section 6.3): the trainer's
         log-probs are then those of the masked distribution vLLM sampled from. Incremental decoding with a
         KV cache is masked by the logits-processor adapters instead (vLLM, policies.hf_generation).
+    reward_head: how the reward model reads its page score. "entity_sum" (default): one reward per page
+        token (rows, titles, [EOP]: the tokens after the last [PAGE]), summed, the way the reward system
+        builds a page reward from entity rewards (and trainable on them, reward_model.training);
+        "last": one scalar read at the end-of-page position (the paper's sequence-regression head).
     """
 
     model_type = "genpage"
@@ -56,6 +62,7 @@ class GenPageConfig(LlamaConfig):
     reward_std: float = 1.0
     business_rules: dict | None = None
     mask_logits: bool = False
+    reward_head: str = "entity_sum"
 
 
 class GenPageModel(LlamaModel):
@@ -177,32 +184,63 @@ def _has_cache(past_key_values) -> bool:
     return bool(get()) if get is not None else True
 
 
+@dataclass
+class PageRewardOutput(SequenceClassifierOutputWithPast):
+    """logits [B, 1]: the standardized page score, (page_reward - reward_mean) / reward_std.
+    token_rewards [B, T]: with the "entity_sum" head, each page token's reward in reward units (0 outside
+    the page); the page reward is their sum."""
+
+    token_rewards: torch.Tensor | None = None
+
+
+REWARD_HEADS = ("entity_sum", "last")
+
+
 class GenPageForPageReward(_FrozenContentMixin, LlamaPreTrainedModel):
-    """Sequence regression on the same backbone: a scalar read at the last non-padding position (the
-    end-of-page token). `config.reward_mean` / `reward_std` (set by the reward-model trainer) map the
-    normalized output back to reward units in `page_reward`."""
+    """Sequence regression on the same backbone (paper section 5.3). `config.reward_head` picks the read-out:
+    "entity_sum" sums a per-token reward over the page tokens (after the last [PAGE]); "last" reads one
+    scalar at the last non-padding position (the end-of-page token). Either way `logits` is the standardized
+    page score; `config.reward_mean` / `reward_std` (set by the reward-model trainer) map it to reward units."""
 
     config_class = GenPageConfig
 
     def __init__(self, config: GenPageConfig):
         super().__init__(config)
+        if config.reward_head not in REWARD_HEADS:
+            raise ValueError(f"reward_head must be one of {REWARD_HEADS}, got {config.reward_head!r}")
+        if config.reward_head == "entity_sum" and config.page_token_id is None:
+            raise ValueError("the entity_sum reward head needs config.page_token_id (the prompt/page boundary)")
         self.model = GenPageModel(config)
         self.score = nn.Linear(config.hidden_size, 1, bias=True)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs) -> SequenceClassifierOutputWithPast:
+    def page_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """[B, T] bool: the page tokens, i.e. attended positions after the last [PAGE] token."""
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]  # [1, T]
+        boundary = ((input_ids == self.config.page_token_id).long() * (pos + 1)).amax(-1, keepdim=True)  # [B, 1]
+        page = pos >= boundary  # boundary is the 1-based [PAGE] position: tokens after it
+        return page & attention_mask.bool() if attention_mask is not None else page
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs) -> PageRewardOutput:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = out.last_hidden_state  # [B, T, H]
-        if attention_mask is None:
-            last = torch.full((hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device)
-        else:  # last attended position; works for left and right padding
-            pos = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
-            last = (attention_mask.long() * (pos + 1)).argmax(-1)
-        logits = self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])  # [B, 1]
+        token_rewards = None
+        if self.config.reward_head == "entity_sum":
+            page = self.page_positions(input_ids, attention_mask)  # [B, T]
+            token_rewards = self.score(hidden)[..., 0] * page  # [B, T] reward units
+            std = self.config.reward_std or 1.0
+            logits = ((token_rewards.sum(-1) - self.config.reward_mean) / std)[:, None]  # [B, 1]
+        else:
+            if attention_mask is None:
+                last = torch.full((hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device)
+            else:  # last attended position; works for left and right padding
+                pos = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
+                last = (attention_mask.long() * (pos + 1)).argmax(-1)
+            logits = self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])  # [B, 1]
         loss = None
         if labels is not None:
             loss = nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
-        return SequenceClassifierOutputWithPast(loss=loss, logits=logits)
+        return PageRewardOutput(loss=loss, logits=logits, token_rewards=token_rewards)
 
 
 AutoConfig.register("genpage", GenPageConfig, exist_ok=True)

@@ -1,0 +1,176 @@
+"""Stage 3: train the page-level reward model on impression logs (paper section 5.3).
+
+    python recipes/train_rm.py [--config recipes/configs/train_rm.yaml] [--force] [key=value ...]
+
+Initialized from the pretrained GenPage checkpoint (recipes/pretrain.py), the sequence-regression variant
+reads a scalar at the end-of-page token and regresses the page reward (sum of entity rewards) of every
+logged impression of the train users; validation users are held out. With a world (the default) it is also
+judged on the world's ground truth, on logged pages and on pages the pretrained policy generates, against
+the same training from a random backbone and two baselines. Resumes from out_dir/checkpoints when
+interrupted. Writes out_dir/model (HF directory with tokenizer; load it with
+reward_model.scoring.PageRewardScorer), summary.json, results.md, pred_vs_observed.png and wandb runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from homepage.logs import LogSchemaError, read_logs
+from homepage.recipe_utils import parse_recipe_args, write_summary
+from homepage.world import World, world_contexts
+from policies.evaluation import pages_from_tokens
+from policies.tokenizer import GenPageTokenizer
+from reward_model.config import RewardModelConfig
+from reward_model.data import (RewardNormalization, check_disjoint_users, check_page_rewards, page_token_rewards,
+                               split_logs)
+from reward_model.evaluation import (BagOfEntitiesRidge, EvalSet, evaluate, logged_eval_set, results_table,
+                                     scatter_plot)
+from reward_model.scoring import PageRewardScorer
+from reward_model.training import fit
+
+
+def check_inputs(cfg: RewardModelConfig) -> tuple[Path | None, Path, Path]:
+    """(world dir or None, logs path, pretrained dir); a missing input names the command that makes it."""
+    world_dir = Path(cfg.world_dir) if cfg.world_dir else None
+    logs = Path(cfg.logs) if cfg.logs else world_dir / "logs"
+    if world_dir is not None and not (world_dir / "world.json").exists():
+        raise SystemExit(f"{world_dir / 'world.json'} is missing: run `python recipes/make_world.py` first "
+                         "(or set world_dir=... ; world_dir='' with logs=... for logs without a world)")
+    if not logs.exists():
+        how = "run `python recipes/make_world.py` first" if not cfg.logs else "set logs= to a Parquet file or directory"
+        raise SystemExit(f"{logs} is missing: {how}")
+    pretrained = Path(cfg.pretrained_dir)
+    if not (pretrained / "config.json").exists() or not (pretrained / "genpage_tokenizer.json").exists():
+        raise SystemExit(f"{pretrained} holds no pretrained GenPage model with its tokenizer: run "
+                         "`python recipes/pretrain.py` first (or set pretrained_dir=...)")
+    return world_dir, logs, pretrained
+
+
+def generated_pages(cfg: RewardModelConfig, world: World, tok: GenPageTokenizer, cache: Path) -> dict:
+    """Two pages per context that the pretrained policy samples for held-out (valid) users, with their true
+    expected reward: off the logging distribution, where RL will push. Cached in `cache` (resume)."""
+    if cache.exists():
+        return json.loads(cache.read_text())
+    rng = np.random.default_rng([cfg.seed, 99])
+    users = world.sample_users(rng, cfg.generated_users, split="valid")
+    req = world.sample_requests(rng, users)
+    prompts = [tok.encode_context(c) for c in world_contexts(world, users, req)]
+    if cfg.eval_backend == "vllm":
+        from policies import vllm_engine
+
+        llm = vllm_engine.make_llm(cfg.pretrained_dir, seed=cfg.seed)
+        pages = [s["token_ids"] for samples in vllm_engine.generate(llm, prompts, 1.0, cfg.max_new_tokens, tok.eop_id, n=2)
+                 for s in samples]
+        del llm
+        torch.set_num_threads(cfg.num_threads)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        from policies.hf_generation import generate_pages_hf
+
+        policy = AutoModelForCausalLM.from_pretrained(cfg.pretrained_dir, dtype=torch.float32)
+        torch.manual_seed(cfg.seed)
+        pages = generate_pages_hf(policy, tok, [p for p in prompts for _ in range(2)], 1.0, cfg.max_new_tokens)
+    pair = np.repeat(np.arange(len(users)), 2)  # page 2g and 2g + 1 share context g
+    batch, report = pages_from_tokens(tok, pages, world.entity_index)
+    true = world.true_page_reward(users[pair], req.take(pair), batch)
+    out = {"prompts": [prompts[g] for g in pair], "pages": pages, "true": true.tolist(),
+           "decode_report": dataclasses.asdict(report)}
+    cache.write_text(json.dumps(out))
+    return out
+
+
+def main() -> None:
+    cfg, args = parse_recipe_args(RewardModelConfig, "recipes/configs/train_rm.yaml", __doc__.splitlines()[1])
+    torch.set_num_threads(cfg.num_threads)
+    world_dir, logs, pretrained = check_inputs(cfg)
+    out = Path(cfg.out_dir)
+    if args.force and out.exists():
+        shutil.rmtree(out)
+    if (out / "summary.json").exists() and (out / "model" / "config.json").exists():
+        print(f"[train_rm] reusing {out} (pass --force to retrain)")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+
+    # -- data: every logged impression, train users for training, valid users held out -------------------------
+    tok = GenPageTokenizer.from_pretrained(pretrained)
+    try:
+        table, report = read_logs(logs, known_entity_ids=frozenset(tok.entity_ids))
+        check_page_rewards(table, logs)
+    except LogSchemaError as e:
+        raise SystemExit(f"malformed logs: {e}") from None
+    print(f"[data] {report.summary()}")
+    train, train_table = split_logs(table, tok, "train")
+    valid, valid_table = split_logs(table, tok, "valid")
+    if len(train) == 0 or len(valid) == 0:
+        raise SystemExit(f"{logs}: {len(train)} train and {len(valid)} valid impressions; both splits are needed "
+                         "(the `split` column, or user ids hashed into splits when it is absent)")
+    check_disjoint_users(train, valid)
+    norm = RewardNormalization.fit(train.page_reward)
+    print(f"[data] train {len(train)} impressions of {len(set(train.user_ids))} users; valid {len(valid)} of "
+          f"{len(set(valid.user_ids))} users; page reward mean {norm.mean:.3f}, std {norm.std:.3f}")
+
+    # -- ground truth (world only): logged pages, and pages the pretrained policy generates ------------------
+    world = World.load(world_dir) if world_dir is not None else None
+    evalset = logged_eval_set(world, valid_table, valid) if world is not None else EvalSet(
+        valid.prompts, valid.pages, valid.page_reward.astype(np.float64))
+    generated = None
+    if world is not None and cfg.generated_users > 0:
+        generated = generated_pages(cfg, world, tok, out / "generated_pages.json")
+        evalset.gen_prompts, evalset.gen_pages = generated["prompts"], generated["pages"]
+        evalset.true_gen = np.asarray(generated["true"])
+
+    # -- train and evaluate: pretrained initialization, then the random-initialization ablation --------------
+    results, preds = {}, {}
+    inits = {"pretrained": ("model", "rm"), **({"scratch": ("scratch_model", "rm_scratch")} if cfg.scratch_ablation else {})}
+    for init, (model_name, run_name) in inits.items():
+        result = fit(init, cfg, train, valid, norm, tok.pad_id, tok.eop_id, out / "checkpoints" / init, out, run_name,
+                     page_token_rewards(train_table) if cfg.entity_loss_weight > 0 else None)
+        model_dir = out / model_name
+        result.model.save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        scorer = PageRewardScorer.from_pretrained(model_dir, batch_size=cfg.score_batch_size)
+        metrics = evaluate(scorer.score, evalset)
+        preds[f"RM ({init} init)"] = scorer.score(valid.prompts, valid.pages)
+        metrics.update({"valid_loss_history": result.history, "train_s": result.train_s,
+                        "resumed_from_step": result.resumed_from})
+        results[init] = metrics
+        result.wandb_run.summary.update({f"rm/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        result.wandb_run.finish()
+        print(f"[{run_name}] " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+
+    # -- baselines: the training mean; a bag-of-entities ridge regression ------------------------------------
+    ridge = BagOfEntitiesRidge(tok, cfg.ridge_lambda).fit(train.prompts, train.pages, train.page_reward)
+    baselines = {"mean": evaluate(lambda prompts, pages: np.full(len(prompts), norm.mean), evalset),
+                 "linear": evaluate(ridge.predict, evalset)}
+    preds["bag-of-entities ridge"] = ridge.predict(valid.prompts, valid.pages)
+
+    # -- outputs -------------------------------------------------------------------------------------------
+    scatter_plot(out / "pred_vs_observed.png", preds, valid.page_reward,
+                 f"validation users ({len(valid)} impressions): predicted vs observed page reward")
+    summary = dict(results["pretrained"])
+    scratch = results.get("scratch", {})  # switched off: its keys are there, as None
+    summary.update({"scratch_" + k: scratch.get(k) for k in {*results["pretrained"], *scratch}})
+    for name, metrics in baselines.items():
+        summary.update({f"baseline_{name}_{k}": v for k, v in metrics.items()})
+    summary.update({
+        "reward_mean": norm.mean, "reward_std": norm.std, "train_impressions": len(train),
+        "valid_impressions": len(valid), "train_users": len(set(train.user_ids)), "valid_users": len(set(valid.user_ids)),
+        "generated_decode_report": generated["decode_report"] if generated else None,
+        "generated_true_mean": float(np.mean(generated["true"])) if generated else None,
+        "logs": str(logs), "config": dataclasses.asdict(cfg),
+    })
+    write_summary(out / "summary.json", summary)
+    (out / "results.md").write_text(
+        f"# Reward model on {logs} (validation users: {summary['valid_users']})\n\n" + results_table(summary))
+    print(results_table(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The reward model as a scorer for RL: a batch of (prompt ids, page ids) -> page rewards in reward units.
+
+    scorer = PageRewardScorer.from_pretrained("runs/rm/model")
+    rewards = scorer.score(prompts, pages)  # np.ndarray [N]
+
+Prompts are the tokenizer's context ids (ending with [PAGE]); pages are page token ids, with or without the
+final [EOP] (appended when missing: the head reads the end-of-page position). The normalization the model
+was trained with (`config.reward_mean`, `config.reward_std`) is undone, so scores are page rewards.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from policies.modeling_genpage import GenPageForPageReward
+from reward_model.training import predict
+
+
+class PageRewardScorer:
+    """A trained GenPage reward model in eval mode, scoring in batches of `batch_size` sequences."""
+
+    def __init__(self, model: GenPageForPageReward, pad_id: int, eop_id: int, batch_size: int = 128):
+        self.model = model.eval()
+        self.pad_id, self.eop_id, self.batch_size = pad_id, eop_id, batch_size
+        self.reward_mean = float(model.config.reward_mean)
+        self.reward_std = float(model.config.reward_std)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, device: str = "cpu", batch_size: int = 128) -> "PageRewardScorer":
+        """Loads a reward-model directory written by recipes/train_rm.py (or one of its checkpoints)."""
+        from transformers import AutoModelForSequenceClassification
+
+        import policies  # noqa: F401  (registers GenPage with the Auto classes)
+
+        config_path = Path(model_dir) / "config.json"
+        if not config_path.exists():
+            raise FileNotFoundError(f"{config_path} not found: train a reward model with `python recipes/train_rm.py`")
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).to(device)
+        if not isinstance(model, GenPageForPageReward):
+            raise ValueError(f"{model_dir} holds a {type(model).__name__}, not a GenPage reward model")
+        if "GenPageForPageReward" not in (model.config.architectures or []):
+            raise ValueError(f"{model_dir} is not a trained reward model (architectures {model.config.architectures}); "
+                             "its head would be untrained: point to runs/rm/model")
+        return cls(model, model.config.pad_token_id, model.config.eos_token_id, batch_size)
+
+    def score(self, prompts: list[list[int]], pages: list[list[int]]) -> np.ndarray:
+        """Page rewards of (context, page) pairs.  -> [N] float64 in reward units."""
+        if len(prompts) != len(pages):
+            raise ValueError(f"{len(prompts)} prompts but {len(pages)} pages; give one page per prompt")
+        if not prompts:
+            return np.zeros(0)
+        z = predict(self.model, prompts, pages, self.pad_id, self.eop_id, self.batch_size)  # [N] standardized
+        return z * self.reward_std + self.reward_mean

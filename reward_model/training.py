@@ -1,0 +1,227 @@
+"""Training the page-level reward model (paper section 5.3): GenPage's backbone with a scalar head read at
+the end-of-page token, regressed on the standardized page reward (sum of entity rewards), from the
+pretrained checkpoint or, for the ablation (paper Table 1), from a random backbone of the same shape."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from policies.data import PageSequences
+from policies.modeling_genpage import GenPageForPageReward
+from policies.training import cosine_lr, init_wandb, latest_checkpoint, load_trainer_state, save_checkpoint
+from reward_model.config import RewardModelConfig
+from reward_model.data import RewardNormalization, collate_pages, collate_token_targets
+
+HEAD_PREFIX = "score."  # the scalar head's parameters; everything else trainable is the backbone
+
+
+def _from_pretrained(pretrained_dir: str | Path, seed: int) -> GenPageForPageReward:
+    """The pretrained backbone (lm_head and the output content projection are left out); `score` is new."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)  # the new head's initialization
+    return AutoModelForSequenceClassification.from_pretrained(pretrained_dir, dtype=torch.float32)
+
+
+def _from_scratch(pretrained_dir: str | Path, seed: int) -> GenPageForPageReward:
+    """Same config, randomly initialized weights; the frozen content table (catalog data, not learned) is
+    copied so both initializations see the same inputs."""
+    pretrained = _from_pretrained(pretrained_dir, seed)
+    torch.manual_seed(seed)
+    model = GenPageForPageReward(pretrained.config)
+    with torch.no_grad():
+        model.model.content_embeddings.copy_(pretrained.model.content_embeddings)
+    return model
+
+
+INITIALIZERS: dict[str, Callable[[str | Path, int], GenPageForPageReward]] = {
+    "pretrained": _from_pretrained,
+    "scratch": _from_scratch,
+}
+
+
+def build_reward_model(pretrained_dir: str | Path, init: str, norm: RewardNormalization, seed: int = 0,
+                       reward_head: str = "entity_sum", mean_page_tokens: float = 1.0) -> GenPageForPageReward:
+    """A reward model whose config carries the target normalization and the head (saved with every
+    checkpoint). The entity_sum head starts at the mean reward spread evenly over a mean-length page."""
+    if init not in INITIALIZERS:
+        raise ValueError(f"unknown reward-model initialization {init!r}; known: {sorted(INITIALIZERS)}")
+    model = INITIALIZERS[init](pretrained_dir, seed)
+    model.config.architectures = ["GenPageForPageReward"]
+    model.config.reward_mean, model.config.reward_std = norm.mean, norm.std
+    model.config.reward_head = reward_head
+    if reward_head == "entity_sum":
+        with torch.no_grad():
+            model.score.bias.fill_(norm.mean / max(mean_page_tokens, 1.0))
+    return model
+
+
+def reward_mse(pred: torch.Tensor, target: torch.Tensor, token_pred: torch.Tensor | None = None,
+               token_target: torch.Tensor | None = None, entity_weight: float = 0.0,
+               entity_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """MSE on standardized page rewards, plus (entity_weight > 0) the auxiliary MSE of the per-token rewards
+    on the tokens whose target is not NaN (the page's titles), in units of entity_scale.
+    pred, target [B]; token_pred, token_target [B, T] (reward units) -> (scalar loss, metrics)"""
+    err = pred.float() - target.float()
+    page_loss = (err ** 2).mean()
+    metrics = {"rm/train_loss": page_loss.item(), "rm/train_bias": err.mean().item()}
+    if entity_weight == 0 or token_pred is None:
+        return page_loss, metrics
+    has = ~torch.isnan(token_target)
+    entity_loss = (((token_pred.float()[has] - token_target[has]) / entity_scale) ** 2).mean()
+    metrics["rm/train_entity_loss"] = entity_loss.item()
+    return page_loss + entity_weight * entity_loss, metrics
+
+
+def predict(model, prompts: list[list[int]], pages: list[list[int]], pad_id: int, eop_id: int,
+            batch_size: int = 128) -> np.ndarray:
+    """Standardized scores of (context, page) pairs, model in eval mode.  -> [N]
+
+    Sequences are batched by length (less padding); the result is in input order."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = np.argsort([len(p) + len(g) for p, g in zip(prompts, pages)], kind="stable")
+    out = np.empty(len(prompts), dtype=np.float64)
+    with torch.no_grad():
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            batch = collate_pages([prompts[i] for i in idx], [pages[i] for i in idx], pad_id, eop_id)
+            out[idx] = model(**{k: v.to(device) for k, v in batch.items()}).logits[:, 0].double().cpu().numpy()  # [b]
+    model.train(was_training)
+    return out
+
+
+class WeightAverage:
+    """Exponential moving average of the trainable weights (decay per step), the weights that are evaluated
+    and saved: page rewards are noisy targets, and averaging the last few hundred steps' weights smooths out
+    the last batches' noise. decay 0 keeps the live weights."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, state: list[torch.Tensor] | None = None):
+        self.params, self.decay = params, decay
+        self.avg = state if state is not None else [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        if self.decay == 0:
+            return
+        d = min(self.decay, (1 + step) / (10 + step))  # short warm-up: early weights are forgotten fast
+        for a, p in zip(self.avg, self.params):
+            a.lerp_(p.detach(), 1.0 - d)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchanges live and averaged weights (call twice to restore)."""
+        if self.decay == 0:
+            return
+        for a, p in zip(self.avg, self.params):
+            tmp = p.detach().clone()
+            p.copy_(a)
+            a.copy_(tmp)
+
+
+@dataclass
+class FitResult:
+    """A finished training run: the model and what happened on the way."""
+
+    model: GenPageForPageReward
+    history: list[dict] = field(default_factory=list)  # {"step", "valid_loss"} at each evaluation (step 0 included)
+    resumed_from: int | None = None  # step a killed run resumed from
+    train_s: float = 0.0  # wall time of the optimizer steps of this process
+    wandb_run: object = None  # the open wandb run (the caller logs the evaluation and finishes it)
+
+
+def fit(init: str, cfg: RewardModelConfig, train: PageSequences, valid: PageSequences, norm: RewardNormalization,
+        pad_id: int, eop_id: int, ckpt_dir: Path, wandb_dir: Path, name: str,
+        train_token_rewards: list[np.ndarray] | None = None) -> FitResult:
+    """Trains one reward model with checkpoints in ckpt_dir; a killed run resumes from the last one.
+
+    train/valid page_reward are in reward units; the loss is on (reward - mean) / std (norm).
+    train_token_rewards: per train impression, the logged entity reward of each page token
+    (data.page_token_rewards), needed when cfg.entity_loss_weight > 0 (the entity_sum head's per-token
+    rewards regress them)."""
+    from transformers import AutoModelForSequenceClassification
+
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    resume = latest_checkpoint(ckpt_dir)
+    if resume is not None:
+        model = AutoModelForSequenceClassification.from_pretrained(resume, dtype=torch.float32)
+    else:
+        mean_tokens = float(np.mean([len(g) for g in train.pages])) + 1.0  # + [EOP]
+        model = build_reward_model(cfg.pretrained_dir, init, norm, cfg.seed, cfg.reward_head, mean_tokens)
+    model.train()
+    entity_scale = 1.0
+    use_entities = cfg.entity_loss_weight > 0 and model.config.reward_head == "entity_sum"
+    if use_entities:
+        if train_token_rewards is None:
+            raise ValueError("entity_loss_weight > 0 needs the per-token entity rewards of the train impressions")
+        entity_scale = float(np.nanstd(np.concatenate(train_token_rewards))) or 1.0  # entity rewards in units of their spread
+    head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(HEAD_PREFIX)]
+    backbone = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(HEAD_PREFIX)]
+    peak = [cfg.backbone_lr, cfg.lr]
+    optimizer = torch.optim.AdamW([{"params": backbone}, {"params": head}], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.95))
+    start, extra = (load_trainer_state(resume, optimizer) if resume is not None else (0, {}))
+    valid_eval = valid.subset(range(min(len(valid), cfg.eval_sequences)))
+    target_valid = norm.normalize(valid_eval.page_reward)
+
+    ema = WeightAverage(backbone + head, cfg.ema_decay, extra.get("ema"))
+
+    def valid_loss() -> float:  # of the averaged weights, the ones that are saved
+        ema.swap()
+        pred = predict(model, valid_eval.prompts, valid_eval.pages, pad_id, eop_id, cfg.score_batch_size)
+        ema.swap()
+        return float(np.mean((pred - target_valid) ** 2))
+
+    history = extra.get("history", [])
+    if not history:  # the untrained model's loss: the reference the smoke test compares to
+        history.append({"step": 0, "valid_loss": valid_loss()})
+    if resume is not None:
+        print(f"[{name}] resuming from {resume} at step {start}")
+    run = init_wandb(cfg.wandb_project, wandb_dir, {**dataclasses.asdict(cfg), "init": init}, cfg.wandb_mode, name,
+                     extra.get("wandb_id"))
+    target_train = torch.as_tensor(norm.normalize(train.page_reward), dtype=torch.float32)  # [N]
+
+    t_train = 0.0
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, unit="step")
+    for step in bar:
+        batch_rng = np.random.default_rng([cfg.seed, step])  # batch order is a function of the step: resumable
+        idx = batch_rng.choice(len(train), size=min(cfg.batch_size, len(train)), replace=False)
+        batch = collate_pages([train.prompts[i] for i in idx], [train.pages[i] for i in idx], pad_id, eop_id)
+        for group, base in zip(optimizer.param_groups, peak):
+            group["lr"] = cosine_lr(step, cfg.steps, cfg.warmup_steps, base)
+        token_target = None
+        if use_entities:
+            token_target = collate_token_targets([train.prompts[i] for i in idx], [train_token_rewards[i] for i in idx],
+                                                 batch["input_ids"].shape[1])  # [B, T] reward units, NaN off titles
+        t0 = time.perf_counter()
+        out = model(**batch)
+        loss, metrics = reward_mse(out.logits[:, 0], target_train[idx], out.token_rewards, token_target,
+                                   cfg.entity_loss_weight if use_entities else 0.0, entity_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(backbone + head, cfg.grad_clip)
+        optimizer.step()
+        ema.update(step)
+        t_train += time.perf_counter() - t0
+        metrics.update({"rm/grad_norm": grad_norm.item(), "rm/lr_head": optimizer.param_groups[1]["lr"],
+                        "rm/lr_backbone": optimizer.param_groups[0]["lr"]})
+        if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.steps:
+            metrics["rm/valid_loss"] = valid_loss()
+            history.append({"step": step + 1, "valid_loss": metrics["rm/valid_loss"]})
+            bar.set_postfix(loss=f"{loss.item():.3f}", valid=f"{metrics['rm/valid_loss']:.3f}")
+        run.log(metrics, step=step + 1)
+        if (step + 1) % cfg.checkpoint_interval == 0 or step + 1 == cfg.steps:
+            state = {"history": history, "wandb_id": run.id, **({"ema": ema.avg} if cfg.ema_decay else {})}
+            save_checkpoint(ckpt_dir, step + 1, model, optimizer, state)
+    ema.swap()  # the averaged weights are the result
+    model.eval()
+    return FitResult(model, history, start if resume is not None else None, t_train, run)

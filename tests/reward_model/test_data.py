@@ -1,0 +1,60 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from homepage.logs import Context, Impression
+from homepage.pages import Page, Row
+from policies.data import PageSequences
+from policies.tokenizer import EncodeStats, GenPageTokenizer
+from reward_model.data import (RewardNormalization, check_disjoint_users, collate_pages, collate_token_targets,
+                               page_token_rewards, same_user_pairs, with_eop)
+
+TOK = GenPageTokenizer(["movie_0000", "show_0001", "game_0002"])
+
+
+def seqs(users: list[str]) -> PageSequences:
+    return PageSequences([[1]] * len(users), [[2]] * len(users), users, np.zeros(len(users), np.float32), EncodeStats())
+
+
+def test_pages_get_eop_once_and_batches_are_right_padded():
+    e = TOK.eop_id
+    assert with_eop([10, 11], e) == [10, 11, e] and with_eop([10, e], e) == [10, e]
+    batch = collate_pages([[1, 3], [1, 4, 5, 3]], [[10], [11, e]], TOK.pad_id, e)
+    # lengths 2 + 2 (eop appended) = 4 and 4 + 2 = 6
+    assert batch["input_ids"].tolist() == [[1, 3, 10, e, TOK.pad_id, TOK.pad_id], [1, 4, 5, 3, 11, e]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6]
+
+
+def test_same_user_pairs_chain_each_users_impressions_in_log_order():
+    # u1 at 0, 2, 3 -> (0, 2), (2, 3); u2 at 1, 4 -> (1, 4); u3 once -> no pair
+    a, b = same_user_pairs(["u1", "u2", "u1", "u1", "u2", "u3"])
+    assert a.tolist() == [0, 2, 1] and b.tolist() == [2, 3, 4]
+
+
+def test_user_overlap_between_splits_is_an_error():
+    check_disjoint_users(seqs(["a", "b"]), seqs(["c"]))
+    with pytest.raises(ValueError, match="both the train and valid splits"):
+        check_disjoint_users(seqs(["a", "b"]), seqs(["b"]))
+
+
+def test_normalization_round_trip():
+    norm = RewardNormalization.fit(np.array([1.0, 3.0, 5.0]))  # mean 3, std sqrt(8/3)
+    assert norm.mean == 3.0 and abs(norm.std - np.sqrt(8 / 3)) < 1e-12
+    np.testing.assert_allclose(norm.denormalize(norm.normalize(np.array([7.0, -1.0]))), [7.0, -1.0])
+    assert RewardNormalization.fit(np.array([2.0, 2.0])).std == 1.0  # constant rewards: no division by zero
+
+
+def test_entity_rewards_line_up_with_page_tokens():
+    page = Page((Row("trending", ("movie_0000", "show_0001")), Row("kids", ("game_0002",))))
+    imp = Impression(0, "train", Context("u", "en", "adult", 20, 1, "tv", ()), page, (), (), (),
+                     ((2.0, 0.0), (4.5,)), 6.5)
+    _, page_ids = TOK.encode(imp)
+    table = pa.table({"entity_rewards": [[[2.0, 0.0], [4.5]]]})
+    (targets,) = page_token_rewards(table)
+    # row:trending ent ent row:kids ent [EOP]
+    assert len(targets) == len(page_ids) == 6
+    np.testing.assert_array_equal(targets, [np.nan, 2.0, 0.0, np.nan, 4.5, np.nan])
+    placed = collate_token_targets([[1, 3]], [targets], T=9)  # prompt of 2 tokens, then the page, then padding
+    assert placed.shape == (1, 9) and placed[0, 3].item() == 2.0 and placed[0, 6].item() == 4.5
+    assert torch.isnan(placed[0, [0, 1, 2, 5, 7, 8]]).all()

@@ -1,0 +1,131 @@
+"""The reward model built from a GenPage checkpoint, its training forward, and the scoring API for RL."""
+
+import numpy as np
+import pytest
+import torch
+
+from policies.build import ModelSize, build_model
+from policies.tokenizer import GenPageTokenizer
+from reward_model.data import RewardNormalization, collate_pages
+from reward_model.scoring import PageRewardScorer
+from reward_model.training import build_reward_model, predict, reward_mse
+
+ENTITIES = [f"{t}_{i:04d}" for i, t in enumerate(["movie", "show", "game"] * 6)]
+TOK = GenPageTokenizer(ENTITIES)
+SIZE = ModelSize(hidden_size=64, num_hidden_layers=1, num_attention_heads=1, intermediate_size=128)
+NORM = RewardNormalization(mean=4.0, std=3.0)
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    content = {e: rng.normal(size=8).astype(np.float32) for e in ENTITIES}
+    out = tmp_path_factory.mktemp("pretrained")
+    build_model(TOK, content, SIZE, seed=123).save_pretrained(out)  # stands in for trained weights
+    TOK.save_pretrained(out)
+    return out
+
+
+def sequences(n: int, seed: int = 0):
+    """n (prompt, page) pairs of different lengths; pages without [EOP] (the scorer appends it)."""
+    rng = np.random.default_rng(seed)
+    ent = [TOK.vocab[f"ent:{e}"] for e in ENTITIES]
+    prompts = [[TOK.bos_id, *rng.choice(ent, size=rng.integers(0, 6)).tolist(), TOK.page_id] for _ in range(n)]
+    pages = [[TOK.vocab["row:trending_now"], *rng.choice(ent, size=rng.integers(1, 8)).tolist()] for _ in range(n)]
+    return prompts, pages
+
+
+def test_pretrained_init_copies_the_backbone_and_initializes_the_head(pretrained_dir):
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(pretrained_dir)
+    rm = build_reward_model(pretrained_dir, "pretrained", NORM, seed=0)
+    lm_state, rm_state = lm.state_dict(), rm.state_dict()
+    backbone = [k for k in rm_state if k.startswith("model.")]
+    assert backbone and all(torch.equal(rm_state[k], lm_state[k]) for k in backbone)
+    assert "lm_head.weight" not in rm_state  # the generator's output side is not part of the reward model
+    w = rm.score.weight
+    assert torch.isfinite(w).all() and 0.005 < w.std().item() < 0.05  # initializer_range 0.02, not zeros or garbage
+    assert rm.config.reward_mean == 4.0 and rm.config.reward_std == 3.0
+
+    scratch = build_reward_model(pretrained_dir, "scratch", NORM, seed=0)
+    assert not torch.equal(scratch.model.layers[0].mlp.up_proj.weight, rm.model.layers[0].mlp.up_proj.weight)
+    torch.testing.assert_close(scratch.model.content_embeddings, rm.model.content_embeddings)  # data, not weights
+    with pytest.raises(ValueError, match="known: \\['pretrained', 'scratch'\\]"):
+        build_reward_model(pretrained_dir, "imagenet", NORM)
+
+
+def test_entity_sum_head_sums_per_token_rewards_over_the_page_only(pretrained_dir):
+    rm = build_reward_model(pretrained_dir, "pretrained", NORM, mean_page_tokens=10.0).eval()
+    assert rm.config.reward_head == "entity_sum" and rm.score.bias.item() == pytest.approx(0.4)  # 4.0 over 10 tokens
+    prompts, pages = sequences(5)
+    batch = collate_pages(prompts, pages, TOK.pad_id, TOK.eop_id)
+    with torch.no_grad():
+        out = rm(**batch)
+    tokens = out.token_rewards  # [B, T]
+    for i, (p, g) in enumerate(zip(prompts, pages)):
+        n = len(g) + 1  # the page and its [EOP]
+        assert torch.all(tokens[i, :len(p)] == 0) and torch.all(tokens[i, len(p) + n:] == 0)  # prompt, padding
+        assert torch.all(tokens[i, len(p):len(p) + n] != 0)
+    torch.testing.assert_close(out.logits[:, 0], (tokens.sum(1) - 4.0) / 3.0)
+    # the same page scored alone (no padding) gets the same score; a different prompt changes it
+    with torch.no_grad():
+        alone = rm(**collate_pages(prompts[:1], pages[:1], TOK.pad_id, TOK.eop_id)).logits[0, 0]
+        other = rm(**collate_pages([prompts[1]], pages[:1], TOK.pad_id, TOK.eop_id)).logits[0, 0]
+    torch.testing.assert_close(alone, out.logits[0, 0], rtol=1e-5, atol=1e-5)
+    assert abs(other.item() - alone.item()) > 1e-6
+
+
+def test_last_head_reads_the_end_of_page_position(pretrained_dir):
+    rm = build_reward_model(pretrained_dir, "pretrained", NORM, reward_head="last").eval()
+    prompts, pages = sequences(4)
+    batch = collate_pages(prompts, pages, TOK.pad_id, TOK.eop_id)
+    with torch.no_grad():
+        out = rm(**batch)
+        hidden = rm.model(**batch).last_hidden_state
+    last = batch["attention_mask"].sum(1) - 1
+    torch.testing.assert_close(out.logits[:, 0], rm.score(hidden[torch.arange(4), last])[:, 0])
+    assert out.token_rewards is None
+
+
+def test_reward_loss_by_hand():
+    pred, target = torch.tensor([1.0, -1.0]), torch.tensor([0.0, 1.0])  # errors 1, -2
+    loss, metrics = reward_mse(pred, target)
+    assert loss.item() == pytest.approx(2.5) and metrics["rm/train_bias"] == pytest.approx(-0.5)
+    nan = float("nan")
+    token_pred = torch.tensor([[0.0, 2.0, 4.0], [1.0, 1.0, 1.0]])
+    token_target = torch.tensor([[nan, 0.0, 2.0], [nan, nan, 3.0]])  # errors 2, 2, -2 over entity_scale 2
+    loss, metrics = reward_mse(pred, target, token_pred, token_target, entity_weight=0.5, entity_scale=2.0)
+    assert metrics["rm/train_entity_loss"] == pytest.approx(1.0)
+    assert loss.item() == pytest.approx(2.5 + 0.5 * 1.0)
+
+
+def test_save_load_round_trip_gives_identical_scores_in_reward_units(pretrained_dir, tmp_path):
+    rm = build_reward_model(pretrained_dir, "pretrained", NORM, seed=0)
+    with torch.no_grad():
+        rm.score.weight.normal_(0, 1.0)  # a head that actually separates pages
+    rm.save_pretrained(tmp_path)
+    TOK.save_pretrained(tmp_path)
+    prompts, pages = sequences(40)
+    expected = predict(rm, prompts, pages, TOK.pad_id, TOK.eop_id) * 3.0 + 4.0  # de-normalized by hand
+
+    scorer = PageRewardScorer.from_pretrained(tmp_path, batch_size=7)
+    scores = scorer.score(prompts, pages)
+    assert scores.shape == (40,) and scores.std() > 0.1
+    np.testing.assert_array_equal(scores, PageRewardScorer.from_pretrained(tmp_path, batch_size=7).score(prompts, pages))
+    np.testing.assert_allclose(scores, expected, rtol=1e-6)
+    # [EOP] given or appended, one at a time or in padded batches: the same score
+    with_eop = [p + [TOK.eop_id] for p in pages]
+    np.testing.assert_allclose(scorer.score(prompts, with_eop), scores, rtol=1e-6)
+    one_by_one = np.concatenate([scorer.score([p], [g]) for p, g in zip(prompts[:5], pages[:5])])
+    np.testing.assert_allclose(one_by_one, scores[:5], rtol=1e-6)
+    assert scorer.score([], []).shape == (0,)
+    with pytest.raises(ValueError, match="one page per prompt"):
+        scorer.score(prompts, pages[:-1])
+
+
+def test_scorer_refuses_a_checkpoint_that_is_not_a_trained_reward_model(pretrained_dir, tmp_path):
+    with pytest.raises(ValueError, match="not a trained reward model"):
+        PageRewardScorer.from_pretrained(pretrained_dir)  # the generator: its head would be random
+    with pytest.raises(FileNotFoundError, match="python recipes/train_rm.py"):
+        PageRewardScorer.from_pretrained(tmp_path / "missing")
