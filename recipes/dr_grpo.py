@@ -1,0 +1,182 @@
+"""Stage 4: Dr. GRPO on verl with vLLM rollouts, business-rule masks, format rewards and a KL penalty.
+
+    python recipes/dr_grpo.py [--config recipes/configs/dr_grpo.yaml] [--force] [key=value ...]
+
+Runs verl's own PPO trainer (Ray single controller, FSDP actor and reference, vLLM rollouts) for each seed in
+turn, in one session (workers and vLLM start once), policy and reference initialized from the pretrained
+checkpoint (with the world's business rules attached).
+On a machine without a GPU, verl gets a CPU platform through its plugin registry (rl/cpu_platform.py) and the
+documented shims of rl/cpu_shims.py. Resumes each seed from its last verl checkpoint when interrupted.
+
+Writes out_dir/: data/ (prompt parquets), seed_<s>/ (checkpoints/, metrics/, validation/, model/), model/
+(the first seed's RL policy, HF directory), results.md, curves.png, summary.json and wandb runs (offline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from homepage.recipe_utils import parse_recipe_args, write_summary
+from rl.config import DrGrpoConfig, RunPaths, compose_verl_config, on_cpu, seed_run, verl_overrides
+from rl.runtime import RunGuard, init_ray
+
+
+def prepare_policy(cfg: DrGrpoConfig, out: Path) -> Path:
+    """A copy of the pretrained checkpoint whose config carries the business rules (the checkpoint's own, else
+    the world's), with `cfg.reward_rules` switched from mask to format reward. Every verl and vLLM process
+    then has the same rules; vLLM's rule logits processor switches on from them."""
+    from policies.rules import RuleSet, attach_rules, world_ruleset
+
+    init = out / "init_model"
+    if (init / "config.json").exists():
+        return init
+    tmp = out / ".init_model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(cfg.policy_dir, tmp)
+    try:
+        rules = RuleSet.from_pretrained(tmp)
+    except ValueError:
+        rules = world_ruleset(cfg.world_dir)
+    spec = rules.to_dict()
+    spec["config"]["modes"].update({rule: "reward" for rule in cfg.reward_rules})
+    attach_rules(tmp, RuleSet.from_dict(spec))
+    tmp.rename(init)
+    return init
+
+
+def write_prompts(cfg: DrGrpoConfig, out: Path, init: Path) -> None:
+    """Training prompts from train-split users (enough for every step); held-out test users for evaluation."""
+    from homepage.world import World
+    from policies.tokenizer import GenPageTokenizer
+    from rl.data import prompt_rows, sample_prompts, write_prompt_parquet
+
+    data = out / "data"
+    if (data / "train.parquet").exists() and (data / "valid.parquet").exists():
+        return
+    world, tok = World.load(cfg.world_dir), GenPageTokenizer.from_pretrained(init)
+    train = prompt_rows(world, tok, sample_prompts(world, "train", cfg.steps * cfg.prompts_per_step, seed=0))
+    heldout = prompt_rows(world, tok, sample_prompts(world, "test", cfg.eval_users, seed=1))
+    longest = max(len(r["prompt"][0]["content"].split()) + 1 for r in train + heldout)  # + [PAGE]
+    if longest > cfg.max_prompt_tokens:  # verl would cut prompts from the left: [BOS], profile and request first
+        raise SystemExit(f"a prompt has {longest} tokens, more than max_prompt_tokens={cfg.max_prompt_tokens}: "
+                         f"set max_prompt_tokens={longest}")
+    write_prompt_parquet(data / "valid.parquet", heldout)
+    write_prompt_parquet(data / "train.parquet", train)
+
+
+def run_seeds(cfg: DrGrpoConfig, init: Path, seeds: list[int], guard: RunGuard) -> None:
+    """One verl session training `seeds` in turn (each resumed from its latest checkpoint if it has one),
+    then each seed's final HF weights as seed_<s>/model."""
+    import ray
+    from omegaconf import open_dict
+    from verl.trainer.main_ppo import run_ppo
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    from rl.trainer import GenPageTaskRunner
+
+    out = Path(cfg.out_dir)
+    runs = []
+    for seed in seeds:
+        paths = RunPaths(out, seed)
+        paths.metrics.mkdir(parents=True, exist_ok=True)
+        wandb_id = paths.run / "wandb_id.txt"
+        if not wandb_id.exists():  # one wandb run per seed, continued on resume
+            wandb_id.write_text(uuid.uuid4().hex[:12])
+        runs.append(seed_run(cfg, paths, wandb_id.read_text().strip(), attempt=len(list(paths.metrics.glob("attempt_*.jsonl")))))
+    env = {
+        "OMP_NUM_THREADS": str(cfg.num_threads), "TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true",
+        # Ray kills workers when the *host* passes 95% memory use, counting other users' processes on a shared
+        # machine; leave out-of-memory decisions to the kernel unless the host is really full.
+        "RAY_memory_usage_threshold": os.environ.get("RAY_memory_usage_threshold", "0.99"),
+    }
+    if on_cpu():
+        from rl.cpu_platform import cpu_env
+
+        env.update(cpu_env())
+    os.environ.update(env)
+    first = RunPaths(out, seeds[0])
+    overrides = verl_overrides(cfg, init, first, seeds[0], on_cpu(), validate_before=not runs[0]["resume"])
+    overrides += [f"+ray_kwargs.ray_init.runtime_env.env_vars.{k}='{v}'" for k, v in env.items()]
+    config = compose_verl_config(overrides)
+    with open_dict(config):
+        config.genpage.seed_runs = runs
+        config.genpage.init_checkpoint_dir = str((out / "init_checkpoint").resolve())
+    validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    print(f"[dr_grpo] seeds {seeds}: one verl session -> {out}/seed_<s>")
+    try:
+        init_ray(config)
+        guard.install_signal_handlers()  # after ray.init, whose own SIGTERM handler aborts the driver
+        run_ppo(config, task_runner_class=GenPageTaskRunner)
+    finally:
+        ray.shutdown()
+    for seed in seeds:
+        export_model(RunPaths(out, seed), init)
+
+
+def export_model(paths: RunPaths, init: Path) -> None:
+    """verl's last checkpoint saved HF weights (save_contents hf_model): copy them with the tokenizer."""
+    step = int((paths.checkpoints / "latest_checkpointed_iteration.txt").read_text())
+    hf = paths.checkpoints / f"global_step_{step}" / "actor" / "huggingface"
+    tmp = paths.run / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(hf, tmp)
+    for f in init.iterdir():  # tokenizer files (and anything else the HF export lacks)
+        if not (tmp / f.name).exists() and f.is_file() and f.suffix != ".safetensors":
+            shutil.copy2(f, tmp / f.name)
+    config = json.loads((tmp / "config.json").read_text())
+    config["dtype"] = "float32"  # verl writes the config of its bf16 template; the weights are fp32
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    shutil.rmtree(paths.model, ignore_errors=True)
+    tmp.rename(paths.model)
+
+
+def main() -> None:
+    cfg, args = parse_recipe_args(DrGrpoConfig, "recipes/configs/dr_grpo.yaml", __doc__.splitlines()[1])
+    for field, need, how in (("world_dir", Path(cfg.world_dir) / "world.json", "python recipes/make_world.py"),
+                             ("policy_dir", Path(cfg.policy_dir) / "config.json", "python recipes/pretrain.py"),
+                             ("rm_dir", Path(cfg.rm_dir) / "config.json", "python recipes/train_rm.py")):
+        if not need.exists():
+            raise SystemExit(f"{need} is missing: run `{how}` first, or point {field}=... at an existing directory")
+    out = Path(cfg.out_dir)
+    if args.force and out.exists():
+        shutil.rmtree(out)
+    if (out / "summary.json").exists():
+        print(f"[dr_grpo] reusing {out} (pass --force to rerun)")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with RunGuard() as guard:
+        init = prepare_policy(cfg, out)
+        write_prompts(cfg, out, init)
+        pending = []
+        for seed in cfg.seeds:
+            paths = RunPaths(out, seed)
+            if (paths.model / "config.json").exists():
+                continue
+            if (paths.run / "validation" / f"{cfg.steps}.jsonl").exists():  # trained and evaluated: export only
+                export_model(paths, init)
+            else:
+                pending.append(seed)
+        if pending:
+            run_seeds(cfg, init, pending, guard)
+    shutil.rmtree(out / "model", ignore_errors=True)
+    shutil.copytree(RunPaths(out, cfg.seeds[0]).model, out / "model")  # the RL policy (first seed)
+    from rl.evaluation import evaluate_run
+
+    summary = evaluate_run(cfg, out, init)
+    summary["wall_s"] = time.perf_counter() - t0
+    summary["config"] = dataclasses.asdict(cfg)
+    write_summary(out / "summary.json", summary)
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""The Dr. GRPO recipe's typed config and its translation into verl's own Hydra config.
+
+`DrGrpoConfig` is what a person edits (recipes/configs/dr_grpo.yaml, `key=value` overrides); everything verl
+needs is derived from it in one place (`verl_overrides`), and `compose_verl_config` composes verl's
+`ppo_trainer.yaml` with those overrides. Dr. GRPO (arXiv 2503.20783) is configured through verl's options:
+`adv_estimator=grpo` with `norm_adv_by_std_in_grpo=False` (no division by the group std, section 3.1) and
+`loss_agg_mode=seq-mean-token-sum-norm` with a constant `loss_scale_factor` = the longest page (no division by
+the sampled length).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KL_ESTIMATORS = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")  # verl core_algos.kl_penalty
+FP32 = "{param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}"  # verl FSDP engine mixed_precision
+
+
+@dataclass(frozen=True)
+class DrGrpoConfig:
+    """`python recipes/dr_grpo.py` (recipes/configs/dr_grpo.yaml). Toy defaults for 2 CPU cores."""
+
+    world_dir: str = "runs/world"  # output of recipes/make_world.py: world state (ground truth), catalog
+    policy_dir: str = "runs/pretrain/model"  # pretrained GenPage HF directory: initializes policy and reference
+    rm_dir: str = "runs/rm/model"  # reward model directory from recipes/train_rm.py (reward_model.scoring)
+    out_dir: str = "runs/dr_grpo"  # run directory: data, checkpoints, wandb, metrics, plots, model, summary
+    seeds: tuple[int, ...] = (0, 1, 2)  # one RL run per seed; the summary reports the mean over seeds
+    steps: int = 20  # optimizer steps (one rollout batch each)
+    prompts_per_step: int = 16  # user contexts per step (verl data.train_batch_size)
+    group_size: int = 8  # pages sampled per context; Dr. GRPO's advantage baseline is the group mean
+    lr: float = 3e-4  # actor AdamW learning rate (constant)
+    kl_coef: float = 0.02  # weight of the KL-to-reference loss (actor.kl_loss_coef)
+    kl_estimator: str = "low_var_kl"  # KL estimator of the loss: low_var_kl (k3), kl (k1), mse (k2), abs
+    format_weight: float = 1.0  # reward = RM score + format_weight * format score (<= 0 per violation)
+    reward_rules: tuple[str, ...] = ()  # rules scored by the format reward instead of masked (e.g. [dedup]); the rest stay masks
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    max_page_tokens: int = 55  # longest page in tokens (6 rows x (1 + 8 titles) + [EOP]); Dr. GRPO's loss constant
+    max_prompt_tokens: int = 96  # longest prompt in tokens (9 + 4 per history action + [PAGE]; the default world's 20 actions: 90)
+    mask_logits: bool = True  # business-rule masks in vLLM (logits processor) and in the trainer's log-probs
+    ppo_epochs: int = 1  # passes over each rollout batch
+    mini_batches: int = 1  # optimizer steps per rollout batch (prompts_per_step must divide by it)
+    grad_clip: float = 1.0  # max gradient norm
+    save_freq: int = 10  # steps between verl checkpoints (resume from the latest with resume_mode=auto)
+    eval_users: int = 500  # held-out (test split) users for the final evaluation
+    eval_temperature: float = 1.0  # sampling temperature of the evaluation pages (the trained policy samples)
+    num_threads: int = 1  # torch threads per process (Ray workers, vLLM and the reward worker compute at once: 1 avoids oversubscribing 2 cores)
+    wandb_project: str = "genpage"  # wandb project
+    wandb_mode: str = "offline"  # offline (default, no account), online or disabled
+    extra_verl_overrides: tuple[str, ...] = field(default_factory=tuple)  # raw Hydra overrides for verl, last wins
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.seeds:
+            problems.append("seeds must list at least one seed, e.g. seeds=[0]")
+        if self.steps < 1 or self.prompts_per_step < 1:
+            problems.append("steps and prompts_per_step must be >= 1")
+        if self.group_size < 2:
+            problems.append("group_size must be >= 2 (a group-relative advantage needs a group)")
+        if self.mini_batches < 1 or self.prompts_per_step % self.mini_batches:
+            problems.append(f"prompts_per_step ({self.prompts_per_step}) must be a multiple of mini_batches ({self.mini_batches})")
+        if self.lr <= 0 or self.kl_coef < 0 or self.format_weight < 0:
+            problems.append("lr must be > 0, kl_coef and format_weight >= 0")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            problems.append(f"kl_estimator {self.kl_estimator!r} unknown; known: {', '.join(KL_ESTIMATORS)}")
+        from policies.rules import RULES
+
+        if set(self.reward_rules) - set(RULES):
+            problems.append(f"reward_rules {sorted(set(self.reward_rules) - set(RULES))} unknown; rules: {', '.join(RULES)}")
+        if self.max_page_tokens < 2 or self.max_prompt_tokens < 2:
+            problems.append("max_page_tokens and max_prompt_tokens must be >= 2")
+        if self.temperature <= 0:
+            problems.append("temperature must be > 0 (rollouts sample)")
+        if self.wandb_mode not in ("offline", "online", "disabled"):
+            problems.append(f"wandb_mode must be offline, online or disabled, got {self.wandb_mode!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one seed's run keeps its files (all under cfg.out_dir)."""
+
+    root: Path  # out_dir
+    seed: int
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"  # prompt parquets (shared by seeds)
+
+    @property
+    def run(self) -> Path:
+        return self.root / f"seed_{self.seed}"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run / "checkpoints"  # verl's global_step_N/ and latest_checkpointed_iteration.txt
+
+    @property
+    def metrics(self) -> Path:
+        return self.run / "metrics"  # verl's file logger, one JSONL per attempt (resume appends a file)
+
+    @property
+    def model(self) -> Path:
+        return self.run / "model"  # final HF directory of this seed's RL policy
+
+
+def on_cpu() -> bool:
+    """True when this machine has no CUDA device (the CPU platform and its shims are used)."""
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, seed: int, cpu: bool,
+                   validate_before: bool = True) -> list[str]:
+    """Hydra overrides of verl's ppo_trainer.yaml for one seed's run.
+
+    policy_dir: the checkpoint policy and reference start from (the pretrained one, rules attached);
+    validate_before: evaluate it on the held-out prompts before the first step (False when resuming: the
+    resumed policy is no longer the pretrained one)."""
+    abs_ = lambda p: str(Path(p).resolve())  # noqa: E731  (Ray workers do not share the driver's cwd)
+    n_rollouts = cfg.prompts_per_step * cfg.group_size
+    o = [
+        # -- data: world contexts as chat prompts (the template appends [PAGE]) --------------------------
+        f"data.train_files={abs_(paths.data / 'train.parquet')}",
+        f"data.val_files={abs_(paths.data / 'valid.parquet')}",
+        f"data.train_batch_size={cfg.prompts_per_step}",
+        f"data.max_prompt_length={cfg.max_prompt_tokens}",
+        f"data.max_response_length={cfg.max_page_tokens}",
+        "data.truncation=left",
+        "data.filter_overlong_prompts=False",
+        "data.dataloader_num_workers=0",
+        f"data.seed={seed}",
+        # -- model: policy and reference from the pretrained checkpoint, fp32 -----------------------------
+        f"actor_rollout_ref.model.path={abs_(policy_dir)}",
+        "actor_rollout_ref.model.external_lib=policies.modeling_genpage",
+        "actor_rollout_ref.model.use_remove_padding=False",
+        "actor_rollout_ref.model.enable_gradient_checkpointing=False",
+        # Training-time fallback-token replacement would make the trainer's log-probs differ from the sampler's.
+        "+actor_rollout_ref.model.override_config.fallback_prob=0.0",
+        # verl defaults to flash_attention_2, an optional package (absent on CPU); sdpa is exact and fast enough.
+        "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+        f"+actor_rollout_ref.model.override_config.mask_logits={cfg.mask_logits}",
+        # -- Dr. GRPO (arXiv 2503.20783) ----------------------------------------------------------------
+        "algorithm.adv_estimator=grpo",
+        "algorithm.norm_adv_by_std_in_grpo=False",
+        "algorithm.use_kl_in_reward=False",
+        "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum-norm",
+        f"actor_rollout_ref.actor.loss_scale_factor={cfg.max_page_tokens}",
+        "actor_rollout_ref.actor.use_kl_loss=True",
+        f"actor_rollout_ref.actor.kl_loss_coef={cfg.kl_coef}",
+        f"actor_rollout_ref.actor.kl_loss_type={cfg.kl_estimator}",
+        "actor_rollout_ref.actor.entropy_coeff=0",
+        "actor_rollout_ref.actor.calculate_entropy=False",  # actor/entropy comes from the old-log-prob pass
+        f"actor_rollout_ref.actor.optim.lr={cfg.lr}",
+        "actor_rollout_ref.actor.optim.weight_decay=0.0",
+        f"actor_rollout_ref.actor.grad_clip={cfg.grad_clip}",
+        f"actor_rollout_ref.actor.ppo_epochs={cfg.ppo_epochs}",
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={cfg.prompts_per_step // cfg.mini_batches}",
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={n_rollouts // cfg.mini_batches}",
+        f"actor_rollout_ref.actor.data_loader_seed={seed}",
+        f"actor_rollout_ref.actor.fsdp_config.seed={seed}",
+        # fp32 end to end: without an explicit mixed_precision verl's FSDP engine computes in bf16 (autocast),
+        # and the trainer's log-probs then differ from vLLM's fp32 ones (rollout_probs_diff_max ~1e-2).
+        "actor_rollout_ref.actor.fsdp_config.model_dtype=fp32",
+        "actor_rollout_ref.ref.fsdp_config.model_dtype=fp32",
+        f"+actor_rollout_ref.actor.fsdp_config.mixed_precision={FP32}",
+        f"+actor_rollout_ref.ref.fsdp_config.mixed_precision={FP32}",
+        f"actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu={n_rollouts}",
+        "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
+        # -- rollout: vLLM, fp32, the whole group in one request batch ---------------------------------
+        "actor_rollout_ref.rollout.name=vllm",
+        "actor_rollout_ref.rollout.mode=async",
+        f"actor_rollout_ref.rollout.n={cfg.group_size}",
+        f"actor_rollout_ref.rollout.temperature={cfg.temperature}",
+        "actor_rollout_ref.rollout.dtype=float32",
+        "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
+        f"actor_rollout_ref.rollout.seed={seed}",
+        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={n_rollouts}",
+        f"actor_rollout_ref.rollout.max_model_len={cfg.max_prompt_tokens + cfg.max_page_tokens + 8}",
+        f"actor_rollout_ref.rollout.max_num_batched_tokens={max(4096, cfg.max_prompt_tokens + cfg.max_page_tokens + 8)}",
+        "actor_rollout_ref.rollout.agent.num_workers=1",
+        # -- reward: our manager (RM + format reward; ground truth only logged) --------------------------
+        "reward.num_workers=1",
+        "reward.reward_manager.source=importlib",
+        "reward.reward_manager.name=GenPageRewardManager",
+        "reward.reward_manager.module.path=pkg://rl.reward_manager",
+        f"+genpage.world_dir={abs_(cfg.world_dir)}",
+        f"+genpage.rm_dir={abs_(cfg.rm_dir)}",
+        f"+genpage.format_weight={cfg.format_weight}",
+        # -- trainer ------------------------------------------------------------------------------------
+        "trainer.use_v1=False",
+        f"trainer.total_training_steps={cfg.steps}",
+        "trainer.total_epochs=1000",
+        f"trainer.save_freq={cfg.save_freq}",
+        "trainer.resume_mode=auto",
+        f"trainer.default_local_dir={abs_(paths.checkpoints)}",
+        "trainer.max_actor_ckpt_to_keep=null",  # keep all: verl's pruning would reach across seeds of one session
+        # Evaluation on held-out users with verl's validation (same vLLM server, same reward manager): the
+        # pretrained policy before the first step, the RL policy after the last; per-page records in validation/.
+        f"trainer.val_before_train={validate_before}",
+        f"trainer.test_freq={cfg.steps}",
+        f"trainer.validation_data_dir={abs_(paths.run / 'validation')}",
+        "actor_rollout_ref.rollout.val_kwargs.do_sample=True",
+        f"actor_rollout_ref.rollout.val_kwargs.temperature={cfg.eval_temperature}",
+        "actor_rollout_ref.rollout.val_kwargs.n=1",
+        f"data.val_batch_size={cfg.eval_users}",
+        "trainer.nnodes=1",
+        "trainer.n_gpus_per_node=1",
+        f"trainer.project_name={cfg.wandb_project}",
+        f"trainer.experiment_name=dr_grpo_seed{seed}",
+        "trainer.logger=[console,wandb,file]" if cfg.wandb_mode != "disabled" else "trainer.logger=[console,file]",
+        "+ray_kwargs.ray_init.include_dashboard=False",
+    ]
+    if cpu:
+        o += [
+            "trainer.device=cpu",
+            "actor_rollout_ref.actor.strategy=fsdp2",
+            "actor_rollout_ref.ref.strategy=fsdp2",
+            "actor_rollout_ref.actor.fsdp_config.strategy=fsdp2",
+            "actor_rollout_ref.ref.fsdp_config.strategy=fsdp2",
+            "actor_rollout_ref.actor.use_torch_compile=False",
+            "actor_rollout_ref.actor.fsdp_config.use_torch_compile=False",
+            "actor_rollout_ref.ref.fsdp_config.use_torch_compile=False",
+            "actor_rollout_ref.rollout.enforce_eager=True",
+            "actor_rollout_ref.rollout.gpu_memory_utilization=0.3",
+            "actor_rollout_ref.rollout.free_cache_engine=False",
+            "+actor_rollout_ref.rollout.enable_sleep_mode=False",
+            "+ray_kwargs.ray_init.num_gpus=1",
+            f"+ray_kwargs.ray_init.num_cpus={max(os.cpu_count() or 2, 4)}",
+        ]
+    return o + list(cfg.extra_verl_overrides)
+
+
+def seed_run(cfg: DrGrpoConfig, paths: RunPaths, wandb_id: str, attempt: int) -> dict:
+    """What `rl.trainer.GenPageTaskRunner` changes in verl's config and environment to train one seed in a
+    session that trains several (one Ray cluster, one set of workers and one vLLM server for all seeds)."""
+    resume = (paths.checkpoints / "latest_checkpointed_iteration.txt").exists()
+    return {
+        "seed": paths.seed,
+        "resume": resume,  # continue from the seed's own latest checkpoint (else start from the pretrained policy)
+        "config": {
+            "data.seed": paths.seed,
+            "actor_rollout_ref.actor.data_loader_seed": paths.seed,
+            "trainer.default_local_dir": str(paths.checkpoints.resolve()),
+            "trainer.validation_data_dir": str((paths.run / "validation").resolve()),
+            "trainer.experiment_name": f"dr_grpo_seed{paths.seed}",
+            # Validate the pretrained policy before the first step; a resumed policy is no longer that one.
+            "trainer.val_before_train": not resume,
+        },
+        "env": {  # read when verl's Tracking starts (per fit)
+            "VERL_FILE_LOGGER_PATH": str((paths.metrics / f"attempt_{attempt}.jsonl").resolve()),
+            "WANDB_DIR": str(paths.run.resolve()), "WANDB_MODE": cfg.wandb_mode, "WANDB_SILENT": "true",
+            "WANDB_RUN_ID": wandb_id, "WANDB_RESUME": "allow",
+        },
+    }
+
+
+def compose_verl_config(overrides: list[str]):
+    """verl's ppo_trainer.yaml composed with `overrides` (Hydra, in-process) -> OmegaConf DictConfig."""
+    import verl.trainer.main_ppo as main_ppo
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    config_dir = str(Path(main_ppo.__file__).parent / "config")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose(config_name="ppo_trainer", overrides=overrides)

@@ -1,0 +1,218 @@
+"""Final evaluation of a Dr. GRPO run on held-out users: logging policy vs pretrained vs RL policy.
+
+The pretrained and the RL policy are evaluated by verl's own validation pass on the held-out prompts (test-split
+users), in the same vLLM server with the same rule masks and scored by the same reward manager: before the
+first step (the pretrained policy) and after the last (the RL policy); verl writes one record per page to
+`seed_<s>/validation/<step>.jsonl`. The logging policy serves the same requests in the world and its pages are
+scored by the same `PageJudge`. Everything is averaged over pages, then over seeds.
+
+Writes results.md (the table), curves.png (per-step reward and diversity relative to the pretrained policy =
+1.0, KL to the reference) and returns the summary dict.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from rl import page_metrics as pm
+from rl.config import DrGrpoConfig, RunPaths
+
+POLICIES = ("logging", "pretrained", "rl")
+
+
+def read_metrics(paths: RunPaths) -> dict[int, dict[str, float]]:
+    """Per-step metrics of one seed from verl's file logger (later attempts override repeated steps)."""
+    steps: dict[int, dict[str, float]] = {}
+    files = sorted(paths.metrics.glob("attempt_*.jsonl"), key=lambda p: int(p.stem.split("_")[1]))
+    for f in files:
+        for line in f.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                steps.setdefault(int(rec["step"]), {}).update(rec["data"])
+    return steps
+
+
+def read_validation(path: Path) -> dict[str, np.ndarray]:
+    """verl's per-page validation dump -> {field: [N]} for the numeric fields, plus "output" (page text)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out: dict[str, np.ndarray] = {"output": np.array([r["output"] for r in rows], dtype=object)}
+    for key in rows[0]:
+        if isinstance(rows[0][key], (int, float)) and not isinstance(rows[0][key], bool):
+            out[key] = np.array([r[key] for r in rows], dtype=np.float64)
+    return out
+
+
+def text_coverage(page_texts, n_entities: int) -> float:
+    """Catalog coverage of pages given as token text (fallback tokens `ent:<...>` excluded)."""
+    shown = {t for text in page_texts for t in str(text).split() if t.startswith("ent:") and not t.startswith("ent:<")}
+    return len(shown) / max(n_entities, 1)
+
+
+def policy_row(values: dict[str, np.ndarray], n_entities: int) -> dict[str, float]:
+    """Means over pages of what the table reports."""
+    total = values.get(pm.EXTRA_VIOLATIONS_PREFIX + "total", np.zeros(1))
+    return {
+        "true_reward": float(np.mean(values[pm.EXTRA_TRUE])), "rm_reward": float(np.mean(values[pm.EXTRA_RM])),
+        "format_reward": float(np.mean(values[pm.EXTRA_FORMAT])), "diversity": float(np.mean(values[pm.EXTRA_DIVERSITY])),
+        "titles_per_page": float(np.mean(values[pm.EXTRA_ENTITIES])),
+        "coverage": text_coverage(values["output"], n_entities) if "output" in values else float("nan"),
+        "mask_violations_per_page": float(np.mean(total)), "mask_violations": int(np.sum(total)),
+        "pages": int(len(values[pm.EXTRA_TRUE])),
+    }
+
+
+def logging_policy_values(cfg: DrGrpoConfig, judge, data_dir: Path) -> dict[str, np.ndarray]:
+    """The logging policy serving the held-out requests, scored by the judge."""
+    import pyarrow.parquet as pq
+
+    from homepage.world import world_contexts
+    from rl.data import requests_from_extra_info
+
+    infos = pq.read_table(data_dir / "valid.parquet", columns=["extra_info"]).column(0).to_pylist()
+    user, req = requests_from_extra_info(infos)
+    world, tok = judge.world, judge.tok
+    pages = world.logging_policy.act(user, req, np.random.default_rng([cfg.seeds[0], 17]))
+    page_ids = [tok.encode_page(p) for p in pages.to_pages(world.catalog.entity_ids)]
+    prompts = [tok.encode_context(c) for c in world_contexts(world, user, req)]
+    j = judge.judge(prompts, page_ids, infos)
+    values = {pm.EXTRA_TRUE: j.true, pm.EXTRA_RM: j.rm, pm.EXTRA_FORMAT: j.format, pm.EXTRA_DIVERSITY: j.diversity,
+              pm.EXTRA_ENTITIES: j.n_entities, "output": np.array([" ".join(tok.tokens[t] for t in p) for p in page_ids], dtype=object)}
+    values.update({pm.EXTRA_VIOLATIONS_PREFIX + r: v for r, v in j.violations.items()})
+    return values
+
+
+def results_table(rows: dict[str, dict[str, float]], seeds: list[int], users: int) -> str:
+    """Markdown table of the policies on held-out users."""
+    cols = [("true_reward", "true reward"), ("rm_reward", "RM reward"), ("diversity", "diversity"),
+            ("coverage", "catalog coverage"), ("titles_per_page", "titles/page"),
+            ("mask_violations_per_page", "mask-rule violations/page")]
+    pre = rows["pretrained"]["true_reward"]
+    lines = [f"Held-out users: {users} test-split requests; pretrained and RL: mean over seeds {seeds}; pages "
+             "sampled at the evaluation temperature under the rule masks.", "",
+             "| policy | " + " | ".join(c for _, c in cols) + " | true reward vs pretrained |",
+             "|---|" + "---:|" * (len(cols) + 1)]
+    for name in POLICIES:
+        r = rows[name]
+        cells = [f"{r[k]:.3f}" if k != "mask_violations_per_page" else f"{r[k]:.3g}" for k, _ in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['true_reward'] / pre:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+VAL_KEYS = {pm.RM_REWARD: pm.EXTRA_RM, pm.TRUE_REWARD: pm.EXTRA_TRUE, pm.DIVERSITY: pm.EXTRA_DIVERSITY}
+
+
+def val_metric(steps: dict[int, dict[str, float]], step: int, key: str) -> float | None:
+    """verl's validation mean of a per-step metric's quantity at `step` (held-out users), if logged."""
+    name = VAL_KEYS.get(key)
+    return steps.get(step, {}).get(f"val-aux/genpage/{name}/mean@1") if name else None
+
+
+def moving_average(y: np.ndarray, window: int) -> np.ndarray:
+    out = np.convolve(y, np.ones(window), "valid") / window
+    return np.concatenate([np.cumsum(y[: window - 1]) / np.arange(1, window), out]) if len(y) >= window else np.cumsum(y) / np.arange(1, len(y) + 1)
+
+
+def plot_curves(per_seed: dict[int, dict[int, dict[str, float]]], path: Path, window: int = 5) -> None:
+    """Per-step reward and diversity relative to the pretrained policy (= 1.0), and the KL to the reference.
+
+    Each step's rollouts come from a different handful of users, so the curves are noisy: thin lines are the
+    steps, thick ones their moving average over `window` steps (mean over seeds). The pretrained level is its
+    validation on held-out users before step 1 (same distribution of users; step 1's rollouts if absent),
+    and the dots at the end are the RL policy's validation on those same held-out users."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("reward (pretrained = 1.0)", [(pm.RM_REWARD, "RM reward"), (pm.TRUE_REWARD, "true reward")], True),
+              ("diversity (pretrained = 1.0)", [(pm.DIVERSITY, "diversity"), (pm.COVERAGE, "catalog coverage")], True),
+              ("KL to reference (actor/kl_loss)", [(pm.KL, "KL")], False)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    for ax, (title, series, relative) in zip(axes, panels):
+        for (key, label), color in zip(series, ("tab:blue", "tab:orange")):
+            curves, finals = [], []
+            for seed, steps in sorted(per_seed.items()):
+                xs = sorted(s for s in steps if s >= 1 and key in steps[s])
+                if not xs:
+                    continue
+                ys = np.array([steps[s][key] for s in xs], dtype=float)
+                base = 1.0
+                if relative:
+                    base = val_metric(steps, 0, key) or float(np.mean(ys[: min(3, len(ys))])) or 1.0
+                    final = val_metric(steps, xs[-1], key)
+                    if final is not None:
+                        finals.append((xs[-1], final / base))
+                ax.plot(xs, ys / base, color=color, alpha=0.25, lw=0.8)
+                curves.append((xs, ys / base))
+            if curves:
+                n = min(len(c[1]) for c in curves)
+                ax.plot(curves[0][0][:n], moving_average(np.mean([c[1][:n] for c in curves], axis=0), window),
+                        color=color, lw=2, label=label)
+            for x, y in finals:
+                ax.plot([x], [y], "o", color=color, ms=5)
+        if relative:
+            ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def evaluate_run(cfg: DrGrpoConfig, out: Path, init: Path) -> dict:
+    """Table, curves and summary of a finished run (all seeds trained)."""
+    from rl.reward_manager import PageJudge
+
+    out = Path(out)
+    judge = PageJudge.from_dirs(cfg.world_dir, init, cfg.rm_dir, cfg.format_weight)
+    n_entities = judge.world.catalog.n
+    per_seed_metrics, seed_rows = {}, {"pretrained": [], "rl": []}
+    for seed in cfg.seeds:
+        paths = RunPaths(out, seed)
+        per_seed_metrics[seed] = read_metrics(paths)
+        steps = sorted(int(p.stem) for p in (paths.run / "validation").glob("*.jsonl"))
+        if 0 not in steps or len(steps) < 2:
+            raise RuntimeError(f"{paths.run / 'validation'}: need the step-0 (pretrained) and the final validation "
+                               f"dumps, found steps {steps}; rerun with --force")
+        seed_rows["pretrained"].append(policy_row(read_validation(paths.run / "validation" / "0.jsonl"), n_entities))
+        seed_rows["rl"].append(policy_row(read_validation(paths.run / "validation" / f"{steps[-1]}.jsonl"), n_entities))
+    rows = {"logging": policy_row(logging_policy_values(cfg, judge, out / "data"), n_entities)}
+    for name, per_seed in seed_rows.items():
+        rows[name] = {k: float(np.mean([r[k] for r in per_seed])) for k in per_seed[0]}
+        rows[name]["mask_violations"] = int(sum(r["mask_violations"] for r in per_seed))
+    (out / "results.md").write_text("# Dr. GRPO: held-out evaluation\n\n" + results_table(rows, list(cfg.seeds), cfg.eval_users))
+    plot_curves(per_seed_metrics, out / "curves.png")
+
+    all_steps = [m for steps in per_seed_metrics.values() for m in steps.values()]
+    diffs = [m[pm.ROLLOUT_PROBS_DIFF_MAX] for m in all_steps if pm.ROLLOUT_PROBS_DIFF_MAX in m]
+    step_times = [m["timing_s/step"] for m in all_steps if "timing_s/step" in m]
+    pre, rl = rows["pretrained"], rows["rl"]
+    seed_gains = [r["true_reward"] / p["true_reward"] - 1.0 for p, r in zip(seed_rows["pretrained"], seed_rows["rl"])]
+    return {
+        "true_reward_logging": rows["logging"]["true_reward"],
+        "true_reward_pretrained": pre["true_reward"],
+        "true_reward_rl": rl["true_reward"],
+        "true_reward_gain": rl["true_reward"] / pre["true_reward"] - 1.0,
+        "true_reward_gain_per_seed": seed_gains,  # the spread over seeds
+        "true_reward_gain_std": float(np.std(seed_gains, ddof=1)) if len(seed_gains) > 1 else None,
+        "rm_reward_logging": rows["logging"]["rm_reward"],
+        "rm_reward_pretrained": pre["rm_reward"],
+        "rm_reward_rl": rl["rm_reward"],
+        "diversity_logging": rows["logging"]["diversity"],
+        "diversity_pretrained": pre["diversity"],
+        "diversity_rl": rl["diversity"],
+        "coverage_pretrained": pre["coverage"],
+        "coverage_rl": rl["coverage"],
+        "mask_violations": rl["mask_violations"],
+        "mask_violations_pretrained": pre["mask_violations"],
+        "rollout_probs_diff_max": float(max(diffs)) if diffs else None,
+        "step_time_s_mean": float(np.mean(step_times)) if step_times else None,
+        "seeds": list(cfg.seeds),
+        "per_seed": {str(s): {"pretrained": p, "rl": r} for s, p, r in zip(cfg.seeds, seed_rows["pretrained"], seed_rows["rl"])},
+        "table": rows,
+        "eval_users": cfg.eval_users,
+    }

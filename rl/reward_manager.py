@@ -1,0 +1,171 @@
+"""The reward of a page, and the verl reward manager that hands it to the trainer.
+
+    reward = RM score + format_weight * format score          (what the policy is trained on)
+
+`PageJudge` computes it for a batch of (prompt ids, page ids) without decoding text, together with what is
+only logged: the ground-truth expected page reward from the world (never used for training, so reward hacking
+shows as a growing gap between RM and true reward), diversity and per-rule violations. Evaluation uses the
+same judge.
+
+`GenPageRewardManager` is registered with verl's reward-loop registry as "genpage" and is loaded by the recipe
+through `reward.reward_manager.source=importlib` (`pkg://rl.reward_manager`), which imports this module in
+verl's reward workers. verl calls `run_single` once per sampled page (streamed from the agent loop as each
+rollout finishes); the manager collects concurrent calls into one batch (`_MicroBatcher`) so the reward model
+and the rule engine run batched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from rl import page_metrics as pm
+
+
+@dataclass
+class PageJudgement:
+    """Scores of N pages. All arrays [N]."""
+
+    reward: np.ndarray  # training reward: rm + format_weight * format
+    rm: np.ndarray  # reward model score (reward units)
+    format: np.ndarray  # format score (<= 0; 0 = no reward-mode rule violated)
+    true: np.ndarray  # ground-truth expected page reward (NaN where the prompt has no world user)
+    diversity: np.ndarray  # mean pairwise content distance among the page's titles
+    n_entities: np.ndarray  # titles on the page
+    violations: dict[str, np.ndarray] = field(default_factory=dict)  # rule -> violations per page (audit)
+    entities: list[np.ndarray] = field(default_factory=list)  # per page: catalog indices of its titles
+
+    def extra_info(self, i: int) -> dict[str, float]:
+        """Page i's logged values, keyed as verl's reward_extra_info (scalars only: verl stacks them)."""
+        out = {pm.EXTRA_RM: float(self.rm[i]), pm.EXTRA_FORMAT: float(self.format[i]),
+               pm.EXTRA_TRUE: float(self.true[i]), pm.EXTRA_DIVERSITY: float(self.diversity[i]),
+               pm.EXTRA_ENTITIES: float(self.n_entities[i])}
+        out.update({pm.EXTRA_VIOLATIONS_PREFIX + r: float(v[i]) for r, v in self.violations.items()})
+        return out
+
+
+def load_rules(policy_dir: str | Path, world_dir: str | Path):
+    """The checkpoint's business rules (config.json), else the world's default ruleset."""
+    from policies.rules import RuleSet, world_ruleset
+
+    try:
+        return RuleSet.from_pretrained(policy_dir)
+    except ValueError:
+        return world_ruleset(world_dir)
+
+
+class PageJudge:
+    """Reward model + format reward + ground truth + page metrics for batches of token-id pages.
+
+    world: the World (ground truth, catalog); tok: GenPageTokenizer; rules: policies.rules.RuleSet; rm: anything
+    with `score(prompts, pages) -> [N]` (reward_model.scoring.PageRewardScorer)."""
+
+    def __init__(self, world, tok, rules, rm, format_weight: float):
+        self.world, self.tok, self.rules, self.rm = world, tok, rules, rm
+        self.format_weight = float(format_weight)
+        self.token_entity = pm.token_entity_index(tok.tokens, world.entity_index)  # [V]
+        self.content = np.asarray(world.catalog.content_emb, dtype=np.float64)  # [N, D]
+
+    @classmethod
+    def from_dirs(cls, world_dir: str | Path, policy_dir: str | Path, rm_dir: str | Path, format_weight: float) -> "PageJudge":
+        """From the world directory, the policy checkpoint (tokenizer, business rules) and the RM directory."""
+        from homepage.world import World
+        from policies.tokenizer import GenPageTokenizer
+        from reward_model.scoring import PageRewardScorer
+
+        return cls(World.load(world_dir), GenPageTokenizer.from_pretrained(policy_dir), load_rules(policy_dir, world_dir),
+                   PageRewardScorer.from_pretrained(rm_dir), format_weight)
+
+    def judge(self, prompts: list[list[int]], pages: list[list[int]], infos: list[dict[str, Any]] | None = None) -> PageJudgement:
+        """prompts: context ids ending with [PAGE]; pages: page ids (with [EOP] unless cut at the length limit);
+        infos: per page the prompt's extra_info (user index and request, `rl.data.prompt_rows`)."""
+        from policies.evaluation import pages_from_tokens
+        from rl.data import requests_from_extra_info
+
+        n = len(pages)
+        rm = np.asarray(self.rm.score(prompts, pages), dtype=np.float64)
+        report = self.rules.format_reward(prompts, pages)
+        fmt = np.asarray(report.score, dtype=np.float64)
+        true = np.full(n, np.nan)
+        if infos is not None and all(i is not None and "user" in i for i in infos):
+            user, req = requests_from_extra_info(infos)
+            batch, _ = pages_from_tokens(self.tok, pages, self.world.entity_index)
+            true = self.world.true_page_reward(user, req, batch)
+        entities = [pm.page_entities(p, self.token_entity, self.tok.eop_id) for p in pages]
+        return PageJudgement(
+            reward=rm + self.format_weight * fmt, rm=rm, format=fmt, true=true,
+            diversity=pm.page_diversity(entities, self.content), n_entities=np.array([len(e) for e in entities], float),
+            violations={r: np.asarray(v, dtype=np.float64) for r, v in report.violations.items()}, entities=entities,
+        )
+
+
+class _MicroBatcher:
+    """Collects concurrent `submit` calls for `max_wait_s` and runs `fn` once on the batch, in a thread."""
+
+    def __init__(self, fn: Callable[[list], list], max_wait_s: float = 0.05):
+        self.fn, self.max_wait_s = fn, max_wait_s
+        self._pending: list[tuple[Any, asyncio.Future]] = []
+        self._flush: asyncio.Task | None = None
+
+    async def submit(self, item: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._pending.append((item, fut))
+        if self._flush is None:
+            self._flush = loop.create_task(self._flush_later())
+        return await fut
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self.max_wait_s)
+        batch, self._pending, self._flush = self._pending, [], None
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(None, self.fn, [item for item, _ in batch])
+        except Exception as e:  # every waiting page gets the error
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(e)
+            return
+        for (_, fut), result in zip(batch, results):
+            fut.set_result(result)
+
+
+try:
+    from verl.experimental.reward_loop.reward_manager import register
+    from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
+except ImportError:  # verl absent: PageJudge stays usable (evaluation, tests)
+    RewardManagerBase, register = object, (lambda name: (lambda cls: cls))
+
+
+@register("genpage")
+class GenPageRewardManager(RewardManagerBase):
+    """verl reward manager: token ids in, RM + weighted format reward out; ground truth in the extra info.
+
+    Reads `genpage.{world_dir, rm_dir, format_weight}` and the policy directory
+    (`actor_rollout_ref.model.path`, for the tokenizer and the business rules) from verl's config.
+    """
+
+    def __init__(self, config, tokenizer, compute_score=None, reward_router_address=None, reward_model_tokenizer=None, **_):
+        super().__init__(config, tokenizer, compute_score)
+        settings = config.genpage
+        self.judge = PageJudge.from_dirs(settings.world_dir, config.actor_rollout_ref.model.path, settings.rm_dir,
+                                         settings.format_weight)
+        self.batcher = _MicroBatcher(self._judge_batch)
+
+    def _judge_batch(self, items: list[tuple[list[int], list[int], dict]]) -> list[dict]:
+        prompts, pages, infos = (list(x) for x in zip(*items))
+        j = self.judge.judge(prompts, pages, infos)
+        return [{"reward_score": float(j.reward[i]), "reward_extra_info": j.extra_info(i)} for i in range(len(items))]
+
+    async def run_single(self, data) -> dict:
+        data = data[-1:]  # single-turn: the last (only) sequence of the trajectory
+        prompt = data.batch["prompts"][0]
+        response = data.batch["responses"][0]
+        nt = data.non_tensor_batch
+        p_len = int(nt["prompt_len"][0]) if "prompt_len" in nt else len(prompt)
+        r_len = int(nt["response_len"][0]) if "response_len" in nt else int(data.batch["attention_mask"][0, len(prompt):].sum())
+        info = nt["extra_info"][0] if "extra_info" in nt else None
+        return await self.batcher.submit((prompt[:p_len].tolist(), response[:r_len].tolist(), dict(info or {})))

@@ -1,0 +1,131 @@
+"""verl's legacy PPO trainer (`RayPPOTrainer`, the `trainer.use_v1=False` path) with one addition: the page
+metrics of each step's rollouts are logged with verl's own metrics.
+
+verl stores each page's `reward_extra_info` (RM score, format score, ground-truth reward, diversity, rule
+violations) in the batch but logs it only for validation. `GenPagePPOTrainer._update_actor` adds their
+per-step means, and the catalog coverage of the step's pages, to the actor's metrics, which verl reduces and
+logs with the rest of the step (`rl.page_metrics` names them). Nothing else about the algorithm changes.
+
+`GenPageTaskRunner` is verl's `TaskRunner.run` (verl/trainer/main_ppo_v0.py, 0.9.1) with the trainer class
+swapped, plus a loop over seeds that reuses the workers; `verl.trainer.main_ppo.run_ppo(config,
+GenPageTaskRunner)` runs it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+from verl.trainer.main_ppo_v0 import BaseTaskRunner
+from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+
+from rl import page_metrics as pm
+
+
+def step_page_metrics(batch, entity_token: np.ndarray) -> dict[str, float]:
+    """Per-step means of the pages' reward extra info, plus catalog coverage of the step's pages.
+
+    entity_token: [V] bool, real catalog titles (fallback tokens excluded)."""
+    nt = batch.non_tensor_batch
+    keys = [k for k in nt if k in (pm.EXTRA_RM, pm.EXTRA_FORMAT, pm.EXTRA_TRUE, pm.EXTRA_DIVERSITY, pm.EXTRA_ENTITIES)
+            or k.startswith(pm.EXTRA_VIOLATIONS_PREFIX)]
+    train_reward = batch.batch["token_level_scores"].sum(-1).numpy()  # [B] the sparse reward sits on the last token
+    metrics = pm.rollout_metrics({k: np.asarray(nt[k], dtype=np.float64) for k in keys}, train_reward)
+    responses = batch.batch["responses"].numpy()  # [B, T]
+    mask = batch.batch["response_mask"].numpy().astype(bool)  # [B, T]
+    shown = np.unique(responses[mask & entity_token[np.clip(responses, 0, len(entity_token) - 1)]])
+    metrics[pm.COVERAGE] = len(shown) / max(int(entity_token.sum()), 1)
+    return metrics
+
+
+class GenPagePPOTrainer(RayPPOTrainer):
+    """RayPPOTrainer that also logs page metrics (see module docstring)."""
+
+    _entity_token: np.ndarray | None = None
+
+    def _update_actor(self, batch):
+        actor_output = super()._update_actor(batch)
+        if self._entity_token is None:
+            names = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+            self._entity_token = np.array([n.startswith("ent:") and not n.startswith("ent:<") for n in names])
+        actor_output.meta_info["metrics"].update(step_page_metrics(batch, self._entity_token))
+        return actor_output
+
+
+def _set(config, dotted: str, value) -> None:
+    from omegaconf import OmegaConf, open_dict
+
+    with open_dict(config):
+        OmegaConf.update(config, dotted, value, merge=False)
+
+
+def _finish_tracking() -> None:
+    """verl's legacy fit() leaves its wandb run open; close it, and reset wandb's process-wide settings (read
+    from the environment once) so the next seed's fit opens its own run in its own directory."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None:
+        if wandb.run is not None:
+            wandb.finish()
+        wandb.teardown()
+
+
+@ray.remote
+class GenPageTaskRunner(BaseTaskRunner):
+    """verl's TaskRunner (main_ppo_v0.py) building `GenPagePPOTrainer`, and training several seeds in one
+    session when `config.genpage.seed_runs` lists them (`rl.config.seed_run`): workers, vLLM server and reward
+    workers start once; each seed starts from the pretrained policy (an initial checkpoint saved before any
+    training, with a fresh optimizer) or resumes from its own latest checkpoint, with its own data order,
+    checkpoint directory, validation dumps, metrics file and wandb run."""
+
+    def run(self, config):
+        import os
+        from pathlib import Path
+
+        from omegaconf import OmegaConf
+        from verl.trainer.ppo.utils import create_rl_dataset, create_rl_sampler, need_critic, need_reference_policy
+        from verl.utils.config import omega_conf_to_dataclass, validate_config
+        from verl.utils.dataset.rl_dataset import collate_fn
+        from verl.workers.config import HFModelConfig
+
+        OmegaConf.resolve(config)
+        _, ray_worker_group_cls = self.add_actor_rollout_worker(config)
+        self.add_critic_worker(config)
+        self.add_reward_model_resource_pool(config)
+        self.add_teacher_model_resource_pool(config)
+        validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+        model_config: HFModelConfig = omega_conf_to_dataclass(config.actor_rollout_ref.model)
+        tokenizer, processor = model_config.tokenizer, model_config.processor
+        resource_pool_manager = self.init_resource_pool_mgr(config)
+        train_dataset = create_rl_dataset(config.data.train_files, config.data, tokenizer, processor, is_train=True)
+        val_dataset = create_rl_dataset(config.data.val_files, config.data, tokenizer, processor, is_train=False)
+        trainer = GenPagePPOTrainer(
+            config=config, tokenizer=tokenizer, processor=processor, role_worker_mapping=self.role_worker_mapping,
+            resource_pool_manager=resource_pool_manager, ray_worker_group_cls=ray_worker_group_cls,
+            train_dataset=train_dataset, val_dataset=val_dataset, collate_fn=collate_fn,
+            train_sampler=create_rl_sampler(config.data, train_dataset),
+        )
+        trainer.init_workers()
+        runs = OmegaConf.to_container(config.genpage.get("seed_runs") or [])
+        if not runs:
+            trainer.fit()
+            return
+        # The workers hold the pretrained policy now: keep it (with a fresh optimizer) for later seeds.
+        init_ckpt = Path(config.genpage.init_checkpoint_dir)
+        if any(not r["resume"] for r in runs[1:]) and not (init_ckpt / "global_step_0" / "actor").exists():
+            _set(config, "trainer.default_local_dir", str(init_ckpt))
+            trainer.global_steps = 0
+            trainer._save_checkpoint()
+            (init_ckpt / "global_step_0" / "data.pt").unlink()  # each seed shuffles the prompts its own way
+        for i, run in enumerate(runs):
+            for key, value in run["config"].items():
+                _set(config, key, value)
+            from_init = i > 0 and not run["resume"]
+            _set(config, "trainer.resume_mode", "resume_path" if from_init else "auto")
+            _set(config, "trainer.resume_from_path", str(init_ckpt / "global_step_0") if from_init else None)
+            if i > 0:  # the first seed's dataloader was built with its seed
+                trainer._create_dataloader(train_dataset, val_dataset, collate_fn, create_rl_sampler(config.data, train_dataset))
+            os.environ.update(run["env"])
+            print(f"[genpage] seed {run['seed']}: {'resuming' if run['resume'] else 'from the pretrained policy'}")
+            trainer.fit()
+            _finish_tracking()

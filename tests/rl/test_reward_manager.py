@@ -1,0 +1,135 @@
+"""The reward of a page (RM + weighted format reward), the logged ground truth and page metrics, on a hand-made
+batch; and verl's per-sample calls collected into one batched judgement."""
+
+import asyncio
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from homepage.catalog import GENRES, MATURITY
+from homepage.pages import Page, PageBatch, Row
+from homepage.world import world_contexts
+from policies.rules import RuleConfig, RuleModes, build_ruleset
+from policies.tokenizer import GenPageTokenizer
+from rl import page_metrics as pm
+from rl.data import PromptSet, prompt_rows, sample_prompts
+from rl.reward_manager import PageJudge
+
+
+class LengthRM:
+    """Stand-in reward model: 0.1 x page tokens (easy to check by hand)."""
+
+    def score(self, prompts, pages):
+        return np.array([0.1 * len(p) for p in pages])
+
+
+@pytest.fixture(scope="module")
+def judge(small_world, tmp_path_factory):
+    c = small_world.catalog
+    path = tmp_path_factory.mktemp("cat") / "catalog.parquet"
+    pq.write_table(pa.table({
+        "entity_id": c.entity_ids, "genres": [[g for g, on in zip(GENRES, row) if on] for row in c.genres],
+        "maturity": [MATURITY[m] for m in c.maturity], "release_day": c.release_day}), path)
+    tok = GenPageTokenizer(c.entity_ids, max_history=small_world.config.history_max)
+    # dedup enforced by the format reward (weight 1 per violation), every other rule as a mask (audited).
+    config = RuleConfig(modes=RuleModes(dedup="reward"), critical_rows={}, new_title_days=c.new_title_days)
+    rules = build_ruleset(tok, path, config, trending=set(np.asarray(c.entity_ids)[c.trending]))
+    return PageJudge(small_world, tok, rules, LengthRM(), format_weight=2.0)
+
+
+def genre_rows(world, genres: list[str], n: int) -> list[Row]:
+    """One row per genre of n distinct titles of that genre (no title in two rows)."""
+    c, used, rows = world.catalog, set(), []
+    for g in genres:
+        idx = [i for i in np.flatnonzero(c.genres[:, GENRES.index(g)]) if i not in used][:n]
+        assert len(idx) == n, f"small world has too few {g} titles"
+        used.update(idx)
+        rows.append(Row(f"genre_{g}", tuple(c.entity_ids[i] for i in idx)))
+    return rows
+
+
+def test_hand_made_batch(judge, small_world):
+    world, tok = small_world, judge.tok
+    adult = int(np.flatnonzero(world.users.profile_type == 0)[0])
+    prompts_set = PromptSet(np.array([adult, adult]), world.sample_requests(np.random.default_rng(0), np.array([adult, adult])), "train")
+    infos = [r["extra_info"] for r in prompt_rows(world, tok, prompts_set)]
+    prompts = [tok.encode_context(c) for c in world_contexts(world, prompts_set.user, prompts_set.requests)]
+    clean = Page(tuple(genre_rows(world, ["comedy", "family", "drama"], 3)))
+    # Same page, but the first row repeats its first title in its last slot: one dedup violation.
+    first = clean.rows[0]
+    dup = Page((Row(first.row_id, first.entity_ids[:2] + first.entity_ids[:1]),) + clean.rows[1:])
+    pages = [tok.encode_page(clean), tok.encode_page(dup)]
+    assert len(pages[0]) == len(pages[1]) == 3 * 4 + 1  # 3 rows of (row token + 3 titles) + [EOP]
+
+    j = judge.judge(prompts, pages, infos)
+
+    # RM: 0.1 x 13 tokens = 1.3 for both. Format: 0 and -1 (one duplicate). Reward = RM + 2.0 x format.
+    np.testing.assert_allclose(j.rm, [1.3, 1.3])
+    np.testing.assert_allclose(j.format, [0.0, -1.0])
+    np.testing.assert_allclose(j.reward, [1.3, -0.7])
+    assert j.violations["dedup"].tolist() == [0, 1]
+    # Ground truth: the world's exact expected page reward of the same (user, request, page).
+    batch = PageBatch.from_pages([clean, dup], world.entity_index)
+    np.testing.assert_allclose(j.true, world.true_page_reward(prompts_set.user, prompts_set.requests, batch))
+    # Diversity: mean pairwise 1 - cos over the 9 titles (the duplicate pair counts as distance 0).
+    unit = world.catalog.content_emb / np.linalg.norm(world.catalog.content_emb, axis=1, keepdims=True)
+    for b, page in enumerate([clean, dup]):
+        idx = [world.entity_index[e] for e in page.entity_ids]
+        sim = unit[idx] @ unit[idx].T
+        assert j.diversity[b] == pytest.approx((1 - sim)[np.triu_indices(9, 1)].mean())
+    assert j.n_entities.tolist() == [9, 9]
+    extra = j.extra_info(1)
+    assert extra[pm.EXTRA_FORMAT] == -1.0 and extra["violations/dedup"] == 1.0 and extra[pm.EXTRA_TRUE] == pytest.approx(j.true[1])
+
+
+def test_page_diversity_by_hand():
+    content = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    # pairs: (0,1) cos 0 -> 1; (0,2) cos 1/sqrt2 -> 0.2929; (1,2) -> 0.2929; mean = 0.5286
+    d = pm.page_diversity([np.array([0, 1, 2]), np.array([1]), np.array([0, 0])], content)
+    np.testing.assert_allclose(d, [(1 + 2 * (1 - 1 / np.sqrt(2))) / 3, 0.0, 0.0])
+    assert pm.catalog_coverage([np.array([0, 1]), np.array([1])], 4) == 0.5
+
+
+def test_manager_batches_verl_per_sample_calls(judge, small_world):
+    """verl calls run_single once per page; concurrent calls are judged as one batch, results in order."""
+    from verl import DataProto
+
+    from rl.reward_manager import GenPageRewardManager
+
+    calls = []
+
+    class Spy(PageJudge):
+        def judge(self, prompts, pages, infos=None):
+            calls.append(len(pages))
+            return super().judge(prompts, pages, infos)
+
+    manager = GenPageRewardManager.__new__(GenPageRewardManager)
+    manager.judge = Spy(judge.world, judge.tok, judge.rules, judge.rm, judge.format_weight)
+    from rl.reward_manager import _MicroBatcher
+
+    manager.batcher = _MicroBatcher(manager._judge_batch)
+    world, tok = small_world, judge.tok
+    ps = sample_prompts(world, "train", 3, seed=0)
+    rows = prompt_rows(world, tok, ps)
+    prompts = [tok.encode_context(c) for c in world_contexts(world, ps.user, ps.requests)]
+    pages = [[tok.eop_id], [tok.vocab["row:genre_comedy"], tok.eop_id], [tok.vocab["row:genre_drama"]]]
+
+    def item(i):  # what verl's agent loop hands a reward worker for one rollout
+        p, r = torch.tensor(prompts[i]), torch.tensor(pages[i])
+        return DataProto.from_dict(
+            tensors={"prompts": p[None], "responses": r[None], "attention_mask": torch.ones(1, len(p) + len(r), dtype=torch.long)},
+            non_tensors={"extra_info": np.array([rows[i]["extra_info"]], dtype=object),
+                         "prompt_len": np.array([len(p)]), "response_len": np.array([len(r)])})
+
+    async def run_all():
+        return await asyncio.gather(*(manager.run_single(item(i)) for i in range(3)))
+
+    out = asyncio.run(run_all())
+    assert calls == [3]
+    np.testing.assert_allclose([o["reward_score"] for o in out], [0.1, 0.2, 0.1])
+    assert set(out[0]["reward_extra_info"]) >= {pm.EXTRA_RM, pm.EXTRA_TRUE, pm.EXTRA_FORMAT, "violations/structure"}
+    # An unfinished page is a structure violation (audited, mask-mode, not in the format reward).
+    assert out[2]["reward_extra_info"]["violations/structure"] >= 1

@@ -1,0 +1,32 @@
+"""The per-step page metrics the trainer hook adds to verl's metrics, on a hand-made rollout batch."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("verl")
+
+
+def test_step_page_metrics_by_hand():
+    from verl import DataProto
+
+    from rl import page_metrics as pm
+    from rl.trainer import step_page_metrics
+
+    # Vocabulary of 6 tokens: 3 and 4 are titles, 5 is a fallback title token (not counted), 0 padding.
+    entity_token = np.array([False, False, False, True, True, False])
+    responses = torch.tensor([[3, 3, 5, 2], [4, 1, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    scores = torch.zeros(2, 4)
+    scores[0, 3], scores[1, 1] = 1.5, -0.5  # the page reward sits on its last token
+    batch = DataProto.from_dict(
+        tensors={"responses": responses, "response_mask": mask, "token_level_scores": scores},
+        non_tensors={"rm_reward": np.array([2.0, 0.0]), "true_reward": np.array([3.0, 1.0]),
+                     "diversity": np.array([0.5, 0.7]), "violations/dedup": np.array([1.0, 0.0]),
+                     "violations/total": np.array([0.0, 0.0]), "uid": np.array(["a", "b"], dtype=object)})
+    m = step_page_metrics(batch, entity_token)
+    assert m[pm.TRAIN_REWARD] == pytest.approx(0.5)  # (1.5 - 0.5) / 2
+    assert m[pm.RM_REWARD] == 1.0 and m[pm.TRUE_REWARD] == 2.0 and m[pm.DIVERSITY] == pytest.approx(0.6)
+    assert m["rules/violations/dedup"] == 0.5 and m[pm.VIOLATING_PAGES] == 0.5
+    assert m[pm.COVERAGE] == 1.0  # titles 3 and 4 both shown, of the vocabulary's 2 titles
+    assert "uid" not in " ".join(m)
