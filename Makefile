@@ -18,15 +18,24 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 demo: setup
 	$(PY) recipes/make_world.py
 	$(PY) recipes/pretrain.py
-	$(PY) benchmarks/rules.py
+	$(PY) recipes/train_rm.py
+	$(PY) recipes/dr_grpo.py
 
 test: setup
 	$(PY) -m pytest tests -q
 
+# Every benchmark, one after another (they must run alone: they time a 2-core machine), then the docs table.
 bench: setup
 	$(PY) benchmarks/world.py
 	$(PY) recipes/make_world.py
 	$(PY) benchmarks/pretrain.py
+	$(PY) recipes/pretrain.py
+	$(PY) benchmarks/rules.py
+	$(PY) benchmarks/generation.py
+	$(PY) benchmarks/hybrid.py
+	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/grpo_step.py
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf runs
