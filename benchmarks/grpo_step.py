@@ -69,14 +69,16 @@ def startup(run: Path) -> dict:
         if "initial_validation_done" in m:
             out["verl_startup_s"] = m.get("rollout_workers_start", m["initial_validation_done"]) - t0
         return out
-    out = {"source": "file times"}
+    # Every seed's wandb_id.txt is written when the session starts (the seeds then train one after another in
+    # that session), so a later seed's figure includes the earlier seeds' training: only the first is start-up.
+    out = {"source": "file times (session start = the seeds' wandb_id.txt; later seeds include earlier seeds' training)"}
     for seed in sorted(run.glob("seed_*")):
         wid, wandb = seed / "wandb_id.txt", sorted(seed.glob("wandb/offline-run-*"))
         if wid.exists() and wandb:
             stamp = re.search(r"offline-run-(\d{8}_\d{6})", wandb[0].name)
             if stamp:
                 fit = datetime.strptime(stamp.group(1), "%Y%m%d_%H%M%S").timestamp()
-                out[f"{seed.name}_to_trainer_loop_s"] = fit - wid.stat().st_mtime
+                out[f"session_start_to_{seed.name}_trainer_loop_s"] = fit - wid.stat().st_mtime
     return out
 
 
