@@ -45,7 +45,7 @@ class DrGrpoConfig:
     save_freq: int = 10  # steps between verl checkpoints (resume from the latest with resume_mode=auto)
     eval_users: int = 500  # held-out (test split) users for the final evaluation
     eval_temperature: float = 1.0  # sampling temperature of the evaluation pages (the trained policy samples)
-    num_threads: int = 1  # torch threads per process (Ray workers, vLLM and the reward worker compute at once: 1 avoids oversubscribing 2 cores)
+    num_threads: int = 2  # torch threads per process; verl's phases (rollout, log-probs, update) mostly take turns: 2 is 15% faster per step on an idle 2-core machine (8.0 vs 9.4 s), use 1 on a shared one
     wandb_project: str = "genpage"  # wandb project
     wandb_mode: str = "offline"  # offline (default, no account), online or disabled
     extra_verl_overrides: tuple[str, ...] = field(default_factory=tuple)  # raw Hydra overrides for verl, last wins
