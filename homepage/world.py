@@ -40,7 +40,7 @@ class WorldConfig:
     history_min: int = 6  # shortest viewing history per user (actions)
     history_max: int = 20  # longest viewing history per user (actions); all of it fits the prompt
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / valid / test users
-    n_impressions: int = 48000  # impressions the logging policy serves to build the logs (12 per user by default)
+    n_impressions: int = 24000  # impressions the logging policy serves to build the logs
     batch_size: int = 2000  # impressions simulated per vectorized batch (memory vs speed)
     behavior: BehaviorParams = field(default_factory=BehaviorParams)
     rewards: RewardConfig = field(default_factory=RewardConfig)
