@@ -13,8 +13,9 @@ is the same rules written as a plain per-position loop; property tests check the
 Rules (each with an enforcement mode: "mask" = hard, never violated; "reward" = scored by the format reward;
 "off"):
 - structure: the page is rows, each a row token then min..max entity tokens; min..max rows; ends with [EOP].
-  A row may only be opened when enough titles satisfying the entity rules in force remain to fill it, so
-  masks never dead-end.
+  A row may only be opened when enough titles satisfying the entity rules in force remain to fill it, and
+  while the page has fewer than min_rows rows the masks let a row grow past min_row_len only when the rows
+  still needed stay fillable (a look-ahead of the masks, not part of the audit), so masks never dead-end.
 - dedup: no title twice, no row twice.
 - category: a genre row holds titles of that genre; Continue Watching only titles the user partially watched
   (read from the prompt's history); New Releases only new titles; Trending Now only trending titles; Kids
@@ -285,8 +286,12 @@ class RuleSet:
         return PageState(active, used, n_rows, row_len, cur_row, resumable, kids)
 
     # -- masks ------------------------------------------------------------------------------------------------
-    def rule_parts(self, st: PageState, rules: tuple[str, ...]) -> dict[str, RulePart]:
-        """What each rule allows, split by token kind (see RulePart); broadcastable tensors, None = anything."""
+    def rule_parts(self, st: PageState, rules: tuple[str, ...], plan: bool = False) -> dict[str, RulePart]:
+        """What each rule allows, split by token kind (see RulePart); broadcastable tensors, None = anything.
+
+        plan: add the structure rule's look-ahead (masks only, never the audit): while the page still needs
+        rows to reach min_rows, a row takes titles beyond min_row_len only where the rows still needed stay
+        fillable (see `_extra_titles_ok`)."""
         c, s = self.config, self.config.shape
         entity_on = {r: getattr(c.modes, r) != "off" for r in ENTITY_RULES}
         n_rows, row_len, cur_row = st.n_rows, st.row_len, st.cur_row
@@ -312,8 +317,12 @@ class RuleSet:
 
         out = {}
         if "structure" in rules:
+            titles = in_row & (row_len < s.max_row_len)  # [*S]
+            if plan:
+                titles = titles & ((row_len < s.min_row_len) | self._extra_titles_ok(
+                    n_rows, counts, row_used & entity_on["dedup"], openable))
             out["structure"] = RulePart(
-                entities=(in_row & (row_len < s.max_row_len))[..., None],
+                entities=titles[..., None],
                 rows=openable & (row_done & (n_rows < s.max_rows))[..., None],
                 eop=in_row & row_done & (n_rows >= s.min_rows),
                 other=False,  # only rows, titles and [EOP] belong on a page
@@ -342,6 +351,25 @@ class RuleSet:
             out["critical_rows"] = RulePart(rows=rows_ok, eop=~(missing & (self.crit_slot >= n_rows[..., None])).any(-1))
         return out
 
+    def _extra_titles_ok(self, n_rows: torch.Tensor, counts: torch.Tensor, row_used: torch.Tensor,
+                         openable: torch.Tensor) -> torch.Tensor:
+        """[*S] may the open row take a title beyond min_row_len? (n_rows [*S]; counts, row_used, openable
+        [*S, R]: fillable titles per row, rows on the page that cannot be opened again, rows that could be opened.)
+
+        With k = min_rows - n_rows rows still needed and m = min_row_len: if k unused, unpinned rows each have
+        >= k*m fillable titles, filling them one after another always works (each loses at most (k-1)*m titles
+        to the others). One more title lowers every count by at most 1, so it is allowed where k rows have
+        >= k*m + 1; opening any openable row keeps the condition, and the titles a new row needs up to m are
+        paid for by the margin it was opened with. Where the condition fails from the start (a small pool, e.g.
+        a kids profile on a small catalog) rows close at min_row_len while any row can be opened (best effort:
+        the fewest titles used); where none can, the page cannot reach min_rows anyway and titles stay allowed
+        (the audit counts the short page)."""
+        s = self.config.shape
+        k = (s.min_rows - n_rows).clamp(min=0)  # [*S] rows still needed
+        free = (self.pin_pos < 0) & ~row_used  # [*S, R] rows that can be opened at any position
+        strong = ((counts >= (k * s.min_row_len + 1)[..., None]) & free).sum(-1)  # [*S]
+        return (k == 0) | (strong >= k) | ~openable.any(-1)
+
     def _assemble(self, part: RulePart, st: PageState) -> torch.Tensor:
         """A RulePart -> allowed [*S, V]; every token allowed where no page is being written."""
         shape = (*st.n_rows.shape, self.vocab_size)
@@ -361,7 +389,7 @@ class RuleSet:
     def allowed(self, st: PageState) -> torch.Tensor:
         """Allowed-token mask [*S, V] of the mask-mode rules together for page states [*S]; where they leave
         nothing, [EOP] (a page can always end)."""
-        parts = list(self.rule_parts(st, self.masked_rules).values())
+        parts = list(self.rule_parts(st, self.masked_rules, plan=True).values())
 
         def both(a, b):
             return b if a is None else a if b is None else a & b

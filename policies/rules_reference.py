@@ -19,8 +19,9 @@ def prompt_facts(rules: RuleSet, prompt: list[int]) -> tuple[set[int], bool]:
     return resumable, t["kids_token"] in prompt
 
 
-def reference_rule_masks(rules: RuleSet, prompt: list[int], prefix: list[int]) -> dict[str, set[int]]:
-    """{rule: allowed next tokens} after `prefix`; every token is allowed once the page has ended."""
+def reference_rule_masks(rules: RuleSet, prompt: list[int], prefix: list[int], plan: bool = False) -> dict[str, set[int]]:
+    """{rule: allowed next tokens} after `prefix`; every token is allowed once the page has ended. plan: the
+    structure rule with the masks' look-ahead (see RuleSet._extra_titles_ok)."""
     t, c, s = rules.tables, rules.config, rules.config.shape
     V = t["vocab_size"]
     every = set(range(V))
@@ -49,24 +50,34 @@ def reference_rule_masks(rules: RuleSet, prompt: list[int], prefix: list[int]) -
 
     on = {r: getattr(c.modes, r) != "off" for r in ENTITY_RULES}
 
-    def openable(row: str) -> bool:
+    def fillable(row: str) -> int:
+        """Titles the row could still be filled with under the entity rules in force."""
         fill = set(entities)
         if on["dedup"]:
             fill -= used
-            if row_token[row] in used:
-                return False
         if on["maturity"] and kids:
             fill &= kids_safe
         if on["category"]:
             fill &= eligible(row)
-        return len(fill) >= s.min_row_len
+        return len(fill)
+
+    def openable(row: str) -> bool:
+        return not (on["dedup"] and row_token[row] in used) and fillable(row) >= s.min_row_len
+
+    def extra_titles_ok() -> bool:
+        """Look-ahead of the masks: a title beyond min_row_len while rows are still needed only if the k
+        rows still needed stay fillable (k unused, unpinned rows with >= k * min_row_len + 1 titles)."""
+        k = max(s.min_rows - n_rows, 0)
+        free = [r for r in ROW_IDS if r not in c.pinned_rows and not (on["dedup"] and row_token[r] in used)]
+        strong = sum(fillable(r) >= k * s.min_row_len + 1 for r in free)
+        return k == 0 or strong >= k or not any(openable(r) for r in ROW_IDS)
 
     all_rows = set(row_token.values())
     eop = t["eop_id"]
     out: dict[str, set[int]] = {}
     if "structure" in rules.audited_rules:
         m = set()
-        if in_row and row_len < s.max_row_len:
+        if in_row and row_len < s.max_row_len and (not plan or row_len < s.min_row_len or extra_titles_ok()):
             m |= entities
         if row_done and n_rows < s.max_rows:
             m |= {row_token[r] for r in ROW_IDS if openable(r)}
@@ -103,7 +114,7 @@ def reference_rule_masks(rules: RuleSet, prompt: list[int], prefix: list[int]) -
 
 def reference_allowed(rules: RuleSet, prompt: list[int], prefix: list[int]) -> set[int]:
     """The mask-mode rules together; [EOP] when they leave nothing."""
-    masks = reference_rule_masks(rules, prompt, prefix)
+    masks = reference_rule_masks(rules, prompt, prefix, plan=True)
     allowed = set(range(rules.tables["vocab_size"]))
     for r in rules.masked_rules:
         allowed &= masks[r]

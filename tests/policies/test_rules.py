@@ -116,6 +116,36 @@ def test_random_walks_under_the_mask_never_dead_end_and_obey_the_rules(setup, us
     assert rules.violations([prompt], [page])["total"][0] == 0
 
 
+@pytest.mark.parametrize("kids_pool", [16, 40])
+def test_title_hungry_pages_of_kids_profiles_still_reach_min_rows(controlled_world, tmp_path, kids_pool):
+    """A policy that takes every title the masks allow (the broad kids row first, 8 titles a row) must not use
+    up a kids profile's small pool of kids-safe titles before the page has min_rows rows: the masks look ahead
+    (default page shape; without the look-ahead every page with a pool of 16 ends after 2 rows)."""
+    world = controlled_world
+    c = world.catalog
+    c.maturity[:] = np.where(np.arange(len(c.maturity)) < kids_pool, 0, MATURITY.index("mature"))
+    path = write_catalog(world, tmp_path / "catalog.parquet")
+    tok = GenPageTokenizer(c.entity_ids, max_history=world.config.history_max)
+    rules = build_ruleset(tok, path, dataclasses.replace(RuleConfig(), new_title_days=c.new_title_days),
+                          trending=set(np.asarray(c.entity_ids)[c.trending]))
+    kids = np.flatnonzero(world.users.profile_type == 1)
+    assert len(kids) >= 10
+    for user in kids:
+        prompt = prompt_of(world, tok, int(user))
+        page = []
+        while not page or page[-1] != tok.eop_id:
+            allowed = rules.allowed_step([prompt], [page])[0]
+            titles = (allowed & rules.is_entity).nonzero().flatten()
+            page.append(int(titles[0] if len(titles) else allowed.nonzero().flatten()[-1]))  # row tokens: the kids row first
+        assert rules.violations([prompt], [page])["total"][0] == 0, (user, tok.decode(page))
+        assert len(tok.decode(page).rows) >= rules.config.shape.min_rows
+        if user in kids[:8]:  # the look-ahead is the same in the trainer's replay and in the reference loop
+            combined = rules.allowed(rules.state_all_positions(torch.tensor([prompt + page]), torch.tensor([len(prompt)])))
+            for i in range(len(page)):
+                want = reference_allowed(rules, prompt, page[:i])
+                assert set(combined[0, len(prompt) - 1 + i].nonzero().flatten().tolist()) == want, i
+
+
 modes_strategy = st.builds(RuleModes, **{r: st.sampled_from(MODES) for r in RULES})
 
 
