@@ -25,7 +25,7 @@ import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 
@@ -46,6 +46,10 @@ class GenPageConfig(LlamaConfig):
     mask_logits: replay the rule mask inside `forward` on full sequences (paper section 6.3): the trainer's
         log-probs are then those of the masked distribution vLLM sampled from. Incremental decoding with a
         KV cache is masked by the logits-processor adapters instead (vLLM, policies.hf_generation).
+    length_bucket_rows: forwards without a KV cache over a right-padded batch (training, log-probs, scoring)
+        run rows of similar length together, each group cut to its own longest row, in groups of at least
+        this many rows (0: one padded batch). Same result per row (attention never reaches padding); less
+        compute where lengths vary (contexts of 9..90 tokens plus pages of 10..55).
     reward_head: how the reward model reads its page score. "entity_sum" (default): one reward per page
         token (rows, titles, [EOP]: the tokens after the last [PAGE]), summed, the way the reward system
         builds a page reward from entity rewards (and trainable on them, reward_model.training);
@@ -63,6 +67,7 @@ class GenPageConfig(LlamaConfig):
     business_rules: dict | None = None
     mask_logits: bool = False
     reward_head: str = "entity_sum"
+    length_bucket_rows: int = 16
 
 
 class GenPageModel(LlamaModel):
@@ -91,10 +96,42 @@ class GenPageModel(LlamaModel):
         content = self.content_embeddings[input_ids].to(self.content_proj.weight.dtype)  # [B, T, C] original title
         return self.embed_tokens(ids) + self.content_proj(content)
 
-    def forward(self, input_ids=None, inputs_embeds=None, **kwargs):
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, **kwargs):
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
-        return super().forward(input_ids=None, inputs_embeds=inputs_embeds, **kwargs)
+        buckets = self.length_buckets(attention_mask, kwargs)
+        if buckets is None:
+            return super().forward(input_ids=None, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                   position_ids=position_ids, **kwargs)
+        T = inputs_embeds.shape[1]
+        hidden = []
+        for rows, L in buckets:  # rows of one group, longest first; L = the group's longest row
+            h = super().forward(inputs_embeds=inputs_embeds[rows, :L], attention_mask=attention_mask[rows, :L],
+                                position_ids=None if position_ids is None else position_ids[rows, :L],
+                                **{**kwargs, "use_cache": False}).last_hidden_state  # [b, L, H]
+            hidden.append(nn.functional.pad(h, (0, 0, 0, T - L)))  # padding positions: zeros
+        order = torch.cat([rows for rows, _ in buckets])  # [B] row of each output position
+        return BaseModelOutputWithPast(last_hidden_state=torch.cat(hidden)[torch.argsort(order)])  # [B, T, H]
+
+    def length_buckets(self, attention_mask: torch.Tensor | None, kwargs: dict) -> list[tuple[torch.Tensor, int]] | None:
+        """Groups of rows of similar length, [(row indices, longest length)], for a right-padded batch
+        attention_mask [B, T] in a forward without KV cache; None where grouping does not apply or saves
+        less than 10% of the padded tokens."""
+        n = self.config.length_bucket_rows
+        if (not n or attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[0] < 2 * n
+                or kwargs.get("use_cache") or kwargs.get("past_key_values") is not None
+                or kwargs.get("cache_position") is not None or kwargs.get("output_hidden_states")
+                or kwargs.get("output_attentions")):
+            return None
+        B, T = attention_mask.shape
+        lengths = attention_mask.bool().sum(-1)  # [B]
+        if not torch.equal(attention_mask.bool(), torch.arange(T, device=lengths.device) < lengths[:, None]):
+            return None  # not right-padded (e.g. left padding for generation)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        groups = [(rows, int(lengths[rows[0]])) for rows in order.tensor_split(B // n)]
+        if sum(len(rows) * L for rows, L in groups) > 0.9 * B * T:
+            return None
+        return groups
 
 
 class _FrozenContentMixin:

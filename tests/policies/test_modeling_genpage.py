@@ -124,3 +124,36 @@ def test_output_side_content_fusion(model):
         torch.testing.assert_close(model(x).logits, expected, atol=1e-5, rtol=1e-5)
         # logits_to_keep=1 (what generate uses) is the last position of the full logits
         torch.testing.assert_close(model(x, logits_to_keep=1).logits[:, -1], model(x).logits[:, -1])
+
+
+def test_length_buckets_give_the_padded_batch_results_and_gradients():
+    """Rows grouped by length (each group cut to its longest row) = one padded batch: logits of every real
+    position and the gradients; left padding, KV caches and small batches keep the single batch."""
+    torch.manual_seed(0)
+    m = build_model(TOK, content(), SIZE).train()
+    m.config.fallback_prob = 0.0
+    lengths = torch.randint(5, 41, (48,), generator=torch.Generator().manual_seed(1))
+    lengths[0] = 40
+    x = ids(48, 40, seed=2)
+    mask = (torch.arange(40)[None] < lengths[:, None]).long()  # right padding
+    assert m.model.length_buckets(mask, {}) is not None and len(m.model.length_buckets(mask, {})) == 3
+    real = mask.bool()
+
+    def run(bucket_rows):
+        m.config.length_bucket_rows = bucket_rows
+        m.zero_grad()
+        logits = m(x, attention_mask=mask, use_cache=False).logits
+        (logits[real].logsumexp(-1) * torch.linspace(0, 1, int(real.sum()))).sum().backward()
+        return logits[real].detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    ref_logits, ref_grads = run(0)
+    logits, grads = run(16)
+    m.config.length_bucket_rows = 16
+    torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-4, rtol=1e-4)
+    assert m.model.length_buckets(mask.flip(-1), {}) is None  # left padding
+    assert m.model.length_buckets(mask, {"use_cache": True}) is None
+    assert m.model.length_buckets(mask[:20], {}) is None  # fewer than two groups of 16 rows
+    assert m.model.length_buckets(torch.ones_like(mask), {}) is None  # nothing to save
