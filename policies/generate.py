@@ -26,7 +26,8 @@ import torch
 
 from homepage.logs import Context
 from homepage.pages import Page
-from policies.hybrid import NO_LIMIT, HybridConfig, control_logits, is_fill_point, select_fill, tokens_to_fill_point
+from policies.hybrid import (NO_LIMIT, HybridConfig, allowed_fill, control_logits, is_fill_point, select_fill,
+                             tokens_to_fill_point)
 from policies.rules import IncrementalPage, PageState, RuleSet
 from policies.tokenizer import GenPageTokenizer
 
@@ -192,6 +193,7 @@ class PageGenerator:
                                 and self.rules.is_entity[u] and u not in r.page.used]
                         m = target - r.page.row_len
                         fill = select_fill(t, cand, np.array([lp[u].logprob for u in cand]), m, temperature <= 0, self.rng)
+                        fill = allowed_fill(self.rules, r.prompt, r.prefix + r.result.page_ids, fill)
                         r.append(fill)
                         r.result.filled_titles += len(fill)
                     if t == self.tok.eop_id:
@@ -285,6 +287,7 @@ class PageGenerator:
                     ok[t] = False
                     cand = ok.nonzero().flatten()
                     fill = select_fill(t, cand.tolist(), lp[cand].numpy(), target - r.page.row_len - 1, temperature <= 0, self.rng)
+                    fill = allowed_fill(rules, r.prompt, r.prefix + r.result.page_ids + [t], fill)
                     new += fill
                     r.result.filled_titles += len(fill)
                 r.append(new)

@@ -110,6 +110,17 @@ def tokens_to_fill_point(page: IncrementalPage, fill_k: int) -> int | None:
     return fill_k + 2  # a row token, fill_k titles, then the fill point's token
 
 
+def allowed_fill(rules: RuleSet, prompt: list[int], page: list[int], fill: list[int]) -> list[int]:
+    """The longest head of `fill` that the rule masks allow title by title after `page` (the page prefix,
+    the fill point's title included). The fill's titles were allowed at the fill point, but the structure
+    rule's look-ahead can stop the row from growing further (the rows still needed must stay fillable)."""
+    if not fill:
+        return fill
+    allowed = rules.allowed_step([prompt] * len(fill), [page + fill[:i] for i in range(len(fill))])  # [m, V]
+    ok = allowed[torch.arange(len(fill)), torch.tensor(fill)]  # [m]
+    return fill[:int(ok.long().cumprod(0).sum())]
+
+
 def select_fill(first: int, candidates: list[int], scores: np.ndarray, m: int, greedy: bool,
                 rng: np.random.Generator | None) -> list[int]:
     """The row's fill after `first` (the title written at the fill point): `m` more distinct titles from

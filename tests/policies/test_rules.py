@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from homepage.catalog import CONTINUE_WATCHING, GENRES, KIDS, MATURITY, NEW_RELEASES, TRENDING
 from homepage.world import world_contexts
+from policies.hybrid import allowed_fill
 from policies.rules import MODES, RULES, PageShape, RuleConfig, RuleModes, RuleSet, build_ruleset
 from policies.rules_reference import reference_allowed, reference_rule_masks
 from policies.tokenizer import GenPageTokenizer
@@ -144,6 +145,37 @@ def test_title_hungry_pages_of_kids_profiles_still_reach_min_rows(controlled_wor
             for i in range(len(page)):
                 want = reference_allowed(rules, prompt, page[:i])
                 assert set(combined[0, len(prompt) - 1 + i].nonzero().flatten().tolist()) == want, i
+
+
+def test_hybrid_fill_stops_where_the_masks_stop_the_row(controlled_world, tmp_path):
+    """Hybrid decoding writes a row's fill in one go; allowed_fill cuts it where the masks (look-ahead
+    included) would not let the row grow, so a fill cannot use up the titles later rows need."""
+    world = controlled_world
+    c = world.catalog
+    c.maturity[:] = np.where(np.arange(len(c.maturity)) < 16, 0, MATURITY.index("mature"))
+    tok = GenPageTokenizer(c.entity_ids, max_history=world.config.history_max)
+    rules = build_ruleset(tok, write_catalog(world, tmp_path / "catalog.parquet"),
+                          dataclasses.replace(RuleConfig(), new_title_days=c.new_title_days),
+                          trending=set(np.asarray(c.entity_ids)[c.trending]))
+    prompt = prompt_of(world, tok, int(np.flatnonzero(world.users.profile_type == 1)[0]))
+    safe = [tok.vocab[f"ent:{e}"] for e in np.asarray(c.entity_ids)[:16]]
+    mature = tok.vocab[f"ent:{c.entity_ids[20]}"]
+    kids_row = tok.vocab[f"row:{KIDS}"]
+    # one row of 3 on the page, two more rows needed from 13 kids-safe titles: the row may not grow
+    assert allowed_fill(rules, prompt, [kids_row, *safe[:3]], safe[3:8]) == []
+    # a mature title ends the fill where it stands (maturity), the titles before it stay
+    assert allowed_fill(rules, prompt, [kids_row, safe[0]], [safe[1], safe[2], mature, safe[3]]) == [safe[1], safe[2]]
+    # once the page has its 3 rows, a row grows freely: the titles a title-hungry walk put in its third row
+    page = []
+    while not page or page[-1] != tok.eop_id:
+        allowed = rules.allowed_step([prompt], [page])[0]
+        titles = (allowed & rules.is_entity).nonzero().flatten()
+        page.append(int(titles[0] if len(titles) else allowed.nonzero().flatten()[-1]))
+    third = [i for i, t in enumerate(page) if t in rules.row_of][2]
+    end = next(i for i in range(third + 1, len(page)) if page[i] in rules.row_of or page[i] == tok.eop_id)
+    assert end - third - 1 > 3  # the third row took more than 3 titles
+    assert allowed_fill(rules, prompt, page[:third + 4], page[third + 4:end]) == page[third + 4:end]
+    assert allowed_fill(rules, prompt, [], []) == []
 
 
 modes_strategy = st.builds(RuleModes, **{r: st.sampled_from(MODES) for r in RULES})
