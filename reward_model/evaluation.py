@@ -54,6 +54,12 @@ def pairwise_accuracy(pred_a: np.ndarray, pred_b: np.ndarray, true_a: np.ndarray
     return float(agree.mean()), int(keep.sum())
 
 
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of an accuracy p over n pairs taken as independent (pairs of one user share pages, so
+    this is a lower bound); nan without pairs."""
+    return float(np.sqrt(p * (1.0 - p) / n)) if n > 0 else float("nan")
+
+
 def regression_metrics(pred: np.ndarray, observed: np.ndarray) -> dict[str, float]:
     """Predicted vs observed page rewards (reward units)."""
     return {"mse": float(np.mean((pred - observed) ** 2)), "pearson_observed": pearson(pred, observed),
@@ -133,6 +139,11 @@ def results_table(summary: dict) -> str:
     for label, key in rows:
         lines.append(f"| {label} | {cell(key)} | {cell('scratch_' + key)} | {cell('baseline_mean_' + key)} "
                      f"| {cell('baseline_linear_' + key)} |")
+    se = [f"{what} pages +-{summary[f'gt_pairwise_acc_{what}_se']:.3f} ({summary[f'gt_pairs_{what}']} pairs)"
+          for what in ("logged", "generated") if summary.get(f"gt_pairwise_acc_{what}_se") is not None]
+    if se:
+        lines += ["", "Standard error of the RM's pairwise accuracies (binomial, pairs taken as independent): "
+                  + ", ".join(se) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -183,10 +194,12 @@ def evaluate(score: Callable[[list[list[int]], list[list[int]]], np.ndarray], es
             pred_b = score([es.prompts[i] for i in es.pair_a], [es.pages[i] for i in es.pair_b])  # [P]
             out["gt_pairwise_acc_logged"], out["gt_pairs_logged"] = pairwise_accuracy(
                 pred[es.pair_a], pred_b, es.true[es.pair_a], es.true_b)
+            out["gt_pairwise_acc_logged_se"] = binomial_se(out["gt_pairwise_acc_logged"], out["gt_pairs_logged"])
     if es.gen_pages:
         gen = score(es.gen_prompts, es.gen_pages)  # [2G]
         out["gt_pearson_generated"] = pearson(gen, es.true_gen)
         out["gt_pairwise_acc_generated"], out["gt_pairs_generated"] = pairwise_accuracy(
             gen[0::2], gen[1::2], es.true_gen[0::2], es.true_gen[1::2])
+        out["gt_pairwise_acc_generated_se"] = binomial_se(out["gt_pairwise_acc_generated"], out["gt_pairs_generated"])
         out["pred_mean_generated"] = float(gen.mean())
     return out

@@ -1,9 +1,10 @@
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policies.tokenizer import GenPageTokenizer
-from reward_model.evaluation import (BagOfEntitiesRidge, EvalSet, evaluate, pairwise_accuracy, pearson, ranks,
+from reward_model.evaluation import (BagOfEntitiesRidge, EvalSet, binomial_se, evaluate, pairwise_accuracy, pearson, ranks,
                                      results_table, spearman)
 
 ENTITIES = ["movie_0000", "show_0001", "game_0002", "movie_0003"]
@@ -72,3 +73,10 @@ def test_evaluate_a_perfect_scorer_on_ground_truth():
     assert m["gt_pairwise_acc_logged"] == 1.0 and m["gt_pairs_logged"] == 2
     assert m["gt_pairwise_acc_generated"] == 1.0 and m["gt_pairs_generated"] == 2
     assert "| GT pairwise acc., logged pages | 1.000 |" in results_table(m)
+    assert m["gt_pairwise_acc_logged_se"] == 0.0 and "logged pages +-0.000 (2 pairs)" in results_table(m)
+
+
+def test_binomial_standard_error_of_a_pairwise_accuracy():
+    assert binomial_se(0.75, 1875) == pytest.approx(0.01)
+    assert binomial_se(0.5, 100) == pytest.approx(0.05)
+    assert np.isnan(binomial_se(0.5, 0))
