@@ -117,27 +117,40 @@ def test_random_walks_under_the_mask_never_dead_end_and_obey_the_rules(setup, us
     assert rules.violations([prompt], [page])["total"][0] == 0
 
 
+def kids_pool_rules(world, tmp_path, kids_pool: int):
+    """Tokenizer and default ruleset of `world` with only its first `kids_pool` titles kids-safe."""
+    c = world.catalog
+    c.maturity[:] = np.where(np.arange(len(c.maturity)) < kids_pool, 0, MATURITY.index("mature"))
+    tok = GenPageTokenizer(c.entity_ids, max_history=world.config.history_max)
+    rules = build_ruleset(tok, write_catalog(world, tmp_path / "catalog.parquet"),
+                          dataclasses.replace(RuleConfig(), new_title_days=c.new_title_days),
+                          trending=set(np.asarray(c.entity_ids)[c.trending]))
+    return tok, rules
+
+
+def title_hungry_page(rules, tok, prompt) -> list[int]:
+    """A page that takes a title whenever the masks allow one, else the last allowed token (the kids row
+    first among row tokens): rows as long as the masks let them be."""
+    page = []
+    while not page or page[-1] != tok.eop_id:
+        allowed = rules.allowed_step([prompt], [page])[0]
+        titles = (allowed & rules.is_entity).nonzero().flatten()
+        page.append(int(titles[0] if len(titles) else allowed.nonzero().flatten()[-1]))
+    return page
+
+
 @pytest.mark.parametrize("kids_pool", [16, 40])
 def test_title_hungry_pages_of_kids_profiles_still_reach_min_rows(controlled_world, tmp_path, kids_pool):
     """A policy that takes every title the masks allow (the broad kids row first, 8 titles a row) must not use
     up a kids profile's small pool of kids-safe titles before the page has min_rows rows: the masks look ahead
     (default page shape; without the look-ahead every page with a pool of 16 ends after 2 rows)."""
     world = controlled_world
-    c = world.catalog
-    c.maturity[:] = np.where(np.arange(len(c.maturity)) < kids_pool, 0, MATURITY.index("mature"))
-    path = write_catalog(world, tmp_path / "catalog.parquet")
-    tok = GenPageTokenizer(c.entity_ids, max_history=world.config.history_max)
-    rules = build_ruleset(tok, path, dataclasses.replace(RuleConfig(), new_title_days=c.new_title_days),
-                          trending=set(np.asarray(c.entity_ids)[c.trending]))
+    tok, rules = kids_pool_rules(world, tmp_path, kids_pool)
     kids = np.flatnonzero(world.users.profile_type == 1)
     assert len(kids) >= 10
     for user in kids:
         prompt = prompt_of(world, tok, int(user))
-        page = []
-        while not page or page[-1] != tok.eop_id:
-            allowed = rules.allowed_step([prompt], [page])[0]
-            titles = (allowed & rules.is_entity).nonzero().flatten()
-            page.append(int(titles[0] if len(titles) else allowed.nonzero().flatten()[-1]))  # row tokens: the kids row first
+        page = title_hungry_page(rules, tok, prompt)
         assert rules.violations([prompt], [page])["total"][0] == 0, (user, tok.decode(page))
         assert len(tok.decode(page).rows) >= rules.config.shape.min_rows
         if user in kids[:8]:  # the look-ahead is the same in the trainer's replay and in the reference loop
@@ -152,11 +165,7 @@ def test_hybrid_fill_stops_where_the_masks_stop_the_row(controlled_world, tmp_pa
     included) would not let the row grow, so a fill cannot use up the titles later rows need."""
     world = controlled_world
     c = world.catalog
-    c.maturity[:] = np.where(np.arange(len(c.maturity)) < 16, 0, MATURITY.index("mature"))
-    tok = GenPageTokenizer(c.entity_ids, max_history=world.config.history_max)
-    rules = build_ruleset(tok, write_catalog(world, tmp_path / "catalog.parquet"),
-                          dataclasses.replace(RuleConfig(), new_title_days=c.new_title_days),
-                          trending=set(np.asarray(c.entity_ids)[c.trending]))
+    tok, rules = kids_pool_rules(world, tmp_path, 16)
     prompt = prompt_of(world, tok, int(np.flatnonzero(world.users.profile_type == 1)[0]))
     safe = [tok.vocab[f"ent:{e}"] for e in np.asarray(c.entity_ids)[:16]]
     mature = tok.vocab[f"ent:{c.entity_ids[20]}"]
@@ -166,11 +175,7 @@ def test_hybrid_fill_stops_where_the_masks_stop_the_row(controlled_world, tmp_pa
     # a mature title ends the fill where it stands (maturity), the titles before it stay
     assert allowed_fill(rules, prompt, [kids_row, safe[0]], [safe[1], safe[2], mature, safe[3]]) == [safe[1], safe[2]]
     # once the page has its 3 rows, a row grows freely: the titles a title-hungry walk put in its third row
-    page = []
-    while not page or page[-1] != tok.eop_id:
-        allowed = rules.allowed_step([prompt], [page])[0]
-        titles = (allowed & rules.is_entity).nonzero().flatten()
-        page.append(int(titles[0] if len(titles) else allowed.nonzero().flatten()[-1]))
+    page = title_hungry_page(rules, tok, prompt)
     third = [i for i, t in enumerate(page) if t in rules.row_of][2]
     end = next(i for i in range(third + 1, len(page)) if page[i] in rules.row_of or page[i] == tok.eop_id)
     assert end - third - 1 > 3  # the third row took more than 3 titles
