@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 KL_ESTIMATORS = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")  # verl core_algos.kl_penalty
+LOSS_MODE = "genpage_vanilla"  # rl.policy_loss.LOSS_MODE (not imported here: that module imports verl)
 FP32 = "{param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}"  # verl FSDP engine mixed_precision
 
 
@@ -39,6 +40,7 @@ class DrGrpoConfig:
     max_page_tokens: int = 55  # longest page in tokens (6 rows x (1 + 8 titles) + [EOP]); Dr. GRPO's loss constant
     max_prompt_tokens: int = 96  # longest prompt in tokens (9 + 4 per history action + [PAGE]; the default world's 20 actions: 90)
     mask_logits: bool = True  # business-rule masks in vLLM (logits processor) and in the trainer's log-probs
+    old_log_probs: str = "rollout"  # PPO ratio's old policy: "rollout" = vLLM's log-probs of the sampled pages (verl's rollout_correction.bypass_mode; same fp32 weights and masks, so no second forward pass; rollout_probs_diff_max then comes from the update's forward, rl/policy_loss.py), "recompute" = verl's old-log-prob pass
     ppo_epochs: int = 1  # passes over each rollout batch
     mini_batches: int = 1  # optimizer steps per rollout batch (prompts_per_step must divide by it)
     grad_clip: float = 1.0  # max gradient norm
@@ -74,6 +76,8 @@ class DrGrpoConfig:
             problems.append("temperature must be > 0 (rollouts sample)")
         if self.wandb_mode not in ("offline", "online", "disabled"):
             problems.append(f"wandb_mode must be offline, online or disabled, got {self.wandb_mode!r}")
+        if self.old_log_probs not in ("rollout", "recompute"):
+            problems.append(f"old_log_probs must be 'rollout' or 'recompute', got {self.old_log_probs!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -135,7 +139,8 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
         f"data.seed={seed}",
         # -- model: policy and reference from the pretrained checkpoint, fp32 -----------------------------
         f"actor_rollout_ref.model.path={abs_(policy_dir)}",
-        "actor_rollout_ref.model.external_lib=policies.modeling_genpage",
+        # GenPage's Auto classes; rl.policy_loss registers the on-policy loss with verl (old_log_probs=rollout)
+        "actor_rollout_ref.model.external_lib=[policies.modeling_genpage,rl.policy_loss]",
         "actor_rollout_ref.model.use_remove_padding=False",
         "actor_rollout_ref.model.enable_gradient_checkpointing=False",
         # Training-time fallback-token replacement would make the trainer's log-probs differ from the sampler's.
@@ -153,7 +158,14 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
         f"actor_rollout_ref.actor.kl_loss_coef={cfg.kl_coef}",
         f"actor_rollout_ref.actor.kl_loss_type={cfg.kl_estimator}",
         "actor_rollout_ref.actor.entropy_coeff=0",
-        "actor_rollout_ref.actor.calculate_entropy=False",  # actor/entropy comes from the old-log-prob pass
+    ]
+    if cfg.old_log_probs == "rollout":  # no old-log-prob pass: entropy and the sampler/trainer check in the update
+        o += ["algorithm.rollout_correction.bypass_mode=True",
+              f"actor_rollout_ref.actor.policy_loss.loss_mode={LOSS_MODE}",
+              "actor_rollout_ref.actor.calculate_entropy=True"]
+    else:
+        o += ["actor_rollout_ref.actor.calculate_entropy=False"]  # actor/entropy comes from the old-log-prob pass
+    o += [
         f"actor_rollout_ref.actor.optim.lr={cfg.lr}",
         "actor_rollout_ref.actor.optim.weight_decay=0.0",
         f"actor_rollout_ref.actor.grad_clip={cfg.grad_clip}",

@@ -4,7 +4,10 @@ metrics of each step's rollouts are logged with verl's own metrics.
 verl stores each page's `reward_extra_info` (RM score, format score, ground-truth reward, diversity, rule
 violations) in the batch but logs it only for validation. `GenPagePPOTrainer._update_actor` adds their
 per-step means, and the catalog coverage of the step's pages, to the actor's metrics, which verl reduces and
-logs with the rest of the step (`rl.page_metrics` names them). Nothing else about the algorithm changes.
+logs with the rest of the step (`rl.page_metrics` names them). Without verl's old-log-prob pass
+(`old_log_probs=rollout`), the update reports what that pass would have: the sampler/trainer agreement
+(rl/policy_loss.py) under verl's own name, and the token entropy as `actor/entropy`. Nothing else about the
+algorithm changes.
 
 `GenPageTaskRunner` is verl's `TaskRunner.run` (verl/trainer/main_ppo_v0.py, 0.9.1) with the trainer class
 swapped, plus a loop over seeds that reuses the workers; `verl.trainer.main_ppo.run_ppo(config,
@@ -37,6 +40,19 @@ def step_page_metrics(batch, entity_token: np.ndarray) -> dict[str, float]:
     return metrics
 
 
+def old_log_prob_pass_metrics(actor_metrics: dict) -> dict:
+    """The metrics of verl's old-log-prob pass, from the update's when that pass is skipped: the update's
+    `actor/training/rollout_probs_diff_max` (verl prefixes the actor's metrics) and its token entropy
+    (`actor/entropy_loss`, same aggregation). Empty when the pass ran (verl logged both itself)."""
+    out = {}
+    moved = "actor/" + pm.ROLLOUT_PROBS_DIFF_MAX
+    if moved in actor_metrics:
+        out[pm.ROLLOUT_PROBS_DIFF_MAX] = actor_metrics.pop(moved)
+        if pm.ENTROPY not in actor_metrics and "actor/entropy_loss" in actor_metrics:
+            out[pm.ENTROPY] = actor_metrics["actor/entropy_loss"]
+    return out
+
+
 class GenPagePPOTrainer(RayPPOTrainer):
     """RayPPOTrainer that also logs page metrics (see module docstring)."""
 
@@ -47,7 +63,9 @@ class GenPagePPOTrainer(RayPPOTrainer):
         if self._entity_token is None:
             names = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
             self._entity_token = np.array([n.startswith("ent:") and not n.startswith("ent:<") for n in names])
-        actor_output.meta_info["metrics"].update(step_page_metrics(batch, self._entity_token))
+        metrics = actor_output.meta_info["metrics"]
+        metrics.update(step_page_metrics(batch, self._entity_token))
+        metrics.update(old_log_prob_pass_metrics(metrics))
         return actor_output
 
 

@@ -19,7 +19,7 @@ def test_shipped_yaml_loads():
 
 @pytest.mark.parametrize("override, hint", [
     ("group_size=1", "group_size"), ("kl_estimator=k9", "low_var_kl"), ("reward_rules=[nope]", "dedup"),
-    ("mini_batches=3", "multiple"), ("seeds=[]", r"seeds=\[0\]"),
+    ("mini_batches=3", "multiple"), ("seeds=[]", r"seeds=\[0\]"), ("old_log_probs=vllm", "recompute"),
 ])
 def test_bad_values_say_how_to_fix(override, hint):
     with pytest.raises(ConfigError, match=hint):

@@ -24,6 +24,44 @@ def test_config_selects_dr_grpo(verl_cfg):
     assert verl_cfg.actor_rollout_ref.actor.loss_scale_factor == 55
     assert verl_cfg.actor_rollout_ref.actor.use_kl_loss is True
     assert verl_cfg.actor_rollout_ref.actor.kl_loss_type == "low_var_kl"
+    # Default old_log_probs=rollout: verl's bypass of the old-log-prob pass, our registered loss in the workers.
+    assert verl_cfg.algorithm.rollout_correction.bypass_mode is True
+    assert verl_cfg.actor_rollout_ref.actor.policy_loss.loss_mode == "genpage_vanilla"
+    assert "rl.policy_loss" in verl_cfg.actor_rollout_ref.model.external_lib
+    assert verl_cfg.actor_rollout_ref.rollout.calculate_log_probs is True  # what the bypass reads
+
+
+def test_recompute_keeps_verls_old_log_prob_pass(tmp_path):
+    cfg = DrGrpoConfig(old_log_probs="recompute")
+    c = compose_verl_config(verl_overrides(cfg, "runs/pretrain/model", RunPaths(tmp_path, 0), seed=0, cpu=True))
+    assert c.algorithm.rollout_correction.bypass_mode is False
+    assert c.actor_rollout_ref.actor.policy_loss.loss_mode == "vanilla"
+
+
+def test_on_policy_loss_is_verls_vanilla_plus_the_probs_check(verl_cfg):
+    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla, get_policy_loss_fn
+    from verl.utils.config import omega_conf_to_dataclass
+
+    import rl.policy_loss  # noqa: F401  (registers the loss, as the workers' external_lib import does)
+    from rl import page_metrics as pm
+
+    actor = omega_conf_to_dataclass(verl_cfg.actor_rollout_ref.actor)
+    fn = get_policy_loss_fn(actor.policy_loss.loss_mode)
+    # Token probabilities: rollout 0.5, 0.25 | 0.8 (+ a padding token whose 0.9 vs 0.1 must not count);
+    # trainer 0.5, 0.2 | 0.81 -> max |diff| over the response = 0.05.
+    rollout = torch.tensor([[0.5, 0.25], [0.8, 0.9]]).log()
+    trainer = torch.tensor([[0.5, 0.2], [0.81, 0.1]]).log().requires_grad_()
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    adv = torch.tensor([[1.0, 1.0], [-2.0, -2.0]])
+    loss, metrics = fn(old_log_prob=rollout, log_prob=trainer, advantages=adv, response_mask=mask,
+                       loss_agg_mode=actor.loss_agg_mode, config=actor)
+    ref_loss, ref_metrics = compute_policy_loss_vanilla(old_log_prob=rollout, log_prob=trainer, advantages=adv,
+                                                        response_mask=mask, loss_agg_mode=actor.loss_agg_mode, config=actor)
+    assert metrics[pm.ROLLOUT_PROBS_DIFF_MAX] == pytest.approx(0.05, abs=1e-6)
+    torch.testing.assert_close(loss, ref_loss)
+    assert {k: v for k, v in metrics.items() if k != pm.ROLLOUT_PROBS_DIFF_MAX} == ref_metrics
+    loss.backward()  # the check itself carries no gradient
+    assert trainer.grad is not None
 
 
 def test_group_relative_advantage_without_std(verl_cfg):

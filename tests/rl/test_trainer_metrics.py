@@ -30,3 +30,16 @@ def test_step_page_metrics_by_hand():
     assert m["rules/violations/dedup"] == 0.5 and m[pm.VIOLATING_PAGES] == 0.5
     assert m[pm.COVERAGE] == 1.0  # titles 3 and 4 both shown, of the vocabulary's 2 titles
     assert "uid" not in " ".join(m)
+
+
+def test_old_log_prob_pass_metrics_move_from_the_update():
+    from rl import page_metrics as pm
+    from rl.trainer import old_log_prob_pass_metrics
+
+    # Bypassed pass: verl prefixed the update's check with actor/; it goes back under verl's own name.
+    update = {"actor/training/rollout_probs_diff_max": 2e-6, "actor/entropy_loss": 1.9, "actor/kl_loss": 0.01}
+    moved = old_log_prob_pass_metrics(update)
+    assert moved == {pm.ROLLOUT_PROBS_DIFF_MAX: 2e-6, pm.ENTROPY: 1.9}
+    assert "actor/training/rollout_probs_diff_max" not in update
+    # The pass ran: verl logged both itself; nothing is added or overwritten.
+    assert old_log_prob_pass_metrics({"actor/entropy_loss": 0.3, "actor/pg_loss": 0.1}) == {}
