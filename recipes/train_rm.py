@@ -31,8 +31,7 @@ from reward_model.data import (RewardNormalization, check_disjoint_users, check_
                                split_logs)
 from reward_model.evaluation import (BagOfEntitiesRidge, EvalSet, evaluate, logged_eval_set, results_table,
                                      scatter_plot)
-from reward_model.scoring import PageRewardScorer
-from reward_model.training import fit
+from reward_model.pipeline import InitRun, train_inits
 
 
 def check_inputs(cfg: RewardModelConfig) -> tuple[Path | None, Path, Path]:
@@ -126,24 +125,14 @@ def main() -> None:
         evalset.gen_prompts, evalset.gen_pages = generated["prompts"], generated["pages"]
         evalset.true_gen = np.asarray(generated["true"])
 
-    # -- train and evaluate: pretrained initialization, then the random-initialization ablation --------------
-    results, preds = {}, {}
-    inits = {"pretrained": ("model", "rm"), **({"scratch": ("scratch_model", "rm_scratch")} if cfg.scratch_ablation else {})}
-    for init, (model_name, run_name) in inits.items():
-        result = fit(init, cfg, train, valid, norm, tok.pad_id, tok.eop_id, out / "checkpoints" / init, out, run_name,
-                     page_token_rewards(train_table) if cfg.entity_loss_weight > 0 else None)
-        model_dir = out / model_name
-        result.model.save_pretrained(model_dir)
-        tok.save_pretrained(model_dir)
-        scorer = PageRewardScorer.from_pretrained(model_dir, batch_size=cfg.score_batch_size)
-        metrics = evaluate(scorer.score, evalset)
-        preds[f"RM ({init} init)"] = scorer.score(valid.prompts, valid.pages)
-        metrics.update({"valid_loss_history": result.history, "train_s": result.train_s,
-                        "resumed_from_step": result.resumed_from})
-        results[init] = metrics
-        result.wandb_run.summary.update({f"rm/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-        result.wandb_run.finish()
-        print(f"[{run_name}] " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+    # -- train and evaluate: pretrained initialization and the random-initialization ablation (at once) ------
+    runs = [InitRun("pretrained", out / "model", out / "checkpoints" / "pretrained", out, "rm")]
+    if cfg.scratch_ablation:
+        runs.append(InitRun("scratch", out / "scratch_model", out / "checkpoints" / "scratch", out, "rm_scratch"))
+    fitted = train_inits(runs, cfg, train, valid, norm, tok, evalset,
+                         page_token_rewards(train_table) if cfg.entity_loss_weight > 0 else None)
+    results = {init: r.metrics for init, r in fitted.items()}
+    preds = {f"RM ({init} init)": r.valid_pred for init, r in fitted.items()}
 
     # -- baselines: the training mean; a bag-of-entities ridge regression ------------------------------------
     ridge = BagOfEntitiesRidge(tok, cfg.ridge_lambda).fit(train.prompts, train.pages, train.page_reward)

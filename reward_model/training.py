@@ -141,7 +141,7 @@ class FitResult:
 
 def fit(init: str, cfg: RewardModelConfig, train: PageSequences, valid: PageSequences, norm: RewardNormalization,
         pad_id: int, eop_id: int, ckpt_dir: Path, wandb_dir: Path, name: str,
-        train_token_rewards: list[np.ndarray] | None = None) -> FitResult:
+        train_token_rewards: list[np.ndarray] | None = None, bar_position: int = 0) -> FitResult:
     """Trains one reward model with checkpoints in ckpt_dir; a killed run resumes from the last one.
 
     train/valid page_reward are in reward units; the loss is on (reward - mean) / std (norm).
@@ -191,7 +191,7 @@ def fit(init: str, cfg: RewardModelConfig, train: PageSequences, valid: PageSequ
     target_train = torch.as_tensor(norm.normalize(train.page_reward), dtype=torch.float32)  # [N]
 
     t_train = 0.0
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, unit="step")
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, unit="step", position=bar_position)
     for step in bar:
         batch_rng = np.random.default_rng([cfg.seed, step])  # batch order is a function of the step: resumable
         idx = batch_rng.choice(len(train), size=min(cfg.batch_size, len(train)), replace=False)

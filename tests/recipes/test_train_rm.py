@@ -50,8 +50,9 @@ def train_rm(inputs, out: Path, *extra: str, timeout: int = 600) -> subprocess.C
 def test_smoke_run_lowers_validation_loss_and_writes_a_scorer(inputs, tmp_path):
     out = tmp_path / "rm"
     proc = train_rm(inputs, out, "steps=80", "eval_interval=40", "checkpoint_interval=40", "generated_users=6",
-                    "eval_backend=hf", "max_new_tokens=40")
+                    "eval_backend=hf", "max_new_tokens=40", "num_threads=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes x 1 thread(s)" in proc.stdout  # both initializations trained at once
     summary = json.loads((out / "summary.json").read_text())
     for init in ("", "scratch_"):
         losses = [h["valid_loss"] for h in summary[f"{init}valid_loss_history"]]
@@ -76,6 +77,23 @@ def test_smoke_run_lowers_validation_loss_and_writes_a_scorer(inputs, tmp_path):
     assert scores.shape == (12,) and abs(scores.mean() - summary["pred_mean_generated"]) < 1e-6
     # Rerun: reuses the finished output.
     assert "reusing" in train_rm(inputs, out, "steps=80").stdout
+
+
+def test_training_at_once_equals_training_in_turn(inputs, tmp_path):
+    """Each child process trains exactly what the sequential loop would (same data, order, seeds, threads)."""
+    args = ["steps=15", "eval_interval=15", "checkpoint_interval=15", "generated_users=0"]
+    together = train_rm(inputs, tmp_path / "together", *args, "num_threads=2")
+    in_turn = train_rm(inputs, tmp_path / "in_turn", *args, "num_threads=1", "parallel_inits=false")
+    assert together.returncode == 0 and in_turn.returncode == 0, (together.stderr[-2000:], in_turn.stderr[-2000:])
+    assert "at once" in together.stdout and "at once" not in in_turn.stdout
+    from safetensors.torch import load_file
+
+    for model in ("model", "scratch_model"):
+        a = load_file(tmp_path / "together" / model / "model.safetensors")
+        b = load_file(tmp_path / "in_turn" / model / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), model
+    s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("together", "in_turn"))
+    assert s1["mse"] == s2["mse"] and s1["scratch_gt_pairwise_acc_logged"] == s2["scratch_gt_pairwise_acc_logged"]
 
 
 def test_killed_run_resumes_from_last_checkpoint(inputs, tmp_path):

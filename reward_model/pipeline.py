@@ -1,0 +1,83 @@
+"""The reward-model recipe's training stage: each initialization (pretrained, and the random-backbone ablation)
+trained, saved with its tokenizer and evaluated, one after the other or at once in child processes.
+
+On a 2-core machine two processes of one thread each train 1.2x faster together than one process of two
+threads trains them in turn (the model's matrix products are too small to keep two threads busy): measured
+0.345 s per step each, at once, vs 0.20 s per step in turn. Both runs see the same data in the same order,
+as they would in turn; only the floating-point summation order of the thread count differs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from policies.data import PageSequences
+from policies.tokenizer import GenPageTokenizer
+from reward_model.config import RewardModelConfig
+from reward_model.data import RewardNormalization
+from reward_model.evaluation import EvalSet, evaluate
+from reward_model.scoring import PageRewardScorer
+from reward_model.training import fit
+
+
+@dataclass(frozen=True)
+class InitRun:
+    """One initialization's training run: where its model and checkpoints go, its wandb name."""
+
+    init: str  # "pretrained" or "scratch" (reward_model.training.INITIALIZERS)
+    model_dir: Path  # final HF directory (with the tokenizer)
+    ckpt_dir: Path  # resumable checkpoints
+    wandb_dir: Path  # the wandb run's files go under wandb_dir/wandb
+    name: str  # wandb run and progress-bar name
+
+
+@dataclass
+class InitResult:
+    """What the recipe reports of one run: ground-truth and observed metrics, and the validation predictions
+    (reward units) for the scatter plot."""
+
+    metrics: dict
+    valid_pred: np.ndarray
+
+
+def train_and_evaluate(run: InitRun, cfg: RewardModelConfig, train: PageSequences, valid: PageSequences,
+                       norm: RewardNormalization, tok: GenPageTokenizer, evalset: EvalSet,
+                       train_token_rewards: list[np.ndarray] | None, num_threads: int, bar_position: int = 0) -> InitResult:
+    """Trains (or resumes) one initialization, saves it, scores the evaluation sets with the saved model (what
+    users load), and closes its wandb run with the evaluation in its summary."""
+    torch.set_num_threads(num_threads)
+    result = fit(run.init, cfg, train, valid, norm, tok.pad_id, tok.eop_id, run.ckpt_dir, run.wandb_dir, run.name,
+                 train_token_rewards, bar_position)
+    result.model.save_pretrained(run.model_dir)
+    tok.save_pretrained(run.model_dir)
+    scorer = PageRewardScorer.from_pretrained(run.model_dir, batch_size=cfg.score_batch_size)
+    metrics = evaluate(scorer.score, evalset)
+    metrics.update({"valid_loss_history": result.history, "train_s": result.train_s,
+                    "resumed_from_step": result.resumed_from})
+    result.wandb_run.summary.update({f"rm/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    result.wandb_run.finish()
+    print(f"[{run.name}] " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+    return InitResult(metrics, scorer.score(valid.prompts, valid.pages))
+
+
+def train_inits(runs: list[InitRun], cfg: RewardModelConfig, train: PageSequences, valid: PageSequences,
+                norm: RewardNormalization, tok: GenPageTokenizer, evalset: EvalSet,
+                train_token_rewards: list[np.ndarray] | None) -> dict[str, InitResult]:
+    """Every run of `runs`, at once in child processes (cfg.parallel_inits, more than one run and at least as
+    many threads as runs) or in turn in this process. -> {init: result}"""
+    args = (cfg, train, valid, norm, tok, evalset, train_token_rewards)
+    if not cfg.parallel_inits or len(runs) < 2 or cfg.num_threads < len(runs):
+        return {run.init: train_and_evaluate(run, *args, num_threads=cfg.num_threads) for run in runs}
+    threads = cfg.num_threads // len(runs)
+    print(f"[train_rm] training {', '.join(r.init for r in runs)} at once: {len(runs)} processes x {threads} thread(s)")
+    # spawn: a fresh interpreter per run (no forked torch thread pools); the children import this module.
+    with ProcessPoolExecutor(len(runs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {run.init: pool.submit(train_and_evaluate, run, *args, num_threads=threads, bar_position=i)
+                   for i, run in enumerate(runs)}
+        return {init: f.result() for init, f in futures.items()}
