@@ -260,9 +260,10 @@ class RuleSet:
         last_row = torch.where(is_row, pos, torch.full_like(input_ids, -1)).cummax(-1).values  # [B, T]
         cur_row = torch.where(last_row >= 0, self.row_index[input_ids.gather(1, last_row.clamp(min=0))], -1)
         row_len = torch.where(last_row >= 0, pos - last_row, 0)
-        onehot = torch.zeros(B, T, self.vocab_size, dtype=torch.int32)
-        onehot.scatter_(2, input_ids.unsqueeze(-1), in_page.int().unsqueeze(-1))
-        used = onehot.cumsum(1) > 0  # [B, T, V]
+        # token v is on the page by position t iff its first page position is <= t
+        first = torch.full((B, self.vocab_size), T, dtype=torch.long)
+        first.scatter_reduce_(1, input_ids, torch.where(in_page, pos, T).expand(B, T), reduce="amin")  # [B, V]
+        used = first[:, None, :] <= pos[:, :, None]  # [B, T, V]
         resumable, kids = self.prompt_facts(input_ids, page_start)
         return PageState(active, used, n_rows, row_len, cur_row, resumable[:, None, :], kids[:, None])
 
@@ -407,8 +408,16 @@ class RuleSet:
         return self.allowed(self.state_step(prompts, prefixes))
 
     def allowed_all_positions(self, input_ids: torch.Tensor, page_start: torch.Tensor) -> torch.Tensor:
-        """[B, T, V]: at position t, the tokens allowed at t + 1 (all True outside an active page)."""
-        return self.allowed(self.state_all_positions(input_ids, page_start))
+        """[B, T, V]: at position t, the tokens allowed at t + 1 (all True outside an active page).
+
+        The rules run on the active positions only (a page is a few dozen of a sequence's ~150 positions)."""
+        st = self.state_all_positions(input_ids, page_start)
+        b, t = st.active.nonzero(as_tuple=True)  # [N] active (row, position) pairs
+        active = PageState(st.active[b, t], st.used[b, t], st.n_rows[b, t], st.row_len[b, t], st.cur_row[b, t],
+                           st.resumable[b, 0], st.kids[b, 0])  # [N] states; resumable [B, 1, V], kids [B, 1]
+        out = torch.ones(*input_ids.shape, self.vocab_size, dtype=torch.bool)
+        out[b, t] = self.allowed(active)
+        return out
 
     def mask_logits(self, logits: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Mask replay for the trainer: logits [B, T, V] of full sequences -> disallowed tokens set to

@@ -199,6 +199,8 @@ def test_vectorized_masks_equal_the_reference_loop_rule_by_rule(setup, user, see
     state = rules.state_all_positions(ids, torch.tensor([len(prompt)]))
     all_pos = rules.rule_masks(state)
     combined = rules.allowed(state)
+    # the trainer's replay computes the rules on the active positions only: same mask everywhere
+    assert torch.equal(rules.allowed_all_positions(ids, torch.tensor([len(prompt)])), combined)
     for i in range(len(page)):
         ref = reference_rule_masks(rules, prompt, page[:i])
         pos = len(prompt) - 1 + i  # position predicting page token i
@@ -317,6 +319,8 @@ def test_mask_replay_in_forward_equals_the_engine_mask_with_padding_and_packing(
         got = masked[b, len(p): len(p) + len(g)]  # positions predicting page tokens (offset 1 = left pad)
         assert torch.equal(got > neg / 2, want)
         assert torch.equal(got[want], raw[b, len(p): len(p) + len(g)][want])  # allowed logits untouched
+        assert torch.equal(masked[b, :len(p)], raw[b, :len(p)])  # padding and prompt positions: no mask
+        assert torch.equal(masked[b, 1 + len(p) + len(g):], raw[b, 1 + len(p) + len(g):])  # after [EOP]: none
         assert torch.isfinite(masked[b]).all()
     # Packed: the three sequences in one row, position ids restarting per sequence, no padding.
     flat = torch.tensor([[t for p, g in seqs for t in p + g]])
