@@ -10,6 +10,9 @@ as they would in turn; only the floating-point summation order of the thread cou
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +49,30 @@ class InitResult:
     valid_pred: np.ndarray
 
 
+def exit_with_parent(parent_pid: int, interval_s: float = 0.5) -> threading.Thread:
+    """In a child process: exit as soon as the parent `parent_pid` is gone. A parent killed outright (SIGKILL,
+    or SIGTERM without a handler) cannot stop its children; without this they would keep training and writing
+    checkpoints under a rerun that resumes from the same directory."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
+
+
 def train_and_evaluate(run: InitRun, cfg: RewardModelConfig, train: PageSequences, valid: PageSequences,
                        norm: RewardNormalization, tok: GenPageTokenizer, evalset: EvalSet,
-                       train_token_rewards: list[np.ndarray] | None, num_threads: int, bar_position: int = 0) -> InitResult:
+                       train_token_rewards: list[np.ndarray] | None, num_threads: int, bar_position: int = 0,
+                       parent_pid: int | None = None) -> InitResult:
     """Trains (or resumes) one initialization, saves it, scores the evaluation sets with the saved model (what
-    users load), and closes its wandb run with the evaluation in its summary."""
+    users load), and closes its wandb run with the evaluation in its summary. parent_pid: in a child process,
+    the recipe's process (the child exits when it is gone)."""
+    if parent_pid is not None:
+        exit_with_parent(parent_pid)
     torch.set_num_threads(num_threads)
     result = fit(run.init, cfg, train, valid, norm, tok.pad_id, tok.eop_id, run.ckpt_dir, run.wandb_dir, run.name,
                  train_token_rewards, bar_position)
@@ -78,6 +100,6 @@ def train_inits(runs: list[InitRun], cfg: RewardModelConfig, train: PageSequence
     print(f"[train_rm] training {', '.join(r.init for r in runs)} at once: {len(runs)} processes x {threads} thread(s)")
     # spawn: a fresh interpreter per run (no forked torch thread pools); the children import this module.
     with ProcessPoolExecutor(len(runs), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {run.init: pool.submit(train_and_evaluate, run, *args, num_threads=threads, bar_position=i)
-                   for i, run in enumerate(runs)}
+        futures = {run.init: pool.submit(train_and_evaluate, run, *args, num_threads=threads, bar_position=i,
+                                         parent_pid=os.getpid()) for i, run in enumerate(runs)}
         return {init: f.result() for init, f in futures.items()}

@@ -122,6 +122,55 @@ def test_killed_run_resumes_from_last_checkpoint(inputs, tmp_path):
     assert summary["scratch_mse"] is None  # the ablation was switched off
 
 
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after "(comm)": state, ppid, ... (None once the process is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def alive(pid: int) -> bool:
+    st = _stat(pid)
+    return st is not None and st[0] != "Z"  # a zombie has exited
+
+
+def children_of(pid: int) -> list[int]:
+    """Live child processes of `pid` (Linux /proc)."""
+    return [int(p.name) for p in Path("/proc").glob("[0-9]*") if (st := _stat(int(p.name))) and int(st[1]) == pid
+            and st[0] != "Z"]
+
+
+def test_killed_parent_takes_its_training_processes_along_and_both_resume(inputs, tmp_path):
+    out = tmp_path / "rm"
+    args = ["steps=150", "eval_interval=1000", "checkpoint_interval=10", "generated_users=0", "num_threads=2"]
+    world, pretrained = inputs
+    cmd = recipe("train_rm.py", f"world_dir={world}", f"pretrained_dir={pretrained}", f"out_dir={out}", *TINY_RM, *args)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpts = [out / "checkpoints" / init for init in ("pretrained", "scratch")]
+    deadline = time.time() + 300
+    while not all(list(c.glob("step_*/trainer_state.pt")) for c in ckpts) and time.time() < deadline:
+        assert proc.poll() is None
+        time.sleep(0.2)
+    trainers = children_of(proc.pid)
+    assert trainers, "the two initializations train in child processes"
+    os.kill(proc.pid, signal.SIGKILL)  # the recipe alone: its children get no signal
+    proc.wait()
+    deadline = time.time() + 20
+    while any(alive(p) for p in trainers) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [p for p in trainers if alive(p)]
+    for p in left:  # never leave them running, even when the assertion below fails
+        os.kill(p, signal.SIGKILL)
+    assert not left, "training processes outlived the killed recipe"
+    saved = {c.name: max(int(p.parent.name[5:]) for p in c.glob("step_*/trainer_state.pt")) for c in ckpts}
+    assert all(s < 150 for s in saved.values()), "the run finished before it could be killed"
+    again = train_rm(inputs, out, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_step"] == saved["pretrained"] and summary["scratch_resumed_from_step"] == saved["scratch"]
+
+
 @pytest.mark.parametrize("field, row, value", [("hour", 3, 30), ("page_reward", 7, float("nan"))])
 def test_malformed_log_row_is_named(inputs, tmp_path, field, row, value):
     """An hour out of range (caught by homepage.logs.read_logs) and a NaN page reward (the regression target;
