@@ -96,17 +96,24 @@ def test_training_at_once_equals_training_in_turn(inputs, tmp_path):
     assert s1["mse"] == s2["mse"] and s1["scratch_gt_pairwise_acc_logged"] == s2["scratch_gt_pairwise_acc_logged"]
 
 
-def test_killed_run_resumes_from_last_checkpoint(inputs, tmp_path):
-    out = tmp_path / "rm"
-    args = ["steps=300", "eval_interval=1000", "checkpoint_interval=10", "generated_users=0", "scratch_ablation=false"]
+def start_until_checkpointed(inputs, out: Path, args: list[str], inits: list[str]) -> subprocess.Popen:
+    """train_rm.py started in its own session, returned once every init in `inits` has a complete checkpoint."""
     world, pretrained = inputs
     cmd = recipe("train_rm.py", f"world_dir={world}", f"pretrained_dir={pretrained}", f"out_dir={out}", *TINY_RM, *args)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    ckpts = out / "checkpoints" / "pretrained"
     deadline = time.time() + 300
-    while not list(ckpts.glob("step_*/trainer_state.pt")) and time.time() < deadline:
+    while (not all(list((out / "checkpoints" / i).glob("step_*/trainer_state.pt")) for i in inits)
+           and time.time() < deadline):
         assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
         time.sleep(0.2)
+    return proc
+
+
+def test_killed_run_resumes_from_last_checkpoint(inputs, tmp_path):
+    out = tmp_path / "rm"
+    args = ["steps=300", "eval_interval=1000", "checkpoint_interval=10", "generated_users=0", "scratch_ablation=false"]
+    proc = start_until_checkpointed(inputs, out, args, ["pretrained"])
+    ckpts = out / "checkpoints" / "pretrained"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     steps_done = [int(p.parent.name.split("_")[1]) for p in ckpts.glob("step_*/trainer_state.pt")]
@@ -144,14 +151,8 @@ def children_of(pid: int) -> list[int]:
 def test_killed_parent_takes_its_training_processes_along_and_both_resume(inputs, tmp_path):
     out = tmp_path / "rm"
     args = ["steps=150", "eval_interval=1000", "checkpoint_interval=10", "generated_users=0", "num_threads=2"]
-    world, pretrained = inputs
-    cmd = recipe("train_rm.py", f"world_dir={world}", f"pretrained_dir={pretrained}", f"out_dir={out}", *TINY_RM, *args)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_until_checkpointed(inputs, out, args, ["pretrained", "scratch"])
     ckpts = [out / "checkpoints" / init for init in ("pretrained", "scratch")]
-    deadline = time.time() + 300
-    while not all(list(c.glob("step_*/trainer_state.pt")) for c in ckpts) and time.time() < deadline:
-        assert proc.poll() is None
-        time.sleep(0.2)
     trainers = children_of(proc.pid)
     assert trainers, "the two initializations train in child processes"
     os.kill(proc.pid, signal.SIGKILL)  # the recipe alone: its children get no signal
