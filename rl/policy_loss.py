@@ -8,7 +8,9 @@ computes in the skipped pass, moves here: the update's forward computes the trai
 any optimizer step of the batch.
 
 Registered with verl's policy-loss registry; the actor workers import this module through
-`actor_rollout_ref.model.external_lib` and select the loss with `actor.policy_loss.loss_mode`.
+`actor_rollout_ref.model.external_lib` and select the loss with `actor.policy_loss.loss_mode`. (verl 0.9.1's
+bypass also sets `loss_mode=bypass_mode` on the driver's config, which the engine workers, configured at start,
+never see; they run the loss named here. Checked in a run: no `rollout_corr/*` metrics, `actor/ppo_kl` 0.)
 """
 
 from __future__ import annotations
