@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 KL_ESTIMATORS = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")  # verl core_algos.kl_penalty
-LOSS_MODE = "genpage_vanilla"  # rl.policy_loss.LOSS_MODE (not imported here: that module imports verl)
+LOSS_MODE = "genpage_vanilla"  # the on-policy loss rl/policy_loss.py registers with verl under this name
 FP32 = "{param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}"  # verl FSDP engine mixed_precision
 
 

@@ -21,8 +21,7 @@ import torch
 from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla, register_policy_loss
 
 from rl import page_metrics as pm
-
-LOSS_MODE = "genpage_vanilla"  # actor.policy_loss.loss_mode
+from rl.config import LOSS_MODE  # actor.policy_loss.loss_mode of this loss
 
 
 def probs_diff_max(rollout_log_prob: torch.Tensor, log_prob: torch.Tensor, response_mask: torch.Tensor) -> float:
