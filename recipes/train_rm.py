@@ -136,12 +136,12 @@ def main() -> None:
 
     # -- baselines: the training mean; a bag-of-entities ridge regression ------------------------------------
     ridge = BagOfEntitiesRidge(tok, cfg.ridge_lambda).fit(train.prompts, train.pages, train.page_reward)
+    preds["bag-of-entities ridge"] = ridge.predict(evalset.prompts, evalset.pages)
     baselines = {"mean": evaluate(lambda prompts, pages: np.full(len(prompts), norm.mean), evalset),
-                 "linear": evaluate(ridge.predict, evalset)}
-    preds["bag-of-entities ridge"] = ridge.predict(valid.prompts, valid.pages)
+                 "linear": evaluate(ridge.predict, evalset, preds["bag-of-entities ridge"])}
 
     # -- outputs -------------------------------------------------------------------------------------------
-    scatter_plot(out / "pred_vs_observed.png", preds, valid.page_reward,
+    scatter_plot(out / "pred_vs_observed.png", preds, evalset.observed,
                  f"validation users ({len(valid)} impressions): predicted vs observed page reward")
     summary = dict(results["pretrained"])
     scratch = results.get("scratch", {})  # switched off: its keys are there, as None

@@ -183,9 +183,12 @@ def logged_eval_set(world, table, seqs) -> EvalSet:
     return EvalSet(seqs.prompts, seqs.pages, seqs.page_reward.astype(np.float64), true, a, b, true_b)
 
 
-def evaluate(score: Callable[[list[list[int]], list[list[int]]], np.ndarray], es: EvalSet) -> dict[str, float | int]:
-    """All metrics of one scorer ((prompts, pages) -> page rewards [N]) on an EvalSet."""
-    pred = score(es.prompts, es.pages)  # [N]
+def evaluate(score: Callable[[list[list[int]], list[list[int]]], np.ndarray], es: EvalSet,
+             pred: np.ndarray | None = None) -> dict[str, float | int]:
+    """All metrics of one scorer ((prompts, pages) -> page rewards [N]) on an EvalSet. pred: the scorer's [N]
+    predictions on es.prompts, es.pages when the caller has them already (they are not computed again)."""
+    if pred is None:
+        pred = score(es.prompts, es.pages)  # [N]
     out: dict[str, float | int] = regression_metrics(pred, es.observed)
     out["pred_mean_logged"] = float(pred.mean())
     if es.true is not None:

@@ -79,13 +79,14 @@ def train_and_evaluate(run: InitRun, cfg: RewardModelConfig, train: PageSequence
     result.model.save_pretrained(run.model_dir)
     tok.save_pretrained(run.model_dir)
     scorer = PageRewardScorer.from_pretrained(run.model_dir, batch_size=cfg.score_batch_size)
-    metrics = evaluate(scorer.score, evalset)
+    valid_pred = scorer.score(evalset.prompts, evalset.pages)  # [N] the validation impressions, reward units
+    metrics = evaluate(scorer.score, evalset, valid_pred)
     metrics.update({"valid_loss_history": result.history, "train_s": result.train_s,
                     "resumed_from_step": result.resumed_from})
     result.wandb_run.summary.update({f"rm/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     result.wandb_run.finish()
     print(f"[{run.name}] " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
-    return InitResult(metrics, scorer.score(valid.prompts, valid.pages))
+    return InitResult(metrics, valid_pred)
 
 
 def train_inits(runs: list[InitRun], cfg: RewardModelConfig, train: PageSequences, valid: PageSequences,
