@@ -129,40 +129,26 @@ def test_killed_run_resumes_from_last_checkpoint(inputs, tmp_path):
     assert summary["scratch_mse"] is None  # the ablation was switched off
 
 
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after "(comm)": state, ppid, ... (None once the process is gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-
-
-def alive(pid: int) -> bool:
-    st = _stat(pid)
-    return st is not None and st[0] != "Z"  # a zombie has exited
-
-
-def children_of(pid: int) -> list[int]:
-    """Live child processes of `pid` (Linux /proc)."""
-    return [int(p.name) for p in Path("/proc").glob("[0-9]*") if (st := _stat(int(p.name))) and int(st[1]) == pid
-            and st[0] != "Z"]
-
-
 def test_killed_parent_takes_its_training_processes_along_and_both_resume(inputs, tmp_path):
+    psutil = pytest.importorskip("psutil")  # as rl.runtime uses it
     out = tmp_path / "rm"
     args = ["steps=150", "eval_interval=1000", "checkpoint_interval=10", "generated_users=0", "num_threads=2"]
     proc = start_until_checkpointed(inputs, out, args, ["pretrained", "scratch"])
     ckpts = [out / "checkpoints" / init for init in ("pretrained", "scratch")]
-    trainers = children_of(proc.pid)
+    trainers = psutil.Process(proc.pid).children()
     assert trainers, "the two initializations train in child processes"
     os.kill(proc.pid, signal.SIGKILL)  # the recipe alone: its children get no signal
     proc.wait()
-    deadline = time.time() + 20
-    while any(alive(p) for p in trainers) and time.time() < deadline:
-        time.sleep(0.2)
-    left = [p for p in trainers if alive(p)]
+    def running(p) -> bool:  # an orphan that exited stays a zombie until init reaps it
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    _, left = psutil.wait_procs(trainers, timeout=20)
+    left = [p for p in left if running(p)]
     for p in left:  # never leave them running, even when the assertion below fails
-        os.kill(p, signal.SIGKILL)
+        p.kill()
     assert not left, "training processes outlived the killed recipe"
     saved = {c.name: max(int(p.parent.name[5:]) for p in c.glob("step_*/trainer_state.pt")) for c in ckpts}
     assert all(s < 150 for s in saved.values()), "the run finished before it could be killed"
