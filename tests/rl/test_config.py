@@ -51,3 +51,36 @@ def test_cpu_platform_and_shim_helpers():
     assert dedupe_backend("cpu:gloo,cpu:gloo") == "cpu:gloo"
     assert dedupe_backend("cpu:gloo,cuda:nccl") == "cpu:gloo,cuda:nccl"
     assert dedupe_backend(None) is None
+
+
+def test_vectorized_logprobs_equal_verls_fallback_and_patch_the_engine():
+    """The shim's one-op log-probs match verl's row-loop fallback in value and gradient (fp32; padded labels
+    included), and after apply_all the FSDP engine module calls the shim (its own import of the name)."""
+    pytest.importorskip("verl")
+    import torch
+    from verl.utils.torch_functional import logprobs_from_logits_v2
+
+    from rl import cpu_shims
+
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 7, 11) * 4).requires_grad_(True)  # [B, T, V]
+    labels = torch.randint(0, 11, (3, 7))
+    ours = cpu_shims.vectorized_label_logprobs(logits, labels)
+    (g_ours,) = torch.autograd.grad((ours * torch.arange(7.0)).sum(), logits)
+    theirs = logprobs_from_logits_v2(logits, labels)
+    (g_theirs,) = torch.autograd.grad((theirs * torch.arange(7.0)).sum(), logits)
+    assert ours.shape == (3, 7)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[1, 2], torch.log_softmax(logits[1, 2], -1)[labels[1, 2]])  # by hand
+
+    cpu_shims.apply_all()
+    import verl.workers.engine.fsdp.transformer_impl as engine
+
+    assert getattr(engine.logprobs_from_logits, "_genpage_vectorized", False)
+    flat = logits.detach().reshape(-1, 11)  # the engine's packed [tokens, V] layout
+    torch.testing.assert_close(engine.logprobs_from_logits(flat, labels.reshape(-1)),
+                               logprobs_from_logits_v2(flat, labels.reshape(-1)), rtol=0, atol=1e-5)
+    bf16 = flat.to(torch.bfloat16)  # other dtypes keep verl's path
+    torch.testing.assert_close(engine.logprobs_from_logits(bf16, labels.reshape(-1)),
+                               logprobs_from_logits_v2(bf16, labels.reshape(-1)))
