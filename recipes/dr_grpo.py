@@ -24,7 +24,8 @@ import uuid
 from pathlib import Path
 
 from homepage.recipe_utils import parse_recipe_args, write_summary
-from rl.config import DrGrpoConfig, RunPaths, compose_verl_config, on_cpu, seed_run, verl_overrides
+from rl.config import (DrGrpoConfig, RunPaths, compose_verl_config, on_cpu, pretrained_validation, seed_run,
+                       verl_overrides)
 from rl.runtime import RunGuard, init_ray
 
 
@@ -84,13 +85,16 @@ def run_seeds(cfg: DrGrpoConfig, init: Path, seeds: list[int], guard: RunGuard) 
 
     out = Path(cfg.out_dir)
     runs = []
+    validate_pretrained = pretrained_validation(out, cfg.seeds) is None  # once per run, by the first fresh seed
     for seed in seeds:
         paths = RunPaths(out, seed)
         paths.metrics.mkdir(parents=True, exist_ok=True)
         wandb_id = paths.run / "wandb_id.txt"
         if not wandb_id.exists():  # one wandb run per seed, continued on resume
             wandb_id.write_text(uuid.uuid4().hex[:12])
-        runs.append(seed_run(cfg, paths, wandb_id.read_text().strip(), attempt=len(list(paths.metrics.glob("attempt_*.jsonl")))))
+        runs.append(seed_run(cfg, paths, wandb_id.read_text().strip(), attempt=len(list(paths.metrics.glob("attempt_*.jsonl"))),
+                             validate_pretrained=validate_pretrained))
+        validate_pretrained &= not runs[-1]["config"]["trainer.val_before_train"]
     env = {
         "OMP_NUM_THREADS": str(cfg.num_threads), "TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true",
         # Ray kills workers when the *host* passes 95% memory use, counting other users' processes on a shared
@@ -103,7 +107,7 @@ def run_seeds(cfg: DrGrpoConfig, init: Path, seeds: list[int], guard: RunGuard) 
         env.update(cpu_env())
     os.environ.update(env)
     first = RunPaths(out, seeds[0])
-    overrides = verl_overrides(cfg, init, first, seeds[0], on_cpu(), validate_before=not runs[0]["resume"])
+    overrides = verl_overrides(cfg, init, first, seeds[0], on_cpu(), validate_before=runs[0]["config"]["trainer.val_before_train"])
     overrides += [f"+ray_kwargs.ray_init.runtime_env.env_vars.{k}='{v}'" for k, v in env.items()]
     config = compose_verl_config(overrides)
     with open_dict(config):

@@ -122,8 +122,8 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
     """Hydra overrides of verl's ppo_trainer.yaml for one seed's run.
 
     policy_dir: the checkpoint policy and reference start from (the pretrained one, rules attached);
-    validate_before: evaluate it on the held-out prompts before the first step (False when resuming: the
-    resumed policy is no longer the pretrained one)."""
+    validate_before: evaluate it on the held-out prompts before the first step (False when resuming, since the
+    resumed policy is no longer the pretrained one, and when another seed of the run has validated it)."""
     abs_ = lambda p: str(Path(p).resolve())  # noqa: E731  (Ray workers do not share the driver's cwd)
     n_rollouts = cfg.prompts_per_step * cfg.group_size
     o = [
@@ -246,9 +246,25 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
     return o + list(cfg.extra_verl_overrides)
 
 
-def seed_run(cfg: DrGrpoConfig, paths: RunPaths, wandb_id: str, attempt: int) -> dict:
+def pretrained_validation(out: str | Path, seeds) -> tuple[int, Path] | None:
+    """(seed, path) of the held-out validation of the pretrained policy (verl's step-0 dump), else None.
+
+    The pretrained policy is validated once per run, before the first step of the first seed that starts from
+    it: every seed starts from the same policy, and its held-out true reward varies little with the sampling
+    seed (the true reward is an expectation: three validations of 500 users, one per seed, had a std of 0.3%)."""
+    for seed in seeds:
+        path = RunPaths(Path(out), seed).run / "validation" / "0.jsonl"
+        if path.exists():
+            return seed, path
+    return None
+
+
+def seed_run(cfg: DrGrpoConfig, paths: RunPaths, wandb_id: str, attempt: int, validate_pretrained: bool = True) -> dict:
     """What `rl.trainer.GenPageTaskRunner` changes in verl's config and environment to train one seed in a
-    session that trains several (one Ray cluster, one set of workers and one vLLM server for all seeds)."""
+    session that trains several (one Ray cluster, one set of workers and one vLLM server for all seeds).
+
+    validate_pretrained: validate the pretrained policy before this seed's first step (when no other seed of
+    the run has; see `pretrained_validation`). A resumed seed never does: its policy is no longer that one."""
     resume = (paths.checkpoints / "latest_checkpointed_iteration.txt").exists()
     return {
         "seed": paths.seed,
@@ -259,8 +275,7 @@ def seed_run(cfg: DrGrpoConfig, paths: RunPaths, wandb_id: str, attempt: int) ->
             "trainer.default_local_dir": str(paths.checkpoints.resolve()),
             "trainer.validation_data_dir": str((paths.run / "validation").resolve()),
             "trainer.experiment_name": f"dr_grpo_seed{paths.seed}",
-            # Validate the pretrained policy before the first step; a resumed policy is no longer that one.
-            "trainer.val_before_train": not resume,
+            "trainer.val_before_train": validate_pretrained and not resume,
         },
         "env": {  # read when verl's Tracking starts (per fit)
             "VERL_FILE_LOGGER_PATH": str((paths.metrics / f"attempt_{attempt}.jsonl").resolve()),

@@ -2,9 +2,10 @@
 
 The pretrained and the RL policy are evaluated by verl's own validation pass on the held-out prompts (test-split
 users), in the same vLLM server with the same rule masks and scored by the same reward manager: before the
-first step (the pretrained policy) and after the last (the RL policy); verl writes one record per page to
+first step (the pretrained policy: once per run, by the first seed that starts from it, since every seed starts
+from the same policy) and after each seed's last step (the RL policy); verl writes one record per page to
 `seed_<s>/validation/<step>.jsonl`. The logging policy serves the same requests in the world and its pages are
-scored by the same `PageJudge`. Everything is averaged over pages, then over seeds.
+scored by the same `PageJudge`. Everything is averaged over pages, the RL policy's figures then over seeds.
 
 Writes results.md (the table), curves.png (per-step reward and diversity relative to the pretrained policy =
 1.0, KL to the reference) and returns the summary dict.
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from rl import page_metrics as pm
-from rl.config import DrGrpoConfig, RunPaths
+from rl.config import DrGrpoConfig, RunPaths, pretrained_validation
 
 POLICIES = ("logging", "pretrained", "rl")
 
@@ -90,8 +91,8 @@ def results_table(rows: dict[str, dict[str, float]], seeds: list[int], users: in
             ("coverage", "catalog coverage"), ("titles_per_page", "titles/page"),
             ("mask_violations_per_page", "mask-rule violations/page")]
     pre = rows["pretrained"]["true_reward"]
-    lines = [f"Held-out users: {users} test-split requests; pretrained and RL: mean over seeds {seeds}; pages "
-             "sampled at the evaluation temperature under the rule masks.", "",
+    lines = [f"Held-out users: {users} test-split requests; pretrained: validated once (every seed starts from it); "
+             f"RL: mean over seeds {seeds}; pages sampled at the evaluation temperature under the rule masks.", "",
              "| policy | " + " | ".join(c for _, c in cols) + " | true reward vs pretrained |",
              "|---|" + "---:|" * (len(cols) + 1)]
     for name in POLICIES:
@@ -115,13 +116,15 @@ def moving_average(y: np.ndarray, window: int) -> np.ndarray:
     return np.concatenate([np.cumsum(y[: window - 1]) / np.arange(1, window), out]) if len(y) >= window else np.cumsum(y) / np.arange(1, len(y) + 1)
 
 
-def plot_curves(per_seed: dict[int, dict[int, dict[str, float]]], path: Path, window: int = 5) -> None:
+def plot_curves(per_seed: dict[int, dict[int, dict[str, float]]], path: Path, window: int = 5,
+                pretrained_steps: dict[int, dict[str, float]] | None = None) -> None:
     """Per-step reward and diversity relative to the pretrained policy (= 1.0), and the KL to the reference.
 
     Each step's rollouts come from a different handful of users, so the curves are noisy: thin lines are the
     steps, thick ones their moving average over `window` steps (mean over seeds). The pretrained level is its
-    validation on held-out users before step 1 (same distribution of users; step 1's rollouts if absent),
-    and the dots at the end are the RL policy's validation on those same held-out users."""
+    validation on held-out users before step 1 (the seed's own, else `pretrained_steps`' step 0: it is validated
+    once per run; step 1's rollouts if neither has it), and the dots at the end are the RL policy's validation on
+    those same held-out users."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,7 +144,8 @@ def plot_curves(per_seed: dict[int, dict[int, dict[str, float]]], path: Path, wi
                 ys = np.array([steps[s][key] for s in xs], dtype=float)
                 base = 1.0
                 if relative:
-                    base = val_metric(steps, 0, key) or float(np.mean(ys[: min(3, len(ys))])) or 1.0
+                    base = (val_metric(steps, 0, key) or val_metric(pretrained_steps or {}, 0, key)
+                            or float(np.mean(ys[: min(3, len(ys))])) or 1.0)
                     final = val_metric(steps, xs[-1], key)
                     if final is not None:
                         finals.append((xs[-1], final / base))
@@ -170,28 +174,31 @@ def evaluate_run(cfg: DrGrpoConfig, out: Path, init: Path) -> dict:
     out = Path(out)
     judge = PageJudge.from_dirs(cfg.world_dir, init, cfg.rm_dir, cfg.format_weight)
     n_entities = judge.world.catalog.n
-    per_seed_metrics, seed_rows = {}, {"pretrained": [], "rl": []}
+    pretrained = pretrained_validation(out, cfg.seeds)  # one validation of the pretrained policy per run
+    if pretrained is None:
+        raise RuntimeError(f"{out}: no seed holds the step-0 (pretrained) validation dump (seed_<s>/validation/0.jsonl); "
+                           "rerun with --force")
+    pre_seed, pre_path = pretrained
+    pre_row = policy_row(read_validation(pre_path), n_entities)
+    per_seed_metrics, rl_rows = {}, []
     for seed in cfg.seeds:
         paths = RunPaths(out, seed)
         per_seed_metrics[seed] = read_metrics(paths)
-        steps = sorted(int(p.stem) for p in (paths.run / "validation").glob("*.jsonl"))
-        if 0 not in steps or len(steps) < 2:
-            raise RuntimeError(f"{paths.run / 'validation'}: need the step-0 (pretrained) and the final validation "
-                               f"dumps, found steps {steps}; rerun with --force")
-        seed_rows["pretrained"].append(policy_row(read_validation(paths.run / "validation" / "0.jsonl"), n_entities))
-        seed_rows["rl"].append(policy_row(read_validation(paths.run / "validation" / f"{steps[-1]}.jsonl"), n_entities))
-    rows = {"logging": policy_row(logging_policy_values(cfg, judge, out / "data"), n_entities)}
-    for name, per_seed in seed_rows.items():
-        rows[name] = {k: float(np.mean([r[k] for r in per_seed])) for k in per_seed[0]}
-        rows[name]["mask_violations"] = int(sum(r["mask_violations"] for r in per_seed))
+        steps = sorted(int(p.stem) for p in (paths.run / "validation").glob("*.jsonl") if int(p.stem) > 0)
+        if not steps:
+            raise RuntimeError(f"{paths.run / 'validation'}: no validation dump after training; rerun with --force")
+        rl_rows.append(policy_row(read_validation(paths.run / "validation" / f"{steps[-1]}.jsonl"), n_entities))
+    rows = {"logging": policy_row(logging_policy_values(cfg, judge, out / "data"), n_entities), "pretrained": pre_row,
+            "rl": {k: float(np.mean([r[k] for r in rl_rows])) for k in rl_rows[0]}}
+    rows["rl"]["mask_violations"] = int(sum(r["mask_violations"] for r in rl_rows))
     (out / "results.md").write_text("# Dr. GRPO: held-out evaluation\n\n" + results_table(rows, list(cfg.seeds), cfg.eval_users))
-    plot_curves(per_seed_metrics, out / "curves.png")
+    plot_curves(per_seed_metrics, out / "curves.png", pretrained_steps=per_seed_metrics[pre_seed])
 
     all_steps = [m for steps in per_seed_metrics.values() for m in steps.values()]
     diffs = [m[pm.ROLLOUT_PROBS_DIFF_MAX] for m in all_steps if pm.ROLLOUT_PROBS_DIFF_MAX in m]
     step_times = [m["timing_s/step"] for m in all_steps if "timing_s/step" in m]
     pre, rl = rows["pretrained"], rows["rl"]
-    seed_gains = [r["true_reward"] / p["true_reward"] - 1.0 for p, r in zip(seed_rows["pretrained"], seed_rows["rl"])]
+    seed_gains = [r["true_reward"] / pre["true_reward"] - 1.0 for r in rl_rows]
     return {
         "true_reward_logging": rows["logging"]["true_reward"],
         "true_reward_pretrained": pre["true_reward"],
@@ -212,7 +219,8 @@ def evaluate_run(cfg: DrGrpoConfig, out: Path, init: Path) -> dict:
         "rollout_probs_diff_max": float(max(diffs)) if diffs else None,
         "step_time_s_mean": float(np.mean(step_times)) if step_times else None,
         "seeds": list(cfg.seeds),
-        "per_seed": {str(s): {"pretrained": p, "rl": r} for s, p, r in zip(cfg.seeds, seed_rows["pretrained"], seed_rows["rl"])},
+        "per_seed": {str(s): {"pretrained": pre, "rl": r} for s, r in zip(cfg.seeds, rl_rows)},
+        "pretrained_validation_seed": pre_seed,  # the seed session that validated the pretrained policy (once per run)
         "table": rows,
         "eval_users": cfg.eval_users,
     }

@@ -91,12 +91,17 @@ def test_smoke_run_moves_the_policy_and_writes_metrics(inputs, tmp_path):
     for seed in (0, 1):
         assert list((out / f"seed_{seed}" / "wandb").glob("offline-run-*")), "wandb offline run missing"
 
+    # The pretrained policy is validated once, before seed 0's first step; each seed's RL policy after its last.
+    assert sorted(p.name for p in (out / "seed_0" / "validation").glob("*.jsonl")) == ["0.jsonl", "2.jsonl"]
+    assert sorted(p.name for p in (out / "seed_1" / "validation").glob("*.jsonl")) == ["2.jsonl"]
+
     summary = json.loads((out / "summary.json").read_text())
     for key in ("true_reward_logging", "true_reward_pretrained", "true_reward_rl", "true_reward_gain",
                 "rm_reward_pretrained", "rm_reward_rl", "diversity_pretrained", "diversity_rl", "mask_violations",
                 "rollout_probs_diff_max", "seeds", "wall_s"):
         assert key in summary, key
-    assert summary["mask_violations"] == 0 and summary["seeds"] == [0, 1]
+    assert summary["mask_violations"] == 0 and summary["seeds"] == [0, 1] and summary["pretrained_validation_seed"] == 0
+    assert summary["per_seed"]["0"]["pretrained"] == summary["per_seed"]["1"]["pretrained"]
     per_seed = [summary["per_seed"][s]["rl"]["true_reward"] / summary["per_seed"][s]["pretrained"]["true_reward"] - 1
                 for s in ("0", "1")]
     assert summary["true_reward_gain_per_seed"] == pytest.approx(per_seed) and summary["true_reward_gain_std"] >= 0

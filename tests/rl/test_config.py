@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from homepage.config import ConfigError, load_config
-from rl.config import DrGrpoConfig, RunPaths, verl_overrides
+from rl.config import DrGrpoConfig, RunPaths, pretrained_validation, seed_run, verl_overrides
 
 ROOT = Path(__file__).parents[2]
 
@@ -37,6 +37,26 @@ def test_overrides_cpu_only_settings_and_masks(tmp_path):
     assert "actor_rollout_ref.actor.strategy=fsdp2" in cpu and "+ray_kwargs.ray_init.num_gpus=1" in cpu
     assert f"trainer.default_local_dir={(tmp_path / 'seed_1' / 'checkpoints').resolve()}" in gpu
     assert "trainer.resume_mode=auto" in gpu
+
+
+def test_pretrained_policy_validated_once_per_run(tmp_path):
+    """Only the seed asked to validates the pretrained policy, never a resumed one; the run's pretrained
+    validation is the first seed's step-0 dump that exists."""
+    cfg = DrGrpoConfig(seeds=(0, 1, 2))
+    assert pretrained_validation(tmp_path, cfg.seeds) is None
+    fresh = seed_run(cfg, RunPaths(tmp_path, 1), "id", 0, validate_pretrained=True)
+    assert fresh["config"]["trainer.val_before_train"] is True and fresh["resume"] is False
+    assert seed_run(cfg, RunPaths(tmp_path, 2), "id", 0, validate_pretrained=False)["config"]["trainer.val_before_train"] is False
+    resumed = RunPaths(tmp_path, 0)
+    resumed.checkpoints.mkdir(parents=True)
+    (resumed.checkpoints / "latest_checkpointed_iteration.txt").write_text("10")
+    run = seed_run(cfg, resumed, "id", 1, validate_pretrained=True)
+    assert run["resume"] is True and run["config"]["trainer.val_before_train"] is False
+    dump = RunPaths(tmp_path, 1).run / "validation" / "0.jsonl"
+    dump.parent.mkdir(parents=True)
+    dump.write_text("{}")
+    assert pretrained_validation(tmp_path, cfg.seeds) == (1, dump)
+    assert pretrained_validation(tmp_path, (2,)) is None
 
 
 def test_cpu_platform_and_shim_helpers():
