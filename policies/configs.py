@@ -22,7 +22,7 @@ class PretrainConfig:
     warmup_steps: int = 30  # linear warmup
     weight_decay: float = 0.01  # AdamW weight decay
     grad_clip: float = 1.0  # max gradient norm
-    eval_interval: int = 100  # steps between held-out loss evaluations
+    eval_interval: int = 250  # steps between held-out loss evaluations (1,000 pages: ~2.3 s each at 2 threads)
     eval_sequences: int = 1000  # validation sequences used for the held-out loss
     checkpoint_interval: int = 100  # steps between resumable checkpoints
     seed: int = 0  # model init, batch order, evaluation users
