@@ -2,9 +2,10 @@
 trainer on a machine without an accelerator (measured facts: shared/notes/cpu-stack.md).
 
 Each shim is one small function: what fails without it (for `vectorized_logprobs`: what it costs), and the
-versions it was written against. They are applied only on the CPU platform (`VERL_PLATFORM=cpu`, see `rl/cpu_platform.py`, which calls `apply_all()` in
-every process that imports verl); on a GPU machine none of them runs. Shims that patch a verl module patch
-it when that module is first imported (`when_imported`), so no verl module is imported early.
+versions it was written against. They are applied only on the CPU platform (`VERL_PLATFORM=cpu`, see
+`rl/cpu_platform.py`, which calls `apply_all()` in every process that imports verl); on a GPU machine none of
+them runs. Shims that patch a verl module patch it when that module is first imported (`when_imported`), so
+no verl module is imported early.
 
 Not shims but configuration (set by `rl.config.verl_overrides` on CPU only): `strategy=fsdp2` (FSDP1 needs an
 accelerator), `free_cache_engine=False` and

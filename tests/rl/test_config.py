@@ -74,8 +74,8 @@ def test_cpu_platform_and_shim_helpers():
 
 
 def test_vectorized_logprobs_equal_verls_fallback_and_patch_the_engine():
-    """The shim's one-op log-probs match verl's row-loop fallback in value and gradient (fp32; padded labels
-    included), and after apply_all the FSDP engine module calls the shim (its own import of the name)."""
+    """The shim's one-op log-probs match verl's row-loop fallback in value and gradient (fp32), and after
+    apply_all the FSDP engine module calls the shim (its own import of the name); bf16 keeps verl's path."""
     pytest.importorskip("verl")
     import torch
     from verl.utils.torch_functional import logprobs_from_logits_v2
