@@ -19,6 +19,7 @@ class RewardModelConfig:
     backbone_lr: float = 5e-4  # peak learning rate of the transformer backbone (both initializations)
     reward_head: str = "entity_sum"  # "entity_sum": page score = sum of per-token rewards; "last": one scalar at [EOP]
     entity_loss_weight: float = 100.0  # entity_sum head: weight of the loss of each title's reward vs its logged entity reward
+    shrink_perturb: float = 0.8  # pretrained init: each transformer-layer weight matrix w -> 0.8 w + 0.2 fresh-init noise (Ash & Adams 2020); 1 = as pretrained
     ema_decay: float = 0.995  # exponential moving average of the weights (evaluated and saved); 0 = the live weights
     warmup_steps: int = 30  # linear warmup
     weight_decay: float = 0.01  # AdamW weight decay
@@ -46,6 +47,8 @@ class RewardModelConfig:
             problems.append("lr must be > 0 and backbone_lr >= 0 (0 freezes the backbone)")
         if self.eval_interval < 1 or self.checkpoint_interval < 1 or self.eval_sequences < 1:
             problems.append("eval_interval, checkpoint_interval and eval_sequences must be >= 1")
+        if not 0.0 < self.shrink_perturb <= 1.0:
+            problems.append(f"shrink_perturb must be in (0, 1] (1 keeps the pretrained weights), got {self.shrink_perturb}")
         if not 0.0 <= self.ema_decay < 1.0:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.ridge_lambda < 0 or self.generated_users < 0 or self.entity_loss_weight < 0:

@@ -48,13 +48,33 @@ INITIALIZERS: dict[str, Callable[[str | Path, int], GenPageForPageReward]] = {
 }
 
 
+def shrink_perturb(model: GenPageForPageReward, shrink: float, seed: int) -> None:
+    """Warm start by shrink and perturb (Ash & Adams, 2020): every weight matrix of the transformer layers
+    becomes shrink * w + (1 - shrink) * noise, the noise drawn like a fresh initialization (normal, std
+    config.initializer_range). Embeddings, norms and the head keep their values. shrink 1 is a no-op."""
+    if shrink >= 1.0:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    std = model.config.initializer_range
+    with torch.no_grad():
+        for p in model.model.layers.parameters():
+            if p.dim() == 2:  # [out, in] projections of attention and MLP
+                noise = torch.randn(p.shape, generator=gen) * std
+                p.mul_(shrink).add_(noise.to(p.device, p.dtype), alpha=1.0 - shrink)
+
+
 def build_reward_model(pretrained_dir: str | Path, init: str, norm: RewardNormalization, seed: int = 0,
-                       reward_head: str = "entity_sum", mean_page_tokens: float = 1.0) -> GenPageForPageReward:
+                       reward_head: str = "entity_sum", mean_page_tokens: float = 1.0,
+                       shrink: float = 1.0) -> GenPageForPageReward:
     """A reward model whose config carries the target normalization and the head (saved with every
-    checkpoint). The entity_sum head starts at the mean reward spread evenly over a mean-length page."""
+    checkpoint). The entity_sum head starts at the mean reward spread evenly over a mean-length page.
+    shrink < 1: the pretrained initialization's layers are shrunk and perturbed (shrink_perturb); the random
+    initialization is left as it is."""
     if init not in INITIALIZERS:
         raise ValueError(f"unknown reward-model initialization {init!r}; known: {sorted(INITIALIZERS)}")
     model = INITIALIZERS[init](pretrained_dir, seed)
+    if init == "pretrained":
+        shrink_perturb(model, shrink, seed)
     model.config.architectures = ["GenPageForPageReward"]
     model.config.reward_mean, model.config.reward_std = norm.mean, norm.std
     model.config.reward_head = reward_head
@@ -156,7 +176,8 @@ def fit(init: str, cfg: RewardModelConfig, train: PageSequences, valid: PageSequ
         model = AutoModelForSequenceClassification.from_pretrained(resume, dtype=torch.float32)
     else:
         mean_tokens = float(np.mean([len(g) for g in train.pages])) + 1.0  # + [EOP]
-        model = build_reward_model(cfg.pretrained_dir, init, norm, cfg.seed, cfg.reward_head, mean_tokens)
+        model = build_reward_model(cfg.pretrained_dir, init, norm, cfg.seed, cfg.reward_head, mean_tokens,
+                                   cfg.shrink_perturb)
     model.train()
     entity_scale = 1.0
     use_entities = cfg.entity_loss_weight > 0 and model.config.reward_head == "entity_sum"

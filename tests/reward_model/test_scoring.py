@@ -55,6 +55,28 @@ def test_pretrained_init_copies_the_backbone_and_initializes_the_head(pretrained
         build_reward_model(pretrained_dir, "imagenet", NORM)
 
 
+def test_shrink_perturb_mixes_the_pretrained_layers_with_fresh_noise(pretrained_dir):
+    base = build_reward_model(pretrained_dir, "pretrained", NORM, seed=0)
+    warm = build_reward_model(pretrained_dir, "pretrained", NORM, seed=0, shrink=0.8)
+    matrices = 0
+    for (name, a), b in zip(base.model.layers.named_parameters(), warm.model.layers.parameters()):
+        if a.dim() == 2:  # 0.8 w + 0.2 noise with the initializer's std (0.02)
+            noise = (b - 0.8 * a) / 0.2
+            assert abs(noise.std().item() - 0.02) < 0.004 and abs(noise.mean().item()) < 0.004, name
+            assert abs(torch.corrcoef(torch.stack([noise.flatten(), a.flatten()]))[0, 1].item()) < 0.1, name  # fresh, not w
+            matrices += 1
+        else:
+            assert torch.equal(a, b), name  # norms keep their values
+    assert matrices == 7  # q, k, v, o, gate, up, down
+    assert torch.equal(base.model.embed_tokens.weight, warm.model.embed_tokens.weight)
+    assert torch.equal(base.score.weight, warm.score.weight)
+    again = build_reward_model(pretrained_dir, "pretrained", NORM, seed=0, shrink=0.8)
+    assert all(torch.equal(a, b) for a, b in zip(warm.parameters(), again.parameters()))  # seeded
+    scratch = build_reward_model(pretrained_dir, "scratch", NORM, seed=0)
+    scratch_warm = build_reward_model(pretrained_dir, "scratch", NORM, seed=0, shrink=0.8)  # the ablation is left as is
+    assert all(torch.equal(a, b) for a, b in zip(scratch.parameters(), scratch_warm.parameters()))
+
+
 def test_entity_sum_head_sums_per_token_rewards_over_the_page_only(pretrained_dir):
     rm = build_reward_model(pretrained_dir, "pretrained", NORM, mean_page_tokens=10.0).eval()
     assert rm.config.reward_head == "entity_sum" and rm.score.bias.item() == pytest.approx(0.4)  # 4.0 over 10 tokens
