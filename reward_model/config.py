@@ -19,7 +19,7 @@ class RewardModelConfig:
     backbone_lr: float = 5e-4  # peak learning rate of the transformer backbone (both initializations)
     reward_head: str = "entity_sum"  # "entity_sum": page score = sum of per-token rewards; "last": one scalar at [EOP]
     entity_loss_weight: float = 100.0  # entity_sum head: weight of the loss of each title's reward vs its logged entity reward
-    shrink_perturb: float = 0.8  # pretrained init: each transformer-layer weight matrix w -> 0.8 w + 0.2 fresh-init noise (Ash & Adams 2020); 1 = as pretrained
+    shrink_perturb: float = 0.8  # pretrained init: each transformer-layer weight matrix w -> s w + (1 - s) fresh-init noise (shrink and perturb, Ash & Adams 2020); 1 = as pretrained
     ema_decay: float = 0.995  # exponential moving average of the weights (evaluated and saved); 0 = the live weights
     warmup_steps: int = 30  # linear warmup
     weight_decay: float = 0.01  # AdamW weight decay
