@@ -50,10 +50,15 @@ class GenPageConfig(LlamaConfig):
         run rows of similar length together, each group cut to its own longest row, in groups of at least
         this many rows (0: one padded batch). Same result per row (attention never reaches padding); less
         compute where lengths vary (contexts of 9..90 tokens plus pages of 10..55).
-    reward_head: how the reward model reads its page score. "entity_sum" (default): one reward per page
-        token (rows, titles, [EOP]: the tokens after the last [PAGE]), summed, the way the reward system
-        builds a page reward from entity rewards (and trainable on them, reward_model.training);
-        "last": one scalar read at the end-of-page position (the paper's sequence-regression head).
+    reward_head: how the reward model reads its page score. "entity_sum": one reward per page token (rows,
+        titles, [EOP]: the tokens after the last [PAGE]), summed, the way the reward system builds a page
+        reward from entity rewards (and trainable on them, reward_model.training); "entity_feedback": the same
+        sum, each token's reward being the expected reward of its predicted feedback (a distribution over the
+        log schema's feedback types plus a thumbs-up probability, trainable on the logged feedback); "last":
+        one scalar read at the end-of-page position (the paper's sequence-regression head).
+    feedback_rewards: "entity_feedback" head: the reward system's reward of each feedback type, in the order
+        of homepage.rewards.FEEDBACK_TYPES (none, abandon, short_play, long_play, binge).
+    thumbs_up_reward: "entity_feedback" head: the reward a thumbs-up adds.
     """
 
     model_type = "genpage"
@@ -67,6 +72,8 @@ class GenPageConfig(LlamaConfig):
     business_rules: dict | None = None
     mask_logits: bool = False
     reward_head: str = "entity_sum"
+    feedback_rewards: list[float] | None = None
+    thumbs_up_reward: float = 0.0
     length_bucket_rows: int = 16
 
 
@@ -224,13 +231,24 @@ def _has_cache(past_key_values) -> bool:
 @dataclass
 class PageRewardOutput(SequenceClassifierOutputWithPast):
     """logits [B, 1]: the standardized page score, (page_reward - reward_mean) / reward_std.
-    token_rewards [B, T]: with the "entity_sum" head, each page token's reward in reward units (0 outside
-    the page); the page reward is their sum."""
+    token_rewards [B, T]: with the "entity_sum" and "entity_feedback" heads, each page token's reward in
+    reward units (0 outside the page); the page reward is their sum.
+    feedback_logits [B, T, F + 1]: with the "entity_feedback" head, each token's feedback-type logits [..., :F]
+    and thumbs-up logit [..., F]."""
 
     token_rewards: torch.Tensor | None = None
+    feedback_logits: torch.Tensor | None = None
 
 
-REWARD_HEADS = ("entity_sum", "last")
+REWARD_HEADS = ("entity_feedback", "entity_sum", "last")
+PER_TOKEN_HEADS = ("entity_feedback", "entity_sum")
+
+
+def expected_feedback_reward(logits: torch.Tensor, feedback_rewards: torch.Tensor, thumbs_up_reward: float) -> torch.Tensor:
+    """Expected reward of a predicted feedback: sum_f P(f) r_f + P(thumbs-up) r_thumbs.
+    logits [..., F + 1] (F feedback-type logits, then the thumbs-up logit); feedback_rewards [F] -> [...]"""
+    probs = torch.softmax(logits[..., :-1].float(), dim=-1)  # [..., F]
+    return probs @ feedback_rewards.float() + torch.sigmoid(logits[..., -1].float()) * thumbs_up_reward
 
 
 class GenPageForPageReward(_FrozenContentMixin, LlamaPreTrainedModel):
@@ -245,10 +263,16 @@ class GenPageForPageReward(_FrozenContentMixin, LlamaPreTrainedModel):
         super().__init__(config)
         if config.reward_head not in REWARD_HEADS:
             raise ValueError(f"reward_head must be one of {REWARD_HEADS}, got {config.reward_head!r}")
-        if config.reward_head == "entity_sum" and config.page_token_id is None:
-            raise ValueError("the entity_sum reward head needs config.page_token_id (the prompt/page boundary)")
+        if config.reward_head in PER_TOKEN_HEADS and config.page_token_id is None:
+            raise ValueError(f"the {config.reward_head} reward head needs config.page_token_id (the prompt/page boundary)")
+        outputs = 1
+        if config.reward_head == "entity_feedback":
+            if not config.feedback_rewards:
+                raise ValueError("the entity_feedback reward head needs config.feedback_rewards (the reward of each "
+                                 "feedback type); reward_model.data.entity_targets fits them from the logs")
+            outputs = len(config.feedback_rewards) + 1  # feedback types, then thumbs-up
         self.model = GenPageModel(config)
-        self.score = nn.Linear(config.hidden_size, 1, bias=True)
+        self.score = nn.Linear(config.hidden_size, outputs, bias=True)
         self.post_init()
 
     def page_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -261,10 +285,15 @@ class GenPageForPageReward(_FrozenContentMixin, LlamaPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs) -> PageRewardOutput:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = out.last_hidden_state  # [B, T, H]
-        token_rewards = None
-        if self.config.reward_head == "entity_sum":
+        token_rewards = feedback_logits = None
+        if self.config.reward_head in PER_TOKEN_HEADS:
             page = self.page_positions(input_ids, attention_mask)  # [B, T]
-            token_rewards = self.score(hidden)[..., 0] * page  # [B, T] reward units
+            if self.config.reward_head == "entity_feedback":
+                feedback_logits = self.score(hidden)  # [B, T, F + 1]
+                values = torch.tensor(self.config.feedback_rewards, device=hidden.device)  # [F]
+                token_rewards = expected_feedback_reward(feedback_logits, values, self.config.thumbs_up_reward) * page
+            else:
+                token_rewards = self.score(hidden)[..., 0] * page  # [B, T] reward units
             std = self.config.reward_std or 1.0
             logits = ((token_rewards.sum(-1) - self.config.reward_mean) / std)[:, None]  # [B, 1]
         else:
@@ -277,7 +306,7 @@ class GenPageForPageReward(_FrozenContentMixin, LlamaPreTrainedModel):
         loss = None
         if labels is not None:
             loss = nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
-        return PageRewardOutput(loss=loss, logits=logits, token_rewards=token_rewards)
+        return PageRewardOutput(loss=loss, logits=logits, token_rewards=token_rewards, feedback_logits=feedback_logits)
 
 
 AutoConfig.register("genpage", GenPageConfig, exist_ok=True)

@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 from homepage.logs import LogSchemaError, read_logs
+from homepage.rewards import FEEDBACK_TYPES
 from homepage.recipe_utils import parse_recipe_args, write_summary
 from homepage.world import World, world_contexts
 from policies.evaluation import pages_from_tokens
 from policies.tokenizer import GenPageTokenizer
 from reward_model.config import RewardModelConfig
-from reward_model.data import (RewardNormalization, check_disjoint_users, check_page_rewards, page_token_rewards,
+from reward_model.data import (RewardNormalization, check_disjoint_users, check_page_rewards, entity_targets,
                                split_logs)
 from reward_model.evaluation import (BagOfEntitiesRidge, EvalSet, evaluate, logged_eval_set, results_table,
                                      scatter_plot)
@@ -112,6 +113,16 @@ def main() -> None:
                          "(the `split` column, or user ids hashed into splits when it is absent)")
     check_disjoint_users(train, valid)
     norm = RewardNormalization.fit(train.page_reward)
+    targets = None  # each title's logged outcome, and the reward system read off the logs
+    if cfg.reward_head == "entity_feedback" or (cfg.reward_head == "entity_sum" and cfg.entity_loss_weight > 0):
+        try:
+            targets = entity_targets(train_table, logs)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        print("[data] reward system in the logs: " + ", ".join(
+            f"{name} {v:+.3f} ({n} titles)" for name, v, n in zip(FEEDBACK_TYPES, targets.feedback_rewards,
+                                                                  targets.feedback_counts))
+              + f"; thumbs-up {targets.thumbs_up_reward:+.3f} ({targets.thumbs_up_count} titles)")
     print(f"[data] train {len(train)} impressions of {len(set(train.user_ids))} users; valid {len(valid)} of "
           f"{len(set(valid.user_ids))} users; page reward mean {norm.mean:.3f}, std {norm.std:.3f}")
 
@@ -129,8 +140,7 @@ def main() -> None:
     runs = [InitRun("pretrained", out / "model", out / "checkpoints" / "pretrained", out, "rm")]
     if cfg.scratch_ablation:
         runs.append(InitRun("scratch", out / "scratch_model", out / "checkpoints" / "scratch", out, "rm_scratch"))
-    fitted = train_inits(runs, cfg, train, valid, norm, tok, evalset,
-                         page_token_rewards(train_table) if cfg.entity_loss_weight > 0 else None)
+    fitted = train_inits(runs, cfg, train, valid, norm, tok, evalset, targets)
     results = {init: r.metrics for init, r in fitted.items()}
     preds = {f"RM ({init} init)": r.valid_pred for init, r in fitted.items()}
 
@@ -153,6 +163,8 @@ def main() -> None:
         "valid_impressions": len(valid), "train_users": len(set(train.user_ids)), "valid_users": len(set(valid.user_ids)),
         "generated_decode_report": generated["decode_report"] if generated else None,
         "generated_true_mean": float(np.mean(generated["true"])) if generated else None,
+        "feedback_rewards": dict(zip(FEEDBACK_TYPES, targets.feedback_rewards)) if targets else None,
+        "thumbs_up_reward": targets.thumbs_up_reward if targets else None,
         "logs": str(logs), "config": dataclasses.asdict(cfg),
     })
     write_summary(out / "summary.json", summary)

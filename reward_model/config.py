@@ -17,8 +17,8 @@ class RewardModelConfig:
     batch_size: int = 32  # impressions (context + page) per step
     lr: float = 1e-3  # peak AdamW learning rate of the scalar head (cosine decay to 10%)
     backbone_lr: float = 5e-4  # peak learning rate of the transformer backbone (both initializations)
-    reward_head: str = "entity_sum"  # "entity_sum": page score = sum of per-token rewards; "last": one scalar at [EOP]
-    entity_loss_weight: float = 100.0  # entity_sum head: weight of the loss of each title's reward vs its logged entity reward
+    reward_head: str = "entity_feedback"  # page score = sum of per-token rewards, each the expected reward of a predicted feedback ("entity_feedback") or a regressed reward ("entity_sum"); "last": one scalar at [EOP]
+    entity_loss_weight: float = 100.0  # weight of each title's loss: NLL of its logged feedback (entity_feedback) or MSE vs its logged entity reward (entity_sum)
     shrink_perturb: float = 0.8  # pretrained init: each transformer-layer weight matrix w -> s w + (1 - s) fresh-init noise (shrink and perturb, Ash & Adams 2020); 1 = as pretrained
     ema_decay: float = 0.995  # exponential moving average of the weights (evaluated and saved); 0 = the live weights
     warmup_steps: int = 30  # linear warmup
@@ -53,8 +53,8 @@ class RewardModelConfig:
             problems.append(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.ridge_lambda < 0 or self.generated_users < 0 or self.entity_loss_weight < 0:
             problems.append("ridge_lambda, generated_users and entity_loss_weight must be >= 0")
-        if self.reward_head not in ("entity_sum", "last"):
-            problems.append(f"reward_head must be 'entity_sum' or 'last', got {self.reward_head!r}")
+        if self.reward_head not in ("entity_feedback", "entity_sum", "last"):
+            problems.append(f"reward_head must be 'entity_feedback', 'entity_sum' or 'last', got {self.reward_head!r}")
         if self.eval_backend not in ("vllm", "hf"):
             problems.append(f"eval_backend must be 'vllm' or 'hf', got {self.eval_backend!r}")
         if self.wandb_mode not in ("offline", "online", "disabled"):

@@ -90,6 +90,78 @@ def page_token_rewards(table: pa.Table) -> list[np.ndarray]:
     return out
 
 
+REWARD_SYSTEM_TOLERANCE = 1e-3  # |logged entity reward - fitted reward of its feedback| allowed (float32 logs)
+
+
+@dataclass
+class EntityTargets:
+    """Per train impression, the logged outcome of each page token, aligned with GenPageTokenizer.encode_page
+    (NaN at row tokens and [EOP]), and the reward system read off the same logs.
+
+    reward, feedback, thumbs: N arrays [len(page)] float32: the entity reward; the feedback-type index into
+        homepage.rewards.FEEDBACK_TYPES; the thumbs-up (0 / 1).
+    feedback_rewards [F], thumbs_up_reward: the reward of each feedback type and of a thumbs-up, such that
+        entity reward = feedback_rewards[feedback] + thumbs_up_reward * thumbs_up on every logged title.
+    feedback_counts [F], thumbs_up_count: how often each was logged (a type never logged gets reward 0).
+    """
+
+    reward: list[np.ndarray]
+    feedback: list[np.ndarray]
+    thumbs: list[np.ndarray]
+    feedback_rewards: list[float]
+    thumbs_up_reward: float
+    feedback_counts: list[int]
+    thumbs_up_count: int
+
+    def base_rates(self) -> tuple[np.ndarray, float]:
+        """(share of each feedback type [F], share of titles with a thumbs-up) over the logged titles."""
+        titles = max(sum(self.feedback_counts), 1)
+        return np.asarray(self.feedback_counts, np.float64) / titles, self.thumbs_up_count / titles
+
+
+def _per_token(rows_per_impression: list, value) -> list[np.ndarray]:
+    """[row][column] cells -> per impression [len(page)] float32: NaN at each row token and the final [EOP]."""
+    return [np.asarray([*(v for row in rows for v in (float("nan"), *map(value, row))), float("nan")], np.float32)
+            for rows in rows_per_impression]
+
+
+def entity_targets(table: pa.Table, source) -> EntityTargets:
+    """The per-token targets of `table`'s impressions and the reward system that turned their feedback into
+    entity rewards, fitted by least squares (entity_reward ~ one-hot(feedback) + thumbs_up). source names the
+    logs in errors. Raises ValueError naming an impression when the logged rewards are not a function of
+    (feedback, thumbs_up): a reward system that also uses e.g. play minutes needs reward_head=entity_sum.
+    Where two parts never occur apart (say, thumbs-ups only on long plays), their split is the least-norm
+    one; the rewards of every logged combination are still reproduced exactly."""
+    from homepage.rewards import FEEDBACK_INDEX, FEEDBACK_TYPES
+
+    feedback_col = table.column("feedback").to_pylist()
+    thumbs_col = table.column("thumbs_up").to_pylist()
+    reward = page_token_rewards(table)
+    feedback = _per_token(feedback_col, FEEDBACK_INDEX.__getitem__)
+    thumbs = _per_token(thumbs_col, float)
+    F = len(FEEDBACK_TYPES)
+    codes = np.concatenate([f[~np.isnan(f)] for f in feedback]).astype(np.int64) if feedback else np.zeros(0, np.int64)
+    up = np.concatenate([t[~np.isnan(t)] for t in thumbs]) if thumbs else np.zeros(0)
+    y = np.concatenate([r[~np.isnan(r)] for r in reward]).astype(np.float64) if reward else np.zeros(0)
+    X = np.zeros((len(codes), F + 1))
+    X[np.arange(len(codes)), codes] = 1.0
+    X[:, F] = up
+    coef = np.linalg.lstsq(X, y, rcond=None)[0] if len(y) else np.zeros(F + 1)  # [F + 1]
+    residual = np.abs(X @ coef - y)
+    if len(y) and residual.max() > REWARD_SYSTEM_TOLERANCE:
+        worst = int(residual.argmax())
+        per_impression = np.cumsum([int((~np.isnan(f)).sum()) for f in feedback])
+        row = int(np.searchsorted(per_impression, worst, side="right"))
+        raise ValueError(
+            f"{source}: the entity rewards are not a function of (feedback, thumbs_up): impression_id "
+            f"{table.column('impression_id')[row].as_py()} has an entity reward {y[worst]:.4f} where its feedback "
+            f"{FEEDBACK_TYPES[codes[worst]]!r} (thumbs_up {bool(up[worst])}) gets {X[worst] @ coef:.4f} elsewhere. "
+            "The entity_feedback head needs one reward per feedback type; train with reward_head=entity_sum")
+    counts = np.bincount(codes, minlength=F)
+    return EntityTargets(reward, feedback, thumbs, [float(v) for v in coef[:F]], float(coef[F]),
+                         [int(c) for c in counts], int(up.sum()))
+
+
 def collate_token_targets(prompts: list[list[int]], token_targets: list[np.ndarray], T: int) -> torch.Tensor:
     """Per-token targets placed at their page positions of a right-padded batch of width T, NaN elsewhere
     (prompt, row tokens, [EOP], padding).  -> [B, T]"""

@@ -23,7 +23,7 @@ import torch
 from policies.data import PageSequences
 from policies.tokenizer import GenPageTokenizer
 from reward_model.config import RewardModelConfig
-from reward_model.data import RewardNormalization
+from reward_model.data import EntityTargets, RewardNormalization
 from reward_model.evaluation import EvalSet, evaluate
 from reward_model.scoring import PageRewardScorer
 from reward_model.training import fit
@@ -66,7 +66,7 @@ def exit_with_parent(parent_pid: int, interval_s: float = 0.5) -> threading.Thre
 
 def train_and_evaluate(run: InitRun, cfg: RewardModelConfig, train: PageSequences, valid: PageSequences,
                        norm: RewardNormalization, tok: GenPageTokenizer, evalset: EvalSet,
-                       train_token_rewards: list[np.ndarray] | None, num_threads: int, bar_position: int = 0,
+                       targets: EntityTargets | None, num_threads: int, bar_position: int = 0,
                        parent_pid: int | None = None) -> InitResult:
     """Trains (or resumes) one initialization, saves it, scores the evaluation sets with the saved model (what
     users load), and closes its wandb run with the evaluation in its summary. parent_pid: in a child process,
@@ -75,7 +75,7 @@ def train_and_evaluate(run: InitRun, cfg: RewardModelConfig, train: PageSequence
         exit_with_parent(parent_pid)
     torch.set_num_threads(num_threads)
     result = fit(run.init, cfg, train, valid, norm, tok.pad_id, tok.eop_id, run.ckpt_dir, run.wandb_dir, run.name,
-                 train_token_rewards, bar_position)
+                 targets, bar_position)
     result.model.save_pretrained(run.model_dir)
     tok.save_pretrained(run.model_dir)
     scorer = PageRewardScorer.from_pretrained(run.model_dir, batch_size=cfg.score_batch_size)
@@ -91,10 +91,10 @@ def train_and_evaluate(run: InitRun, cfg: RewardModelConfig, train: PageSequence
 
 def train_inits(runs: list[InitRun], cfg: RewardModelConfig, train: PageSequences, valid: PageSequences,
                 norm: RewardNormalization, tok: GenPageTokenizer, evalset: EvalSet,
-                train_token_rewards: list[np.ndarray] | None) -> dict[str, InitResult]:
+                targets: EntityTargets | None) -> dict[str, InitResult]:
     """Every run of `runs`, at once in child processes (cfg.parallel_inits, more than one run and at least as
     many threads as runs) or in turn in this process. -> {init: result}"""
-    args = (cfg, train, valid, norm, tok, evalset, train_token_rewards)
+    args = (cfg, train, valid, norm, tok, evalset, targets)
     if not cfg.parallel_inits or len(runs) < 2 or cfg.num_threads < len(runs):
         return {run.init: train_and_evaluate(run, *args, num_threads=cfg.num_threads) for run in runs}
     threads = cfg.num_threads // len(runs)

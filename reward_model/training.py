@@ -12,29 +12,31 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from policies.data import PageSequences
 from policies.modeling_genpage import GenPageForPageReward
 from policies.training import cosine_lr, init_wandb, latest_checkpoint, load_trainer_state, save_checkpoint
 from reward_model.config import RewardModelConfig
-from reward_model.data import RewardNormalization, collate_pages, collate_token_targets
+from reward_model.data import EntityTargets, RewardNormalization, collate_pages, collate_token_targets
 
 HEAD_PREFIX = "score."  # the scalar head's parameters; everything else trainable is the backbone
 
 
-def _from_pretrained(pretrained_dir: str | Path, seed: int) -> GenPageForPageReward:
-    """The pretrained backbone (lm_head and the output content projection are left out); `score` is new."""
+def _from_pretrained(pretrained_dir: str | Path, seed: int, **head: object) -> GenPageForPageReward:
+    """The pretrained backbone (lm_head and the output content projection are left out); `score` is new.
+    head: config fields of the reward head (reward_head, feedback_rewards, thumbs_up_reward)."""
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)  # the new head's initialization
-    return AutoModelForSequenceClassification.from_pretrained(pretrained_dir, dtype=torch.float32)
+    return AutoModelForSequenceClassification.from_pretrained(pretrained_dir, dtype=torch.float32, **head)
 
 
-def _from_scratch(pretrained_dir: str | Path, seed: int) -> GenPageForPageReward:
+def _from_scratch(pretrained_dir: str | Path, seed: int, **head: object) -> GenPageForPageReward:
     """Same config, randomly initialized weights; the frozen content table (catalog data, not learned) is
     copied so both initializations see the same inputs."""
-    pretrained = _from_pretrained(pretrained_dir, seed)
+    pretrained = _from_pretrained(pretrained_dir, seed, **head)
     torch.manual_seed(seed)
     model = GenPageForPageReward(pretrained.config)
     with torch.no_grad():
@@ -42,7 +44,7 @@ def _from_scratch(pretrained_dir: str | Path, seed: int) -> GenPageForPageReward
     return model
 
 
-INITIALIZERS: dict[str, Callable[[str | Path, int], GenPageForPageReward]] = {
+INITIALIZERS: dict[str, Callable[..., GenPageForPageReward]] = {
     "pretrained": _from_pretrained,
     "scratch": _from_scratch,
 }
@@ -65,23 +67,43 @@ def shrink_perturb(model: GenPageForPageReward, shrink: float, seed: int) -> Non
 
 def build_reward_model(pretrained_dir: str | Path, init: str, norm: RewardNormalization, seed: int = 0,
                        reward_head: str = "entity_sum", mean_page_tokens: float = 1.0,
-                       shrink: float = 1.0) -> GenPageForPageReward:
+                       shrink: float = 1.0, targets: EntityTargets | None = None) -> GenPageForPageReward:
     """A reward model whose config carries the target normalization and the head (saved with every
-    checkpoint). The entity_sum head starts at the mean reward spread evenly over a mean-length page.
-    shrink < 1: the pretrained initialization's layers are shrunk and perturbed (shrink_perturb); the random
-    initialization is left as it is."""
+    checkpoint). The entity_sum head starts at the mean reward spread evenly over a mean-length page; the
+    entity_feedback head takes the reward system from `targets` (required) and starts at the logged base
+    rates of each feedback type and of a thumbs-up. shrink < 1: the pretrained initialization's layers are
+    shrunk and perturbed (shrink_perturb); the random initialization is left as it is."""
     if init not in INITIALIZERS:
         raise ValueError(f"unknown reward-model initialization {init!r}; known: {sorted(INITIALIZERS)}")
-    model = INITIALIZERS[init](pretrained_dir, seed)
+    head: dict[str, object] = {"reward_head": reward_head}
+    if reward_head == "entity_feedback":
+        if targets is None:
+            raise ValueError("the entity_feedback head needs the logged feedback (data.entity_targets)")
+        head.update(feedback_rewards=targets.feedback_rewards, thumbs_up_reward=targets.thumbs_up_reward)
+    model = INITIALIZERS[init](pretrained_dir, seed, **head)
     if init == "pretrained":
         shrink_perturb(model, shrink, seed)
     model.config.architectures = ["GenPageForPageReward"]
     model.config.reward_mean, model.config.reward_std = norm.mean, norm.std
-    model.config.reward_head = reward_head
-    if reward_head == "entity_sum":
-        with torch.no_grad():
+    with torch.no_grad():
+        if reward_head == "entity_sum":
             model.score.bias.fill_(norm.mean / max(mean_page_tokens, 1.0))
+        elif reward_head == "entity_feedback":
+            rates, thumbs = targets.base_rates()
+            eps = 1e-6  # a type never logged starts (and, untrained, stays) near probability 0
+            logit_thumbs = np.log(thumbs + eps) - np.log(1.0 - thumbs + eps)
+            model.score.bias.copy_(torch.tensor([*np.log(rates + eps), logit_thumbs], dtype=model.score.bias.dtype))
     return model
+
+
+def feedback_nll(logits: torch.Tensor, feedback: torch.Tensor, thumbs: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of the logged feedback of each title: cross-entropy of its feedback type
+    plus the binary cross-entropy of its thumbs-up. Tokens whose feedback is NaN (row tokens, [EOP], the
+    prompt, padding) are left out.  logits [B, T, F + 1]; feedback, thumbs [B, T] -> scalar"""
+    has = ~torch.isnan(feedback)  # [B, T]
+    z = logits.float()[has]  # [N, F + 1]
+    return (nn.functional.cross_entropy(z[:, :-1], feedback[has].long())
+            + nn.functional.binary_cross_entropy_with_logits(z[:, -1], thumbs[has].float()))
 
 
 def reward_mse(pred: torch.Tensor, target: torch.Tensor, token_pred: torch.Tensor | None = None,
@@ -161,13 +183,14 @@ class FitResult:
 
 def fit(init: str, cfg: RewardModelConfig, train: PageSequences, valid: PageSequences, norm: RewardNormalization,
         pad_id: int, eop_id: int, ckpt_dir: Path, wandb_dir: Path, name: str,
-        train_token_rewards: list[np.ndarray] | None = None, bar_position: int = 0) -> FitResult:
+        targets: EntityTargets | None = None, bar_position: int = 0) -> FitResult:
     """Trains one reward model with checkpoints in ckpt_dir; a killed run resumes from the last one.
 
     train/valid page_reward are in reward units; the loss is on (reward - mean) / std (norm).
-    train_token_rewards: per train impression, the logged entity reward of each page token
-    (data.page_token_rewards), needed when cfg.entity_loss_weight > 0 (the entity_sum head's per-token
-    rewards regress them)."""
+    targets: the logged outcome of each page token of the train impressions (data.entity_targets), needed by
+    the entity_feedback head (its reward system and, with cfg.entity_loss_weight > 0, the feedback its
+    per-title outputs are trained on) and by the entity_sum head when cfg.entity_loss_weight > 0 (its
+    per-title rewards regress the logged entity rewards)."""
     from transformers import AutoModelForSequenceClassification
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -177,14 +200,16 @@ def fit(init: str, cfg: RewardModelConfig, train: PageSequences, valid: PageSequ
     else:
         mean_tokens = float(np.mean([len(g) for g in train.pages])) + 1.0  # + [EOP]
         model = build_reward_model(cfg.pretrained_dir, init, norm, cfg.seed, cfg.reward_head, mean_tokens,
-                                   cfg.shrink_perturb)
+                                   cfg.shrink_perturb, targets)
     model.train()
     entity_scale = 1.0
-    use_entities = cfg.entity_loss_weight > 0 and model.config.reward_head == "entity_sum"
+    head_kind = model.config.reward_head
+    use_entities = cfg.entity_loss_weight > 0 and head_kind in ("entity_sum", "entity_feedback")
     if use_entities:
-        if train_token_rewards is None:
-            raise ValueError("entity_loss_weight > 0 needs the per-token entity rewards of the train impressions")
-        entity_scale = float(np.nanstd(np.concatenate(train_token_rewards))) or 1.0  # entity rewards in units of their spread
+        if targets is None:
+            raise ValueError("entity_loss_weight > 0 needs the logged outcome of each title of the train impressions "
+                             "(data.entity_targets)")
+        entity_scale = float(np.nanstd(np.concatenate(targets.reward))) or 1.0  # entity rewards in units of their spread
     head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(HEAD_PREFIX)]
     backbone = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(HEAD_PREFIX)]
     peak = [cfg.backbone_lr, cfg.lr]
@@ -219,14 +244,20 @@ def fit(init: str, cfg: RewardModelConfig, train: PageSequences, valid: PageSequ
         batch = collate_pages([train.prompts[i] for i in idx], [train.pages[i] for i in idx], pad_id, eop_id)
         for group, base in zip(optimizer.param_groups, peak):
             group["lr"] = cosine_lr(step, cfg.steps, cfg.warmup_steps, base)
-        token_target = None
-        if use_entities:
-            token_target = collate_token_targets([train.prompts[i] for i in idx], [train_token_rewards[i] for i in idx],
-                                                 batch["input_ids"].shape[1])  # [B, T] reward units, NaN off titles
+        prompts, T = [train.prompts[i] for i in idx], batch["input_ids"].shape[1]
         t0 = time.perf_counter()
         out = model(**batch)
-        loss, metrics = reward_mse(out.logits[:, 0], target_train[idx], out.token_rewards, token_target,
-                                   cfg.entity_loss_weight if use_entities else 0.0, entity_scale)
+        if use_entities and head_kind == "entity_sum":
+            token_target = collate_token_targets(prompts, [targets.reward[i] for i in idx], T)  # [B, T] NaN off titles
+            loss, metrics = reward_mse(out.logits[:, 0], target_train[idx], out.token_rewards, token_target,
+                                       cfg.entity_loss_weight, entity_scale)
+        else:
+            loss, metrics = reward_mse(out.logits[:, 0], target_train[idx])
+        if use_entities and head_kind == "entity_feedback":
+            nll = feedback_nll(out.feedback_logits, collate_token_targets(prompts, [targets.feedback[i] for i in idx], T),
+                               collate_token_targets(prompts, [targets.thumbs[i] for i in idx], T))
+            metrics["rm/train_feedback_nll"] = nll.item()
+            loss = loss + cfg.entity_loss_weight * nll
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(backbone + head, cfg.grad_clip)

@@ -7,7 +7,7 @@ from homepage.logs import Context, Impression
 from homepage.pages import Page, Row
 from policies.data import PageSequences
 from policies.tokenizer import EncodeStats, GenPageTokenizer
-from reward_model.data import (RewardNormalization, check_disjoint_users, collate_pages, collate_token_targets,
+from reward_model.data import (RewardNormalization, check_disjoint_users, collate_pages, collate_token_targets, entity_targets,
                                page_token_rewards, same_user_pairs, with_eop)
 
 TOK = GenPageTokenizer(["movie_0000", "show_0001", "game_0002"])
@@ -58,3 +58,36 @@ def test_entity_rewards_line_up_with_page_tokens():
     placed = collate_token_targets([[1, 3]], [targets], T=9)  # prompt of 2 tokens, then the page, then padding
     assert placed.shape == (1, 9) and placed[0, 3].item() == 2.0 and placed[0, 6].item() == 4.5
     assert torch.isnan(placed[0, [0, 1, 2, 5, 7, 8]]).all()
+
+
+def feedback_table(rewards_of_first_title: float = 2.5) -> pa.Table:
+    """Two impressions under the default reward system (none 0, abandon -1, short 0.5, long 2, binge 4,
+    thumbs-up +0.5): page 0 has rows [long+thumbs, none] and [binge]; page 1 [abandon, short, long]."""
+    return pa.table({
+        "impression_id": [7, 8],
+        "feedback": [[["long_play", "none"], ["binge"]], [["abandon", "short_play", "long_play"]]],
+        "thumbs_up": [[[True, False], [False]], [[False, False, False]]],
+        "entity_rewards": [[[rewards_of_first_title, 0.0], [4.0]], [[-1.0, 0.5, 2.0]]],
+    })
+
+
+def test_entity_targets_line_up_with_page_tokens_and_read_the_reward_system_off_the_logs():
+    targets = entity_targets(feedback_table(), "logs/")
+    # page 0: row:a ent ent row:b ent [EOP]; page 1: row ent ent ent [EOP]
+    np.testing.assert_array_equal(targets.feedback[0], [np.nan, 3, 0, np.nan, 4, np.nan])
+    np.testing.assert_array_equal(targets.thumbs[0], [np.nan, 1, 0, np.nan, 0, np.nan])
+    np.testing.assert_array_equal(targets.reward[1], [np.nan, -1.0, 0.5, 2.0, np.nan])
+    np.testing.assert_allclose(targets.feedback_rewards, [0.0, -1.0, 0.5, 2.0, 4.0], atol=1e-9)
+    assert targets.thumbs_up_reward == pytest.approx(0.5)
+    assert targets.feedback_counts == [1, 1, 1, 2, 1] and targets.thumbs_up_count == 1
+    rates, thumbs = targets.base_rates()
+    np.testing.assert_allclose(rates, [1 / 6, 1 / 6, 1 / 6, 2 / 6, 1 / 6])
+    assert thumbs == pytest.approx(1 / 6)
+
+
+def test_entity_targets_refuse_rewards_that_are_not_a_function_of_the_feedback():
+    table = pa.concat_tables([feedback_table(), feedback_table(rewards_of_first_title=3.5).set_column(
+        0, "impression_id", pa.array([9, 10]))])  # impression 9: the same long play + thumbs-up gets 3.5, not 2.5
+    with pytest.raises(ValueError, match=r"logs/: .*not a function of \(feedback, thumbs_up\).*impression_id (7|9).*"
+                                         r"reward_head=entity_sum"):
+        entity_targets(table, "logs/")

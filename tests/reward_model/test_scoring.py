@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from policies.build import ModelSize, build_model
+from policies.modeling_genpage import expected_feedback_reward
 from policies.tokenizer import GenPageTokenizer
-from reward_model.data import RewardNormalization, collate_pages
+from reward_model.data import EntityTargets, RewardNormalization, collate_pages
 from reward_model.scoring import PageRewardScorer
 from reward_model.training import build_reward_model, predict, reward_mse
 
@@ -14,6 +15,8 @@ ENTITIES = [f"{t}_{i:04d}" for i, t in enumerate(["movie", "show", "game"] * 6)]
 TOK = GenPageTokenizer(ENTITIES)
 SIZE = ModelSize(hidden_size=64, num_hidden_layers=1, num_attention_heads=1, intermediate_size=128)
 NORM = RewardNormalization(mean=4.0, std=3.0)
+# the reward system of the entity_feedback head: none, abandon, short_play, long_play, binge; thumbs-up; base rates
+TARGETS = EntityTargets([], [], [], [0.0, -1.0, 0.5, 2.0, 4.0], 0.5, [80, 4, 6, 8, 2], 5)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +101,40 @@ def test_entity_sum_head_sums_per_token_rewards_over_the_page_only(pretrained_di
     assert abs(other.item() - alone.item()) > 1e-6
 
 
+def test_expected_feedback_reward_by_hand():
+    values = torch.tensor([0.0, -1.0, 0.5, 2.0, 4.0])
+    sure_binge = torch.tensor([-50.0, -50.0, -50.0, -50.0, 50.0, 50.0])  # binge and a thumbs-up, almost surely
+    even = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # each type 1/5, thumbs-up 1/2
+    out = expected_feedback_reward(torch.stack([sure_binge, even]), values, thumbs_up_reward=0.5)  # [2]
+    torch.testing.assert_close(out, torch.tensor([4.5, 5.5 / 5 + 0.25]))
+
+
+def test_entity_feedback_head_sums_the_expected_reward_of_each_tokens_feedback(pretrained_dir):
+    with pytest.raises(ValueError, match="needs the logged feedback"):
+        build_reward_model(pretrained_dir, "pretrained", NORM, reward_head="entity_feedback")
+    rm = build_reward_model(pretrained_dir, "pretrained", NORM, reward_head="entity_feedback", targets=TARGETS).eval()
+    assert rm.config.reward_head == "entity_feedback" and rm.config.feedback_rewards == TARGETS.feedback_rewards
+    assert rm.score.weight.shape == (6, 64)  # five feedback types, then the thumbs-up
+    # starts at the logged base rates: 80/100 none, ..., 5/100 thumbs-up
+    torch.testing.assert_close(torch.softmax(rm.score.bias[:5], 0), torch.tensor([0.8, 0.04, 0.06, 0.08, 0.02]))
+    assert torch.sigmoid(rm.score.bias[5]).item() == pytest.approx(0.05, abs=1e-5)
+    scratch = build_reward_model(pretrained_dir, "scratch", NORM, reward_head="entity_feedback", targets=TARGETS)
+    torch.testing.assert_close(scratch.score.bias, rm.score.bias)  # the ablation gets the same head
+    prompts, pages = sequences(5)
+    batch = collate_pages(prompts, pages, TOK.pad_id, TOK.eop_id)
+    with torch.no_grad():
+        rm.score.weight.normal_(0, 1.0)  # a head that separates tokens
+        out = rm(**batch)
+        hidden = rm.model(**batch).last_hidden_state
+    assert out.feedback_logits.shape == (*batch["input_ids"].shape, 6)
+    expected = expected_feedback_reward(rm.score(hidden), torch.tensor(TARGETS.feedback_rewards), 0.5)  # [B, T]
+    for i, (p, g) in enumerate(zip(prompts, pages)):
+        n = len(g) + 1  # the page and its [EOP]
+        assert torch.all(out.token_rewards[i, :len(p)] == 0) and torch.all(out.token_rewards[i, len(p) + n:] == 0)
+        torch.testing.assert_close(out.token_rewards[i, len(p):len(p) + n], expected[i, len(p):len(p) + n])
+    torch.testing.assert_close(out.logits[:, 0], (out.token_rewards.sum(1) - 4.0) / 3.0)
+
+
 def test_last_head_reads_the_end_of_page_position(pretrained_dir):
     rm = build_reward_model(pretrained_dir, "pretrained", NORM, reward_head="last").eval()
     prompts, pages = sequences(4)
@@ -122,8 +159,9 @@ def test_reward_loss_by_hand():
     assert loss.item() == pytest.approx(2.5 + 0.5 * 1.0)
 
 
-def test_save_load_round_trip_gives_identical_scores_in_reward_units(pretrained_dir, tmp_path):
-    rm = build_reward_model(pretrained_dir, "pretrained", NORM, seed=0)
+@pytest.mark.parametrize("head", ["entity_feedback", "entity_sum", "last"])
+def test_save_load_round_trip_gives_identical_scores_in_reward_units(pretrained_dir, tmp_path, head):
+    rm = build_reward_model(pretrained_dir, "pretrained", NORM, seed=0, reward_head=head, targets=TARGETS)
     with torch.no_grad():
         rm.score.weight.normal_(0, 1.0)  # a head that actually separates pages
     rm.save_pretrained(tmp_path)
@@ -135,12 +173,12 @@ def test_save_load_round_trip_gives_identical_scores_in_reward_units(pretrained_
     scores = scorer.score(prompts, pages)
     assert scores.shape == (40,) and scores.std() > 0.1
     np.testing.assert_array_equal(scores, PageRewardScorer.from_pretrained(tmp_path, batch_size=7).score(prompts, pages))
-    np.testing.assert_allclose(scores, expected, rtol=1e-6)
+    np.testing.assert_allclose(scores, expected, rtol=1e-6, atol=1e-5)  # float32 sums, batches of 7 vs 128
     # [EOP] given or appended, one at a time or in padded batches: the same score
     with_eop = [p + [TOK.eop_id] for p in pages]
-    np.testing.assert_allclose(scorer.score(prompts, with_eop), scores, rtol=1e-6)
+    np.testing.assert_allclose(scorer.score(prompts, with_eop), scores, rtol=1e-6, atol=1e-5)
     one_by_one = np.concatenate([scorer.score([p], [g]) for p, g in zip(prompts[:5], pages[:5])])
-    np.testing.assert_allclose(one_by_one, scores[:5], rtol=1e-6)
+    np.testing.assert_allclose(one_by_one, scores[:5], rtol=1e-6, atol=1e-5)
     assert scorer.score([], []).shape == (0,)
     with pytest.raises(ValueError, match="one page per prompt"):
         scorer.score(prompts, pages[:-1])

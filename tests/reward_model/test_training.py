@@ -1,9 +1,11 @@
 """The weight average the reward-model trainer evaluates and saves."""
 
+import math
+
 import pytest
 import torch
 
-from reward_model.training import WeightAverage
+from reward_model.training import WeightAverage, feedback_nll
 
 
 def test_weight_average_by_hand_and_swap_restores_live_weights():
@@ -32,3 +34,15 @@ def test_weight_average_warms_up_and_zero_decay_keeps_live_weights():
     off.update(step=3)
     off.swap()
     assert p.item() == 5.0
+
+
+def test_feedback_nll_by_hand_skips_tokens_without_feedback():
+    nan = float("nan")
+    logits = torch.zeros(1, 3, 6)  # every feedback type 1/5, thumbs-up 1/2
+    logits[0, 1, 3] = math.log(4.0)  # token 1: long_play 4/8, the others 1/8
+    feedback = torch.tensor([[nan, 3.0, 0.0]])  # token 0 is a row token
+    thumbs = torch.tensor([[nan, 1.0, 0.0]])
+    expected = (-math.log(4 / 8) - math.log(1 / 5)) / 2 + math.log(2.0)  # mean CE + mean BCE (both 1/2: log 2)
+    assert feedback_nll(logits, feedback, thumbs).item() == pytest.approx(expected, rel=1e-6)
+    logits[0, 0] = 100.0  # what the row token predicts does not count
+    assert feedback_nll(logits, feedback, thumbs).item() == pytest.approx(expected, rel=1e-6)
