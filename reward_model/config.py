@@ -19,7 +19,7 @@ class RewardModelConfig:
     backbone_lr: float = 5e-4  # peak learning rate of the transformer backbone (both initializations)
     reward_head: str = "entity_feedback"  # page score = sum of per-token rewards, each the expected reward of a predicted feedback ("entity_feedback") or a regressed reward ("entity_sum"); "last": one scalar at [EOP]
     entity_loss_weight: float = 100.0  # weight of each title's loss: NLL of its logged feedback (entity_feedback) or MSE vs its logged entity reward (entity_sum)
-    shrink_perturb: float = 0.8  # pretrained init: each transformer-layer weight matrix w -> s w + (1 - s) fresh-init noise (shrink and perturb, Ash & Adams 2020); 1 = as pretrained
+    shrink_perturb: float = 0.6  # pretrained init: each transformer-layer weight matrix w -> s w + (1 - s) fresh-init noise (shrink and perturb, Ash & Adams 2020); 1 = as pretrained
     ema_decay: float = 0.995  # exponential moving average of the weights (evaluated and saved); 0 = the live weights
     warmup_steps: int = 30  # linear warmup
     weight_decay: float = 0.01  # AdamW weight decay
