@@ -80,14 +80,16 @@ def same_user_pairs(user_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
 
 
+def _per_token(rows_per_impression: list, value) -> list[np.ndarray]:
+    """[row][column] cells -> per impression [len(page)] float32: NaN at each row token and the final [EOP]."""
+    return [np.asarray([*(v for row in rows for v in (float("nan"), *map(value, row))), float("nan")], np.float32)
+            for rows in rows_per_impression]
+
+
 def page_token_rewards(table: pa.Table) -> list[np.ndarray]:
     """Per impression, the logged entity reward of each page token (NaN at row tokens and [EOP]), aligned
     with GenPageTokenizer.encode_page (row token, its entities, ..., [EOP]).  -> N arrays [len(page)]"""
-    out = []
-    for rows in table.column("entity_rewards").to_pylist():
-        vals = [v for row in rows for v in (float("nan"), *row)]
-        out.append(np.asarray([*vals, float("nan")], dtype=np.float32))
-    return out
+    return _per_token(table.column("entity_rewards").to_pylist(), float)
 
 
 REWARD_SYSTEM_TOLERANCE = 1e-3  # |logged entity reward - fitted reward of its feedback| allowed (float32 logs)
@@ -119,12 +121,6 @@ class EntityTargets:
         return np.asarray(self.feedback_counts, np.float64) / titles, self.thumbs_up_count / titles
 
 
-def _per_token(rows_per_impression: list, value) -> list[np.ndarray]:
-    """[row][column] cells -> per impression [len(page)] float32: NaN at each row token and the final [EOP]."""
-    return [np.asarray([*(v for row in rows for v in (float("nan"), *map(value, row))), float("nan")], np.float32)
-            for rows in rows_per_impression]
-
-
 def entity_targets(table: pa.Table, source) -> EntityTargets:
     """The per-token targets of `table`'s impressions and the reward system that turned their feedback into
     entity rewards, fitted by least squares (entity_reward ~ one-hot(feedback) + thumbs_up). source names the
@@ -132,6 +128,7 @@ def entity_targets(table: pa.Table, source) -> EntityTargets:
     (feedback, thumbs_up): a reward system that also uses e.g. play minutes needs reward_head=entity_sum.
     Where two parts never occur apart (say, thumbs-ups only on long plays), their split is the least-norm
     one; the rewards of every logged combination are still reproduced exactly."""
+    from homepage.logs import _row_of_flat_value
     from homepage.rewards import FEEDBACK_INDEX, FEEDBACK_TYPES
 
     feedback_col = table.column("feedback").to_pylist()
@@ -150,8 +147,7 @@ def entity_targets(table: pa.Table, source) -> EntityTargets:
     residual = np.abs(X @ coef - y)
     if len(y) and residual.max() > REWARD_SYSTEM_TOLERANCE:
         worst = int(residual.argmax())
-        per_impression = np.cumsum([int((~np.isnan(f)).sum()) for f in feedback])
-        row = int(np.searchsorted(per_impression, worst, side="right"))
+        row = _row_of_flat_value(table, "entity_rewards", 2, worst)  # the impression holding that title
         raise ValueError(
             f"{source}: the entity rewards are not a function of (feedback, thumbs_up): impression_id "
             f"{table.column('impression_id')[row].as_py()} has an entity reward {y[worst]:.4f} where its feedback "

@@ -209,7 +209,8 @@ def fit(init: str, cfg: RewardModelConfig, train: PageSequences, valid: PageSequ
         if targets is None:
             raise ValueError("entity_loss_weight > 0 needs the logged outcome of each title of the train impressions "
                              "(data.entity_targets)")
-        entity_scale = float(np.nanstd(np.concatenate(targets.reward))) or 1.0  # entity rewards in units of their spread
+        if head_kind == "entity_sum":  # entity rewards in units of their spread
+            entity_scale = float(np.nanstd(np.concatenate(targets.reward))) or 1.0
     head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(HEAD_PREFIX)]
     backbone = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(HEAD_PREFIX)]
     peak = [cfg.backbone_lr, cfg.lr]
