@@ -18,10 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from homepage.catalog import LANGUAGES
 from homepage.pages import Page, Row
-from homepage.rewards import FEEDBACK_INDEX, FEEDBACK_TYPES, RewardConfig, entity_rewards
-from homepage.users import ACTIONS, DEVICES, PROFILE_TYPES, SPLITS
+
+SPLITS: tuple[str, ...] = ("train", "valid", "test")  # user-level splits; held-out users never train
 
 SCHEMA_VERSION = "1"
 SCHEMA_VERSION_KEY = b"genpage.schema_version"
@@ -146,7 +145,9 @@ def _flat(values: np.ndarray, valid: np.ndarray, typ: pa.DataType) -> pa.Array:
 
 def batch_to_table(batch, world) -> pa.Table:
     """A simulated `ImpressionBatch` -> Arrow table in LOG_SCHEMA (vectorized; no per-row Python)."""
-    from homepage.catalog import ROW_IDS
+    from homepage.catalog import LANGUAGES, ROW_IDS
+    from homepage.rewards import FEEDBACK_TYPES
+    from homepage.users import ACTIONS, DEVICES, PROFILE_TYPES
 
     c, us = world.catalog, world.users
     u = batch.user
@@ -219,7 +220,7 @@ def _first_bad(mask: pa.Array | np.ndarray) -> int:
     return int(np.flatnonzero(arr)[0])
 
 
-def _check_enum(path: Path, table: pa.Table, name: str, allowed: tuple[str, ...], depth: int) -> None:
+def _check_enum(path: Path, table: pa.Table, name: str, allowed: tuple[str, ...], depth: int, key: str = "") -> None:
     col = table.column(name)
     values = col
     for _ in range(depth):
@@ -229,8 +230,9 @@ def _check_enum(path: Path, table: pa.Table, name: str, allowed: tuple[str, ...]
         value = values[_first_bad(bad)].as_py()
         row = _row_of_flat_value(table, name, depth, _first_bad(bad))
         raise LogSchemaError(
-            f"{path}: row {row}, field '{name}': value {value!r} is not one of {list(allowed)}. "
-            "Map it to one of the allowed values (see docs/log_schema.md)."
+            f"{path}: row {row}, field '{name}': value {value!r} is not one of {list(allowed)[:30]}. "
+            + (f"Map it to one of them, or add it to '{key}' in dataset.yaml (docs/dataset.md)." if key else
+               "Map it to one of the allowed values (see docs/log_schema.md).")
         )
 
 
@@ -253,8 +255,10 @@ def _list_lengths(col: pa.ChunkedArray) -> np.ndarray:
     return pc.list_value_length(col).to_numpy(zero_copy_only=False)
 
 
-def validate_table(table: pa.Table, path: str | Path = "<table>", rewards: RewardConfig | None = None) -> LogReport:
-    """Checks a log table row by row against LOG_SCHEMA; raises LogSchemaError on the first bad row/field."""
+def validate_table(table: pa.Table, path: str | Path = "<table>", schema=None) -> LogReport:
+    """Checks a log table row by row against LOG_SCHEMA and, when given, the dataset's schema
+    (`homepage.dataset.DatasetSchema`: closed context vocabularies, action and feedback types, row ids, the
+    reward system); raises LogSchemaError on the first bad row/field."""
     path = Path(path)
     report = LogReport(str(path), rows=table.num_rows)
     names = set(table.column_names)
@@ -286,12 +290,16 @@ def validate_table(table: pa.Table, path: str | Path = "<table>", rewards: Rewar
         if bad.any():
             r = _first_bad(bad)
             raise LogSchemaError(f"{path}: row {r}, field '{name}': {int(v[r])} is outside {lo}..{hi}")
-    _check_enum(path, table, "profile_type", PROFILE_TYPES, 0)
-    _check_enum(path, table, "device", DEVICES, 0)
     if "split" in names:
         _check_enum(path, table, "split", SPLITS, 0)
-    _check_enum(path, table, "history_actions", ACTIONS, 1)
-    _check_enum(path, table, "feedback", FEEDBACK_TYPES, 2)
+    if schema is not None:
+        for name, vocab in schema.context.items():
+            if vocab.closed:
+                _check_enum(path, table, name, vocab.values, 0, "context." + name)
+        if schema.actions.closed:
+            _check_enum(path, table, "history_actions", schema.actions.values, 1, "history.actions")
+        _check_enum(path, table, "feedback", schema.rewards.feedback_types, 2, "rewards.feedback")
+        _check_enum(path, table, "page_row_ids", schema.row_ids, 1, "rows")
 
     # History lists are parallel.
     h_len = _list_lengths(table.column("history_entity_ids"))
@@ -349,17 +357,19 @@ def validate_table(table: pa.Table, path: str | Path = "<table>", rewards: Rewar
             f"{path}: row {r}, field 'page_reward': {float(page_reward[r]):.4f} but entity_rewards sum to "
             f"{float(sums[r]):.4f}; page reward must be the sum of entity rewards (paper section 3)"
         )
-    if rewards is not None:
-        codes = pc.list_flatten(pc.list_flatten(table.column("feedback"))).to_numpy(zero_copy_only=False)
-        codes = np.array([FEEDBACK_INDEX[c] for c in codes], dtype=np.int64) if len(codes) else codes.astype(np.int64)
+    if schema is not None:
+        rewards = schema.rewards
+        flat_fb = pc.list_flatten(pc.list_flatten(table.column("feedback")))
+        codes = pc.index_in(flat_fb, value_set=pa.array(rewards.feedback_types)).to_numpy(zero_copy_only=False)
         thumbs = pc.list_flatten(pc.list_flatten(table.column("thumbs_up"))).to_numpy(zero_copy_only=False)
-        expect = entity_rewards(codes, thumbs.astype(bool), rewards)
+        expect = rewards.values()[codes.astype(np.int64)] + rewards.thumbs_up * thumbs.astype(np.float64)
         bad = np.abs(expect - flat_rewards) > 1e-4
         if bad.any():
             r = _row_of_flat_value(table, "entity_rewards", 2, _first_bad(bad))
             raise LogSchemaError(
                 f"{path}: row {r}, field 'entity_rewards': does not follow the reward system for its feedback "
-                f"(expected {float(expect[_first_bad(bad)])}, found {float(flat_rewards[_first_bad(bad)])})"
+                f"(expected {float(expect[_first_bad(bad)])}, found {float(flat_rewards[_first_bad(bad)])}); the "
+                "reward table in dataset.yaml ('rewards') must be the one the logs were scored with"
             )
     return report
 
@@ -380,11 +390,11 @@ def count_unknown_entities(table: pa.Table, known_entity_ids: set[str] | frozens
 
 
 def read_logs(
-    path: str | Path, rewards: RewardConfig | None = None, known_entity_ids: set[str] | frozenset[str] | None = None
+    path: str | Path, schema=None, known_entity_ids: set[str] | frozenset[str] | None = None
 ) -> tuple[pa.Table, LogReport]:
     """Reads and validates a log file (or a directory of Parquet files). Returns the table and a report.
 
-    rewards: when given, entity rewards must follow this reward system for their feedback.
+    schema: the dataset's `DatasetSchema`; when given, values, row ids and rewards are checked against it.
     known_entity_ids: when given, ids outside it are counted in the report (and kept).
     """
     path = Path(path)
@@ -405,7 +415,7 @@ def read_logs(
             raise LogSchemaError(f"{f}: schema version {version!r}; this reader understands {SCHEMA_VERSION!r}")
         tables.append(pf.read())
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-    report = validate_table(table, path, rewards)
+    report = validate_table(table, path, schema)
     if "split" not in table.column_names:
         splits = [split_of_user(u) for u in table.column("user_id").to_pylist()]
         table = table.append_column("split", pa.array(splits, pa.string()))
@@ -439,3 +449,41 @@ def iter_impressions(table: pa.Table) -> Iterator[Impression]:
             entity_rewards=tuple(tuple(x) for x in cols["entity_rewards"][i]),
             page_reward=float(cols["page_reward"][i]),
         )
+
+
+def sample_impressions(table: pa.Table, split: str, n: int, seed: int) -> list[Impression]:
+    """Up to n impressions of `split` users drawn without replacement (deterministic in seed): logged contexts
+    to generate for, with the logged page and feedback to compare against."""
+    idx = np.flatnonzero(table.column("split").to_numpy(zero_copy_only=False) == split)
+    if len(idx) > n:
+        idx = np.sort(np.random.default_rng([seed, 31]).choice(idx, size=n, replace=False))
+    return list(iter_impressions(table.take(idx)))
+
+
+def engaged_titles(impression: Impression) -> set[str]:
+    """Titles of the logged page with a positive entity reward."""
+    return {e for row, rewards in zip(impression.page.rows, impression.entity_rewards)
+            for e, r in zip(row.entity_ids, rewards) if r > 0}
+
+
+def other_page_of_user(impressions: list[Impression], table: pa.Table) -> list[Page | None]:
+    """Per impression, a logged page the same user got in another impression of `table` (the next one in log
+    order), None if the user has one impression: what the logging policy shows the user, without the page
+    that produced the engagement being scored (the logging policy's offline recall)."""
+    users = table.column("user_id").to_pylist()
+    ids = table.column("impression_id").to_numpy()
+    by_user: dict[str, list[int]] = {}
+    for i, u in enumerate(users):
+        by_user.setdefault(u, []).append(i)
+    out: list[Page | None] = []
+    pos = {int(v): i for i, v in enumerate(ids)}
+    for imp in impressions:
+        rows = by_user.get(imp.context.user_id, [])
+        mine = pos[imp.impression_id]
+        others = [r for r in rows if r != mine]
+        if not others:
+            out.append(None)
+            continue
+        nxt = next((r for r in others if r > mine), others[0])
+        out.append(next(iter_impressions(table.slice(nxt, 1))).page)
+    return out

@@ -24,6 +24,9 @@ from homepage.rewards import RewardConfig
 from homepage.users import Requests, Users, make_users, sample_requests
 
 WORLD_FORMAT_VERSION = 1
+SIMULATOR_DIR = "simulator"  # inside the dataset directory make_world writes: the hidden state
+AS_OF = "2026-01-01"  # the toy world's "today": release days become dates relative to it
+ENVIRONMENT = "homepage.world:SimulatorEnvironment"  # what the toy dataset declares as its ground truth
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,10 @@ class World:
 
     @classmethod
     def load(cls, directory: str | Path) -> "World":
+        """From a directory `save` wrote, or a dataset directory holding one in `simulator/`."""
         directory = Path(directory)
+        if not (directory / "world.json").exists() and (directory / SIMULATOR_DIR / "world.json").exists():
+            directory = directory / SIMULATOR_DIR
         meta_path = directory / "world.json"
         if not meta_path.exists():
             raise FileNotFoundError(f"{meta_path} not found: generate the world first with `python recipes/make_world.py`")
@@ -266,3 +272,134 @@ def world_contexts(world: World, user: np.ndarray, req: Requests):
         out.append(Context(us.user_ids[u], LANGUAGES[us.language[u]], PROFILE_TYPES[us.profile_type[u]],
                            int(req.hour[b]), int(req.day_of_week[b]), DEVICES[req.device[b]], history))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The simulator as one producer of datasets, and as one environment
+# ----------------------------------------------------------------------------------------------------------
+def catalog_table(world: World):
+    """The observable catalog as the dataset's catalog.parquet (hidden taste factors and quality left out)."""
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from homepage.catalog import ENTITY_TYPES, GENRES, LANGUAGES, MATURITY
+
+    c = world.catalog
+    as_of = np.datetime64(AS_OF, "D")
+    return pa.table({
+        "entity_id": c.entity_ids,
+        "entity_type": [ENTITY_TYPES[t] for t in c.entity_type],
+        "genres": [[g for g, on in zip(GENRES, row) if on] for row in c.genres],
+        "maturity": [MATURITY[m] for m in c.maturity],
+        "kids_safe": pa.array(c.kids_safe, pa.bool_()),
+        "trending": pa.array(c.trending, pa.bool_()),
+        "release_date": pa.array([dt.date.fromisoformat(str(as_of + int(d))) for d in c.release_day], pa.date32()),
+        "popularity": c.popularity,
+        "language": [LANGUAGES[x] for x in c.language],
+        "runtime_min": c.runtime_min,
+        "content_embedding": pa.array(list(c.content_emb), pa.list_(pa.float32())),
+    })
+
+
+def dataset_schema(world: World) -> dict:
+    """dataset.yaml of the toy world: its vocabularies, reward system and row taxonomy (docs/dataset.md)."""
+    from homepage.catalog import CONTINUE_WATCHING, ENTITY_TYPES, GENRES, KIDS, LANGUAGES, NEW_RELEASES, TRENDING
+    from homepage.rewards import FEEDBACK_TYPES
+    from homepage.users import ACTIONS, DEVICES, PROFILE_TYPES
+
+    r = world.config.rewards
+    return {
+        "version": 1, "name": "toy-world", "as_of": AS_OF, "entity_types": list(ENTITY_TYPES),
+        "embedding_dim": world.config.content_dim,
+        "context": {
+            "language": {"values": list(LANGUAGES)}, "profile_type": {"values": list(PROFILE_TYPES)},
+            "device": {"values": list(DEVICES)},
+            "hour": {"edges": [6, 12, 17, 22]},  # night, morning, afternoon, evening, late
+            "day_of_week": {"edges": [1, 2, 3, 4, 5, 6]},  # one bucket per day
+        },
+        "history": {"actions": {"values": list(ACTIONS)}, "days_ago_edges": [1, 3, 7, 14, 30, 90],
+                    "watch_fraction_edges": [0.05, 0.25, 0.5, 0.9], "partial_watch": [0.05, 0.9]},
+        "max_history": world.config.history_max,
+        "restricted_profiles": {"kids": "kids_safe"},
+        "rewards": {"feedback": dict(zip(FEEDBACK_TYPES, r.feedback_values().tolist())), "thumbs_up": r.thumbs_up},
+        "rows": [
+            {"template": "genre_{value}", "kind": "attribute", "column": "genres", "values": list(GENRES)},
+            {"id": CONTINUE_WATCHING, "kind": "history"},
+            {"id": TRENDING, "kind": "boolean", "column": "trending"},
+            {"id": NEW_RELEASES, "kind": "recency", "column": "release_date", "days": world.config.new_title_days},
+            {"id": KIDS, "kind": "boolean", "column": "kids_safe"},
+        ],
+        "page": {"min_rows": 3, "max_rows": 6, "min_row_len": 3, "max_row_len": 8},
+        "pinned_rows": {}, "critical_rows": {CONTINUE_WATCHING: 2},
+        "environment": ENVIRONMENT,
+    }
+
+
+def contexts_to_requests(world: World, contexts) -> tuple[np.ndarray, Requests]:
+    """Logged contexts of world users -> (user indices [B], requests). Raises KeyError for foreign ids."""
+    from homepage.users import DEVICES
+
+    user = world.user_indices([c.user_id for c in contexts])
+    dev = {d: i for i, d in enumerate(DEVICES)}
+    unknown = sorted({c.device for c in contexts} - set(dev))
+    if unknown:
+        raise KeyError(f"device(s) {unknown} are not the simulator's; ground truth needs the world's own values")
+    req = Requests(np.array([c.hour for c in contexts], np.int8), np.array([c.day_of_week for c in contexts], np.int8),
+                   np.array([dev[c.device] for c in contexts], np.int8))
+    return user, req
+
+
+def session_actions(world: World, page: PageBatch, fb: Feedback, b: int):
+    """In-session history actions (page order) and a readable summary from feedback row b of a page batch:
+    abandon -> act:abandon, short or long play -> act:play, binge -> act:binge, a thumbs-up -> act:thumbs_up."""
+    from homepage.logs import HistoryAction
+    from homepage.rewards import ABANDON, BINGE, FEEDBACK_TYPES, LONG_PLAY, NONE, SHORT_PLAY
+
+    action_of = {ABANDON: "abandon", SHORT_PLAY: "play", LONG_PLAY: "play", BINGE: "binge"}
+    c = world.catalog
+    actions, summary = [], {}
+    R, L = page.entities.shape[1:]
+    for r in range(R):
+        for col in range(L):
+            e = int(page.entities[b, r, col])
+            code = int(fb.feedback[b, r, col])
+            if e < 0 or code == NONE:
+                continue
+            frac = float(fb.play_minutes[b, r, col]) / max(float(c.runtime_min[e]), 1e-6)
+            thumbs = bool(fb.thumbs_up[b, r, col])
+            actions.append(HistoryAction(c.entity_ids[e], "thumbs_up" if thumbs else action_of[code], 0.0, frac))
+            summary[c.entity_ids[e]] = FEEDBACK_TYPES[code].replace("_", " ") + (" + thumbs up" if thumbs else "")
+    return actions, summary
+
+
+class SimulatorEnvironment:
+    """The toy world's ground truth behind the environment protocol (homepage.environment.Environment)."""
+
+    def __init__(self, dataset):
+        self.world = World.load(Path(dataset.root) / SIMULATOR_DIR)
+
+    def true_page_reward(self, contexts, pages) -> np.ndarray:
+        """[B] exact expected reward of page b in context b (titles or rows the world lacks raise KeyError)."""
+        from homepage.pages import PageBatch
+
+        if not len(contexts):
+            return np.zeros(0)
+        user, req = contexts_to_requests(self.world, contexts)
+        return self.world.true_page_reward(user, req, PageBatch.from_pages(list(pages), self.world.entity_index))
+
+    def sample_contexts(self, n: int, split: str, seed: int):
+        """n fresh requests of `split` users (for stages that want contexts the logs do not hold)."""
+        rng = np.random.default_rng([seed, 23])
+        user = self.world.sample_users(rng, n, split=split)
+        return world_contexts(self.world, user, self.world.sample_requests(rng, user))
+
+    def browse(self, contexts, pages, rng: np.random.Generator):
+        """One simulated browsing session per (context, page): per page (in-session history actions, summary)
+        (policies.pagination's session model)."""
+        from homepage.pages import PageBatch
+
+        user, req = contexts_to_requests(self.world, contexts)
+        batch = PageBatch.from_pages(list(pages), self.world.entity_index)
+        fb = self.world.simulate(user, req, batch, rng)
+        return [session_actions(self.world, batch, fb, i) for i in range(len(pages))]

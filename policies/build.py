@@ -39,7 +39,7 @@ def token_fallback_map(tok: GenPageTokenizer) -> list[int]:
     """Per token: its fallback token id (entity -> type fallback, row -> row:<unk>), else -1."""
     out = [-1] * len(tok)
     for e in tok.entity_ids:
-        out[tok.vocab[f"ent:{e}"]] = tok.entity_token(f"{e.split('_', 1)[0]}_<unseen>")
+        out[tok.vocab[f"ent:{e}"]] = tok.fallback_of(e)
     for r in tok.row_ids:
         out[tok.vocab[f"row:{r}"]] = tok.row_fallback_id
     return out

@@ -12,7 +12,8 @@ from policies.rules import RuleConfig
 class PretrainConfig:
     """`python recipes/pretrain.py` (recipes/configs/pretrain.yaml)."""
 
-    world_dir: str = "runs/world"  # output of recipes/make_world.py: logs, tokenizer, catalog, world state
+    data_dir: str = "runs/world"  # dataset directory (docs/dataset.md); recipes/make_world.py writes the toy one
+    environment: str = "auto"  # ground truth for true_* figures: auto (the dataset's own, if any), "" (none), or a dotted path
     out_dir: str = "runs/pretrain"  # checkpoints/, model/ (final HF directory), summary.json, wandb/
     model: ModelSize = field(default_factory=ModelSize)  # transformer shape and fallback rate
     rules: RuleConfig = field(default_factory=RuleConfig)  # business rules saved with the model (policies/rules.py)
@@ -27,7 +28,7 @@ class PretrainConfig:
     checkpoint_interval: int = 100  # steps between resumable checkpoints
     seed: int = 0  # model init, batch order, evaluation users
     cold_start_titles: int = 5  # titles held out of training for the cold-start demonstration
-    eval_users: int = 500  # held-out (test split) users whose pages are judged on the ground truth
+    eval_users: int = 500  # held-out (test-split) logged contexts the policy generates pages for
     eval_backend: str = "vllm"  # "vllm" (the serving engine) or "hf" (transformers generate) for evaluation pages
     max_new_tokens: int = 64  # longest generated page
     num_threads: int = 2  # torch intra-op threads

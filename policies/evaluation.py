@@ -1,4 +1,5 @@
-"""Judging generated pages on the world's ground truth, and the token-level baselines for page loss."""
+"""Generated pages as structured pages (for an environment's ground truth and offline metrics), the recall of
+logged engaged titles, and the token-level baselines for page loss."""
 
 from __future__ import annotations
 
@@ -6,8 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from homepage.catalog import ROW_IDS
-from homepage.pages import Page, PageBatch, Row
+from homepage.pages import Page, Row
 from policies.tokenizer import KIND_ENTITY, KIND_ROW, GenPageTokenizer
 
 
@@ -23,10 +23,11 @@ class DecodeReport:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def pages_from_tokens(tok: GenPageTokenizer, page_tokens: list[list[int]], entity_index: dict[str, int]) -> tuple[PageBatch, DecodeReport]:
-    """Generated page token ids -> PageBatch the simulator can score (duplicates and misplaced titles are
-    kept: the world's behaviour model penalizes them itself)."""
+def pages_from_tokens(tok: GenPageTokenizer, page_tokens: list[list[int]]) -> tuple[list[Page], DecodeReport]:
+    """Generated page token ids -> pages of catalog titles and known rows (fallback tokens dropped and counted;
+    duplicates and misplaced titles are kept: judging them is the environment's business)."""
     report = DecodeReport(pages=len(page_tokens))
+    known_rows, entity_index = set(tok.row_ids), set(tok.entity_ids)
     pages = []
     for ids in page_tokens:
         if tok.eop_id not in ids:
@@ -34,7 +35,7 @@ def pages_from_tokens(tok: GenPageTokenizer, page_tokens: list[list[int]], entit
         page = tok.decode(ids, strict=False)
         rows = []
         for row in page.rows:
-            if row.row_id not in ROW_IDS:
+            if row.row_id not in known_rows:
                 report.fallback_rows += 1
                 continue
             ents = tuple(e for e in row.entity_ids if e in entity_index)
@@ -44,7 +45,17 @@ def pages_from_tokens(tok: GenPageTokenizer, page_tokens: list[list[int]], entit
                 continue
             rows.append(Row(row.row_id, ents))
         pages.append(Page(tuple(rows)))
-    return PageBatch.from_pages(pages, entity_index), report
+    return pages, report
+
+
+def engaged_recall(pages: list[Page], engaged: list[set[str]]) -> np.ndarray:
+    """[B] share of each held-out impression's engaged titles (entity reward > 0) that page b shows, NaN where the
+    impression has none: the offline hit-rate generative recommenders report (HR@K, K = the page)."""
+    out = np.full(len(pages), np.nan)
+    for b, (page, want) in enumerate(zip(pages, engaged)):
+        if want:
+            out[b] = len(want & set(page.entity_ids)) / len(want)
+    return out
 
 
 def page_token_mask(tok: GenPageTokenizer) -> np.ndarray:

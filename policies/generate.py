@@ -238,7 +238,7 @@ class PageGenerator:
         pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [B, W]
         P = max(len(r.prompt) for r in reqs)
         pids = torch.tensor([r.prompt + [rules.page_id] * (P - len(r.prompt)) for r in reqs])
-        resumable, kids = rules.prompt_facts(pids, torch.tensor([len(r.prompt) for r in reqs]))  # [B, V], [B]
+        resumable, profile_ok = rules.prompt_facts(pids, torch.tensor([len(r.prompt) for r in reqs]))  # [B, V] each
         used = torch.zeros(B, V, dtype=torch.bool)
         for b, r in enumerate(reqs):
             if r.page.used:
@@ -257,7 +257,7 @@ class PageGenerator:
             state = PageState(
                 active=torch.tensor([not r.done for r in reqs]), used=used,
                 n_rows=torch.tensor([p.n_rows for p in pages]), row_len=torch.tensor([p.row_len for p in pages]),
-                cur_row=torch.tensor([p.cur_row for p in pages]), resumable=resumable, kids=kids)
+                cur_row=torch.tensor([p.cur_row for p in pages]), resumable=resumable, profile_ok=profile_ok)
             allowed = rules.allowed(state)  # [B, V]
             masked = logits.clone()
             masked[:, :V] = masked[:, :V].masked_fill(~allowed, float("-inf"))
@@ -340,80 +340,75 @@ def row_title(row_id: str) -> str:
     return name.replace("_", " ").title()
 
 
-def format_page(page: Page, catalog=None, feedback: dict[str, str] | None = None, first_row: int = 1) -> str:
-    """Rows as readable lines: '  1. Continue Watching  show_0012 (drama), ...'; with the catalog, titles
-    outside genre rows get their first genre; with feedback, what the user did with a title."""
-    index = catalog.index_of() if catalog is not None else {}
+def format_page(page: Page, feedback: dict[str, str] | None = None, first_row: int = 1) -> str:
+    """Rows as readable lines: '  1. Continue Watching  show_0012, ...'; with feedback, what the user did with a title."""
     lines = []
     for i, row in enumerate(page.rows, first_row):
-        titles = []
-        for e in row.entity_ids:
-            label = e
-            if e in index and not row.row_id.startswith("genre_"):
-                from homepage.catalog import GENRES
-
-                g = np.flatnonzero(catalog.genres[index[e]])
-                label += f" ({GENRES[g[0]].replace('_', ' ')})" if len(g) else ""
-            if feedback and e in feedback:
-                label += f" [{feedback[e]}]"
-            titles.append(label)
+        titles = [e + (f" [{feedback[e]}]" if feedback and e in feedback else "") for e in row.entity_ids]
         lines.append(f"  {i}. {row_title(row.row_id):<18} " + ", ".join(titles))
     return "\n".join(lines) if lines else "  (no rows)"
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Generate homepages for world users and print them readably.")
+    ap = argparse.ArgumentParser(description="Generate homepages for held-out logged contexts of a dataset and print them.")
     ap.add_argument("--model", default="runs/pretrain/model", help="GenPage checkpoint directory (with business_rules)")
-    ap.add_argument("--world", default="runs/world", help="world directory: users, requests and the ground truth")
-    ap.add_argument("--users", type=int, default=5, help="how many users to generate for")
-    ap.add_argument("--split", default="test", help="user split to draw from (train, valid, test)")
+    ap.add_argument("--data", default="runs/world", help="dataset directory (docs/dataset.md): logged contexts")
+    ap.add_argument("--environment", default="auto", help="ground truth: auto (the dataset's own), '' (none), or a dotted path")
+    ap.add_argument("--users", type=int, default=5, help="how many logged contexts to generate for")
+    ap.add_argument("--split", default="test", help="user split to draw them from (train, valid, test)")
     ap.add_argument("--backend", default="vllm", choices=BACKENDS)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--hybrid-k", type=int, default=None, help="hybrid row decoding: titles decoded per row before the one-pass fill")
     ap.add_argument("--fill-row-len", type=int, default=HybridConfig.fill_row_len, help="row length the hybrid fill completes to")
-    ap.add_argument("--rows-per-page", type=int, default=None, help="paginated generation: rows per page")
+    ap.add_argument("--rows-per-page", type=int, default=None, help="paginated generation: rows per page (needs an environment with browse)")
     ap.add_argument("--pages", type=int, default=3, help="paginated generation: pages per user")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from homepage.world import World, world_contexts
+    from homepage.dataset import open_dataset
+    from homepage.environment import load_environment
+    from homepage.logs import engaged_titles, sample_impressions
+    from policies.evaluation import engaged_recall, pages_from_tokens
+    from policies.tokenizer import check_tokenizer_matches
 
-    world = World.load(args.world)
+    dataset, table, _ = open_dataset(args.data)
+    env = load_environment(args.environment, dataset)
+    impressions = sample_impressions(table, args.split, args.users, args.seed)
+    contexts = [imp.context for imp in impressions]
     rng = np.random.default_rng(args.seed)
-    users = world.sample_users(rng, args.users, split=args.split)
-    requests = world.sample_requests(rng, users)
     gen = PageGenerator(args.model, backend=args.backend, seed=args.seed)
+    check_tokenizer_matches(gen.tok, dataset, table, f"the checkpoint {args.model}")
     hybrid = HybridConfig(args.hybrid_k, args.fill_row_len)
-    contexts = world_contexts(world, users, requests)
     if args.rows_per_page:
         from policies.pagination import paginate
 
-        sessions = paginate(gen, world, users, requests, args.rows_per_page, args.pages, temperature=args.temperature,
+        if env is None or not hasattr(env, "browse"):
+            raise SystemExit("--rows-per-page needs an environment with a session model (browse), e.g. the toy world's")
+        sessions = paginate(gen, contexts, env.browse, args.rows_per_page, args.pages, temperature=args.temperature,
                             hybrid=hybrid, rng=rng)
+        page_ids = [s.page_ids for s in sessions]
     else:
-        pages = gen.generate(contexts, temperature=args.temperature, hybrid=hybrid)
-    from policies.evaluation import pages_from_tokens
-
+        results = gen.generate(contexts, temperature=args.temperature, hybrid=hybrid)
+        page_ids = [g.page_ids for g in results]
+    pages, _ = pages_from_tokens(gen.tok, page_ids)
+    true = env.true_page_reward(contexts, pages) if env is not None else None
+    recall = engaged_recall(pages, [engaged_titles(imp) for imp in impressions])
     for b, ctx in enumerate(contexts):
         print(f"\n{ctx.user_id} ({ctx.profile_type}, {ctx.language}), {ctx.device}, day {ctx.day_of_week} "
               f"{ctx.hour:02d}:00, {len(ctx.history)} titles in history")
         if args.rows_per_page:
-            s = sessions[b]
-            row = 1
+            s, row = sessions[b], 1
             for p, (chunk, fb) in enumerate(zip(s.pages, s.feedback), 1):
                 print(f" page {p}:")
-                print(format_page(chunk, world.catalog, fb, first_row=row))
+                print(format_page(chunk, fb, first_row=row))
                 row += len(chunk.rows)
-            batch, _ = pages_from_tokens(gen.tok, [s.page_ids], world.entity_index)
-            reward = world.true_page_reward(users[b:b + 1], requests.take(np.array([b])), batch)[0]
-            print(f" {'homepage ended' if s.ended else 'more pages possible'}; true expected reward of all pages {reward:.2f}")
+            print(f" {'homepage ended' if s.ended else 'more pages possible'}")
         else:
-            g = pages[b]
-            print(format_page(g.page, world.catalog))
-            batch, _ = pages_from_tokens(gen.tok, [g.page_ids], world.entity_index)
-            reward = world.true_page_reward(users[b:b + 1], requests.take(np.array([b])), batch)[0]
-            print(f"  true expected page reward {reward:.2f}; {g.decode_steps} decode steps"
-                  + (f", {g.filled_titles} titles filled in one pass" if g.filled_titles else ""))
+            print(format_page(results[b].page))
+        figures = [f"engaged-title recall {recall[b]:.2f}" if np.isfinite(recall[b]) else "no engaged titles logged"]
+        if true is not None:
+            figures.append(f"true expected page reward {true[b]:.2f}")
+        print("  " + "; ".join(figures))
 
 
 if __name__ == "__main__":

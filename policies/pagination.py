@@ -1,6 +1,6 @@
 """Paginated homepage generation with in-session feedback (paper section 2.3).
 
-The first page holds the first `rows_per_page` rows. The user browses it (the world's behaviour model draws
+The first page holds the first `rows_per_page` rows. The user browses it (an environment's session model draws
 the session), and the next page is generated from a prompt that holds what happened:
 
     [BOS] ... [HIST] (history) (in-session actions on earlier pages) [PAGE] (rows of earlier pages) -> next rows
@@ -20,13 +20,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from homepage.logs import HistoryAction
-from homepage.pages import Page, PageBatch
-from homepage.rewards import ABANDON, BINGE, FEEDBACK_TYPES, LONG_PLAY, NONE, SHORT_PLAY
-from homepage.users import Requests
+from typing import Callable, Sequence
+
+from homepage.logs import Context, HistoryAction
+from homepage.pages import Page
 from policies.hybrid import HybridConfig
 
-_ACTION = {ABANDON: "abandon", SHORT_PLAY: "play", LONG_PLAY: "play", BINGE: "binge"}
+# browse(contexts, pages, rng) -> per page (in-session history actions in page order, {entity id: what the user
+# did}): an interactive environment's session model (homepage.world.SimulatorEnvironment.browse).
+Browse = Callable[[Sequence[Context], Sequence[Page], np.random.Generator], list[tuple[list[HistoryAction], dict[str, str]]]]
 
 
 @dataclass
@@ -46,39 +48,20 @@ class Session:
     ended: bool = False
 
 
-def session_actions(world, page: PageBatch, fb, b: int) -> tuple[list[HistoryAction], dict[str, str]]:
-    """In-session history actions (page order) and a readable summary from feedback row b of a page batch."""
-    c = world.catalog
-    actions, summary = [], {}
-    R, L = page.entities.shape[1:]
-    for r in range(R):
-        for col in range(L):
-            e = int(page.entities[b, r, col])
-            code = int(fb.feedback[b, r, col])
-            if e < 0 or code == NONE:
-                continue
-            frac = float(fb.play_minutes[b, r, col]) / max(float(c.runtime_min[e]), 1e-6)
-            thumbs = bool(fb.thumbs_up[b, r, col])
-            actions.append(HistoryAction(c.entity_ids[e], "thumbs_up" if thumbs else _ACTION[code], 0.0, frac))
-            summary[c.entity_ids[e]] = FEEDBACK_TYPES[code].replace("_", " ") + (" + thumbs up" if thumbs else "")
-    return actions, summary
-
-
-def paginate(gen, world, users: np.ndarray, requests: Requests, rows_per_page: int, n_pages: int,
+def paginate(gen, contexts: Sequence[Context], browse: Browse, rows_per_page: int, n_pages: int,
              temperature: float = 0.0, hybrid: HybridConfig = HybridConfig(), rng: np.random.Generator | None = None
              ) -> list[Session]:
-    """Up to n_pages pages of rows_per_page rows for each (user, request), with feedback drawn from the world
-    between pages. gen: a policies.generate.PageGenerator; users: [B] world user indices."""
+    """Up to n_pages pages of rows_per_page rows for each context, with the feedback `browse` draws between
+    pages. gen: a policies.generate.PageGenerator."""
     from dataclasses import replace
 
-    from homepage.world import world_contexts
     from policies.evaluation import pages_from_tokens
 
     if rows_per_page < 1 or n_pages < 1:
         raise ValueError("paginate: rows_per_page and n_pages must be >= 1")
     rng = rng or np.random.default_rng(0)
     tok = gen.tok
-    contexts = world_contexts(world, users, requests)
+    contexts = list(contexts)
     sessions = [Session() for _ in contexts]
     extra: list[list[HistoryAction]] = [[] for _ in contexts]  # in-session actions so far
     n_rows = [0] * len(contexts)
@@ -98,12 +81,12 @@ def paginate(gen, world, users: np.ndarray, requests: Requests, rows_per_page: i
             chunk = [t for t in r.page_ids if t != tok.eop_id]
             s.page_ids += chunk
             chunks.append(chunk + [tok.eop_id])
-        batch, _ = pages_from_tokens(tok, chunks, world.entity_index)
-        fb = world.simulate(users[live], requests.take(np.array(live)), batch, rng)
+        pages, _ = pages_from_tokens(tok, chunks)
+        outcomes = browse([contexts[b] for b in live], pages, rng)
         for i, b in enumerate(live):
             page = tok.decode(chunks[i], strict=False)
             n_rows[b] += len(page.rows)
-            actions, summary = session_actions(world, batch, fb, i)
+            actions, summary = outcomes[i]
             extra[b] += actions
             sessions[b].pages.append(page)
             sessions[b].feedback.append(summary)

@@ -17,22 +17,25 @@ Rules (each with an enforcement mode: "mask" = hard, never violated; "reward" = 
   while the page has fewer than min_rows rows the masks let a row grow past min_row_len only when the rows
   still needed stay fillable (a look-ahead of the masks, not part of the audit), so masks never dead-end.
 - dedup: no title twice, no row twice.
-- category: a genre row holds titles of that genre; Continue Watching only titles the user partially watched
-  (read from the prompt's history); New Releases only new titles; Trending Now only trending titles; Kids
-  only kids-safe titles.
-- maturity: a kids profile (read from the prompt) sees only kids-safe titles.
+- category: a row holds only titles its definition in the dataset's row taxonomy makes eligible (an attribute
+  match, a boolean column, a recency window, an explicit list); a history row (Continue Watching) only titles
+  the user partially watched, read from the prompt's history.
+- maturity: a restricted profile (e.g. kids, read from the prompt) sees only the titles the dataset's
+  `restricted_profiles` column allows for it.
 - pinning: a configured row sits at a fixed row position (when it can be filled at that point).
 - critical_rows: a configured row (e.g. Continue Watching) appears within the first k rows (when it can be
   filled), and the page cannot end before it.
 "Can be filled" means: at least min_row_len titles satisfying the entity rules not set to "off" remain. A pin
 or critical row that cannot be filled for this user is void (it does not block the page).
 
-The ruleset (config + per-token tables built from the catalog) is a plain dict saved in the checkpoint's
+The ruleset (config + per-token tables built from the dataset) is a plain dict saved in the checkpoint's
 config.json (`GenPageConfig.business_rules`), so every process that loads the checkpoint has the same rules.
+Per-title tables are bit-packed masks over the vocabulary (V / 8 bytes each, base64), not lists of ids.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -43,14 +46,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from homepage.catalog import CONTINUE_WATCHING, KIDS, NEW_RELEASES, ROW_IDS, TRENDING
-from policies.tokenizer import DURATION_BUCKET_EDGES, GenPageTokenizer
+from policies.tokenizer import GenPageTokenizer
 
 RULES = ("structure", "dedup", "category", "maturity", "pinning", "critical_rows")
 MODES = ("mask", "reward", "off")
 ENTITY_RULES = ("dedup", "category", "maturity")  # rules that decide which titles can fill a row
-PARTIAL_DURATION_BUCKETS = tuple(f"db:{i}" for i in range(1, len(DURATION_BUCKET_EDGES)))  # 5%..90% watched
-RULESET_VERSION = 1
+RULESET_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -88,27 +89,37 @@ class RuleModes:
 
 @dataclass(frozen=True)
 class RuleConfig:
-    """The business rules of a deployment (saved with the checkpoint)."""
+    """The business rules of a deployment (saved with the checkpoint). shape, pinned_rows and critical_rows left
+    at None take the dataset's (dataset.yaml `page`, `pinned_rows`, `critical_rows`)."""
 
-    shape: PageShape = field(default_factory=PageShape)  # page structure bounds
+    shape: PageShape | None = None  # page structure bounds
     modes: RuleModes = field(default_factory=RuleModes)  # enforcement per rule
-    pinned_rows: dict = field(default_factory=dict)  # row id -> 0-based row position, e.g. {trending_now: 0}
-    critical_rows: dict = field(default_factory=lambda: {CONTINUE_WATCHING: 2})  # row id -> must be within first k rows
-    new_title_days: int = 30  # titles released within this many days belong in New Releases
+    pinned_rows: dict | None = None  # row id -> 0-based row position, e.g. {trending_now: 0}
+    critical_rows: dict | None = None  # row id -> must be within the first k rows, e.g. {continue_watching: 2}
     format_weights: dict = field(default_factory=dict)  # rule -> weight of one violation in the format reward (default 1)
 
-    def __post_init__(self) -> None:
+    def resolve(self, schema) -> "RuleConfig":
+        """Fills what is left at None from a `homepage.dataset.DatasetSchema`."""
+        return dataclasses.replace(
+            self, shape=self.shape or PageShape(**dataclasses.asdict(schema.page)),
+            pinned_rows=dict(schema.pinned_rows) if self.pinned_rows is None else self.pinned_rows,
+            critical_rows=dict(schema.critical_rows) if self.critical_rows is None else self.critical_rows)
+
+    def check(self, row_ids) -> None:
+        """Raises ValueError naming the field when the config does not fit the rows (or is unresolved)."""
+        if self.shape is None or self.pinned_rows is None or self.critical_rows is None:
+            raise ValueError("rules: shape, pinned_rows and critical_rows must be set (RuleConfig.resolve(schema))")
         s = self.shape
         for row, pos in self.pinned_rows.items():
-            if row not in ROW_IDS:
-                raise ValueError(f"rules.pinned_rows: unknown row {row!r}; known rows: {list(ROW_IDS)}")
+            if row not in row_ids:
+                raise ValueError(f"rules.pinned_rows: unknown row {row!r}; known rows: {list(row_ids)}")
             if not isinstance(pos, int) or not 0 <= pos < s.max_rows:
                 raise ValueError(f"rules.pinned_rows.{row}: position must be an integer in [0, max_rows={s.max_rows})")
         if len(set(self.pinned_rows.values())) != len(self.pinned_rows):
             raise ValueError("rules.pinned_rows: two rows pinned at the same position")
         for row, k in self.critical_rows.items():
-            if row not in ROW_IDS:
-                raise ValueError(f"rules.critical_rows: unknown row {row!r}; known rows: {list(ROW_IDS)}")
+            if row not in row_ids:
+                raise ValueError(f"rules.critical_rows: unknown row {row!r}; known rows: {list(row_ids)}")
             if row in self.pinned_rows:
                 raise ValueError(f"rules.critical_rows: {row} is also pinned; keep one of the two")
             if not isinstance(k, int) or not 1 <= k <= s.max_rows:
@@ -135,9 +146,9 @@ class PageState(NamedTuple):
     used:      [*S, V] bool, tokens already on the page
     n_rows:    [*S] long, rows opened so far
     row_len:   [*S] long, tokens since the current row token (0 when no row is open)
-    cur_row:   [*S] long, index into ROW_IDS of the open row, -1 before the first row
-    resumable: [*S or broadcastable, V] bool, titles partially watched in the prompt's history
-    kids:      [*S or broadcastable] bool, the prompt is a kids profile
+    cur_row:   [*S] long, index (in the ruleset's row order) of the open row, -1 before the first row
+    resumable:  [*S or broadcastable, V] bool, titles partially watched in the prompt's history
+    profile_ok: [*S or broadcastable, V] bool, titles the prompt's profile may see (restricted profiles)
     """
 
     active: torch.Tensor
@@ -146,14 +157,14 @@ class PageState(NamedTuple):
     row_len: torch.Tensor
     cur_row: torch.Tensor
     resumable: torch.Tensor
-    kids: torch.Tensor
+    profile_ok: torch.Tensor
 
 
 class RulePart(NamedTuple):
     """What one rule allows, by token kind (None: no restriction). Broadcastable to state shape [*S]:
 
     entities: [*S, V] or broadcastable, read at title tokens
-    rows:     [*S, R] row tokens, R = len(ROW_IDS) in ROW_IDS order
+    rows:     [*S, R] row tokens, in the ruleset's row order
     eop:      [*S] the [EOP] token
     other:    whether tokens that are none of these (prompt tokens, fallbacks, padding) are allowed
     """
@@ -177,32 +188,42 @@ class RuleSet:
     `build_ruleset`, load with `from_dict` / `from_model_config` / `from_pretrained`."""
 
     def __init__(self, config: RuleConfig, tables: dict):
+        self.row_ids = tuple(tables["row_ids"])
+        config.check(self.row_ids)
         self.config, self.tables = config, tables
         V = tables["vocab_size"]
         self.vocab_size = V
-        self.eop_id, self.page_id, self.kids_token = tables["eop_id"], tables["page_id"], tables["kids_token"]
-        self.row_token = torch.tensor([tables["row_tokens"][r] for r in ROW_IDS])  # [R]
+        self.eop_id, self.page_id = tables["eop_id"], tables["page_id"]
+        R = len(self.row_ids)
+        self.row_token = torch.tensor([tables["row_tokens"][r] for r in self.row_ids])  # [R]
         self.row_index = torch.full((V,), -1, dtype=torch.long)  # [V] token -> row index, -1 for non-rows
-        self.row_index[self.row_token] = torch.arange(len(ROW_IDS))
+        self.row_index[self.row_token] = torch.arange(R)
         self.is_row = self.row_index >= 0  # [V]
         self.row_of = {int(t): i for i, t in enumerate(self.row_token.tolist())}  # token -> row index (per-token loops)
-        self.is_entity = _ids_mask(tables["entities"], V)  # [V] known catalog titles (no fallback tokens)
-        self.kids_safe = _ids_mask(tables["kids_safe"], V)  # [V]
+        self.is_entity = unpack_mask(tables["entities"], V)  # [V] known catalog titles (no fallback tokens)
         self.is_partial = _ids_mask(tables["partial_duration_buckets"], V)  # [V]
-        self.row_elig = torch.stack([_ids_mask(tables["row_eligible"][r], V) for r in ROW_IDS])  # [R, V]
-        self.cw = ROW_IDS.index(CONTINUE_WATCHING)
-        R, s = len(ROW_IDS), config.shape
+        history = set(tables["history_rows"])
+        self.is_history_row = torch.tensor([r in history for r in self.row_ids], dtype=torch.bool)  # [R]
+        self.row_elig = torch.stack([  # [R, V]; history rows: per prompt (resumable)
+            torch.zeros(V, dtype=torch.bool) if r in history else unpack_mask(tables["row_eligible"][r], V)
+            for r in self.row_ids])
+        self.restricted = {int(t): unpack_mask(m, V) for t, m in tables["restricted"].items()}  # profile token -> [V]
+        s = config.shape
         self.pin_at = torch.full((s.max_rows + 1,), -1, dtype=torch.long)  # [max_rows+1] row index pinned at position
         self.pin_pos = torch.full((R,), -1, dtype=torch.long)  # [R] pinned position of a row, -1 none
         for row, pos in config.pinned_rows.items():
-            self.pin_at[pos] = ROW_IDS.index(row)
-            self.pin_pos[ROW_IDS.index(row)] = pos
+            self.pin_at[pos] = self.row_ids.index(row)
+            self.pin_pos[self.row_ids.index(row)] = pos
         self.crit_slot = torch.full((R,), -1, dtype=torch.long)  # [R] position a critical row is forced to, -1 none
         for row in config.critical_rows:
-            self.crit_slot[ROW_IDS.index(row)] = config.critical_slot(row)
+            self.crit_slot[self.row_ids.index(row)] = config.critical_slot(row)
         self.masked_rules = tuple(r for r in RULES if getattr(config.modes, r) == "mask")
         self.reward_rules = tuple(r for r in RULES if getattr(config.modes, r) == "reward")
         self.audited_rules = tuple(r for r in RULES if getattr(config.modes, r) != "off")
+
+    def eligible_ids(self, row: str) -> set[int]:
+        """Token ids a non-history row may hold (for per-token loops and inspection)."""
+        return set(self.row_elig[self.row_ids.index(row)].nonzero().flatten().tolist())
 
     # -- serialization ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -230,20 +251,23 @@ class RuleSet:
 
     # -- page states ------------------------------------------------------------------------------------------
     def prompt_facts(self, input_ids: torch.Tensor, page_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_ids [B, T], page_start [B] (index of the first page token) -> resumable [B, V], kids [B].
+        """input_ids [B, T], page_start [B] (index of the first page token) -> resumable [B, V], profile_ok [B, V].
 
         History actions are quadruples (entity, action, time bucket, duration bucket): a title is resumable
         when the duration bucket 3 tokens after it (still in the prompt) is a partial-watch bucket."""
         B, T = input_ids.shape
         pos = torch.arange(T)
         in_prompt = pos[None, :] < page_start[:, None]  # [B, T]
-        kids = ((input_ids == self.kids_token) & in_prompt).any(-1)  # [B]
+        profile_ok = torch.ones(B, self.vocab_size, dtype=torch.bool)
+        for token, allowed in self.restricted.items():
+            hit = ((input_ids == token) & in_prompt).any(-1)  # [B] the prompt has this restricted profile
+            profile_ok &= allowed | ~hit[:, None]
         resumable = torch.zeros(B, self.vocab_size, dtype=torch.bool)
         if T > 3:
             ent = self.is_entity[input_ids[:, :-3]] & self.is_partial[input_ids[:, 3:]] & in_prompt[:, 3:]  # [B, T-3]
             b, j = ent.nonzero(as_tuple=True)
             resumable[b, input_ids[b, j]] = True
-        return resumable, kids
+        return resumable, profile_ok
 
     def state_all_positions(self, input_ids: torch.Tensor, page_start: torch.Tensor) -> PageState:
         """State after each position of full sequences: input_ids [B, T], page_start [B] -> PageState [B, T].
@@ -264,8 +288,8 @@ class RuleSet:
         first = torch.full((B, self.vocab_size), T, dtype=torch.long)
         first.scatter_reduce_(1, input_ids, torch.where(in_page, pos, T).expand(B, T), reduce="amin")  # [B, V]
         used = first[:, None, :] <= pos[:, :, None]  # [B, T, V]
-        resumable, kids = self.prompt_facts(input_ids, page_start)
-        return PageState(active, used, n_rows, row_len, cur_row, resumable[:, None, :], kids[:, None])
+        resumable, profile_ok = self.prompt_facts(input_ids, page_start)
+        return PageState(active, used, n_rows, row_len, cur_row, resumable[:, None, :], profile_ok[:, None, :])
 
     def state_step(self, prompts: list[list[int]], prefixes: list[list[int]]) -> PageState:
         """State after each of N page prefixes (one decoding step) -> PageState [N]."""
@@ -274,7 +298,7 @@ class RuleSet:
         ids = torch.full((N, W), self.page_id, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        resumable, kids = self.prompt_facts(ids, torch.tensor([len(p) for p in prompts]))
+        resumable, profile_ok = self.prompt_facts(ids, torch.tensor([len(p) for p in prompts]))
         used = torch.zeros(N, self.vocab_size, dtype=torch.bool)
         active = torch.ones(N, dtype=torch.bool)
         n_rows, row_len, cur_row = (torch.zeros(N, dtype=torch.long) for _ in range(3))
@@ -284,7 +308,7 @@ class RuleSet:
             st.extend(prefix)
             active[i], n_rows[i], row_len[i], cur_row[i] = st.active, st.n_rows, st.row_len, st.cur_row
             used[i, list(st.used)] = True
-        return PageState(active, used, n_rows, row_len, cur_row, resumable, kids)
+        return PageState(active, used, n_rows, row_len, cur_row, resumable, profile_ok)
 
     # -- masks ------------------------------------------------------------------------------------------------
     def rule_parts(self, st: PageState, rules: tuple[str, ...], plan: bool = False) -> dict[str, RulePart]:
@@ -304,13 +328,15 @@ class RuleSet:
         if entity_on["dedup"]:
             fill = fill & ~st.used
         if entity_on["maturity"]:
-            fill = fill & (self.kids_safe | ~st.kids[..., None])
+            fill = fill & st.profile_ok
+        R = len(self.row_ids)
         if entity_on["category"]:
             counts = fill.float() @ self.row_elig.T.float()  # [*S, R]
-            cw = (fill & st.resumable).sum(-1).float()  # [*S]
-            counts = torch.cat([counts[..., : self.cw], cw[..., None], counts[..., self.cw + 1:]], -1)
+            if self.is_history_row.any():
+                resumable = (fill & st.resumable).sum(-1).float()  # [*S]
+                counts = torch.where(self.is_history_row, resumable[..., None], counts)
         else:
-            counts = fill.sum(-1, keepdim=True).float().expand(*fill.shape[:-1], len(ROW_IDS))
+            counts = fill.sum(-1, keepdim=True).float().expand(*fill.shape[:-1], R)
         row_used = st.used[..., self.row_token]  # [*S, R]
         openable = counts >= s.min_row_len  # [*S, R]
         if entity_on["dedup"]:
@@ -332,16 +358,16 @@ class RuleSet:
             out["dedup"] = RulePart(entities=~st.used, rows=~row_used)
         if "category" in rules:
             row_elig = self.row_elig[cur_row.clamp(min=0)]  # [*S, V]
-            row_elig = torch.where((cur_row == self.cw)[..., None], st.resumable, row_elig)
+            row_elig = torch.where(self.is_history_row[cur_row.clamp(min=0)][..., None], st.resumable, row_elig)
             out["category"] = RulePart(entities=row_elig | ~in_row[..., None])
         if "maturity" in rules:
-            out["maturity"] = RulePart(entities=self.kids_safe | ~st.kids[..., None])
+            out["maturity"] = RulePart(entities=st.profile_ok)
         if "pinning" in rules:
             pinned = self.pin_pos >= 0  # [R]
             here = self.pin_at[n_rows.clamp(max=s.max_rows)]  # [*S] row pinned at the next row position, -1 none
             binds = (here >= 0) & openable.gather(-1, here.clamp(min=0)[..., None]).squeeze(-1)  # [*S]
             rows_ok = ~pinned | (self.pin_pos == n_rows[..., None])  # [*S, R] pinned rows only at their position
-            rows_ok = torch.where(binds[..., None], torch.arange(len(ROW_IDS)) == here[..., None], rows_ok)
+            rows_ok = torch.where(binds[..., None], torch.arange(len(self.row_ids)) == here[..., None], rows_ok)
             pending = pinned & (self.pin_pos >= n_rows[..., None]) & openable  # [*S, R] pins still to fill
             out["pinning"] = RulePart(rows=rows_ok, eop=~pending.any(-1))
         if "critical_rows" in rules:
@@ -377,7 +403,7 @@ class RuleSet:
         ent = torch.ones(shape, dtype=torch.bool) if part.entities is None else part.entities.expand(shape)
         out = torch.where(self.is_entity, ent, torch.tensor(part.other))  # [*S, V]
         if part.rows is not None:
-            out[..., self.row_token] = part.rows.expand(*shape[:-1], len(ROW_IDS))
+            out[..., self.row_token] = part.rows.expand(*shape[:-1], len(self.row_ids))
         if part.eop is not None:
             out[..., self.eop_id] = part.eop
         return out | ~st.active[..., None]
@@ -414,7 +440,7 @@ class RuleSet:
         st = self.state_all_positions(input_ids, page_start)
         b, t = st.active.nonzero(as_tuple=True)  # [N] active (row, position) pairs
         active = PageState(st.active[b, t], st.used[b, t], st.n_rows[b, t], st.row_len[b, t], st.cur_row[b, t],
-                           st.resumable[b, 0], st.kids[b, 0])  # [N] states; resumable [B, 1, V], kids [B, 1]
+                           st.resumable[b, 0], st.profile_ok[b, 0])  # [N] states; resumable, profile_ok [B, 1, V]
         out = torch.ones(*input_ids.shape, self.vocab_size, dtype=torch.bool)
         out[b, t] = self.allowed(active)
         return out
@@ -491,47 +517,51 @@ class IncrementalPage:
                 self.row_len += 1
 
 
-def build_ruleset(tok: GenPageTokenizer, catalog_path: str | Path, config: RuleConfig = RuleConfig(),
-                  trending: set[str] | None = None) -> RuleSet:
-    """Per-token tables from the tokenizer and the catalog (Parquet written by recipes/make_world.py).
+def build_ruleset(tok: GenPageTokenizer, dataset, config: RuleConfig = RuleConfig()) -> RuleSet:
+    """Per-token tables from the tokenizer and a `homepage.dataset.Dataset` (its row taxonomy, restricted
+    profiles and history buckets); config's unset shape, pins and critical rows come from the dataset."""
+    schema = dataset.schema
+    if list(tok.row_ids) != list(schema.row_ids):
+        raise ValueError(f"the tokenizer's rows {tok.row_ids[:5]}... are not the dataset's {list(schema.row_ids)[:5]}...: "
+                         "the checkpoint was made from another dataset")
+    V = len(tok)
+    token_of = np.array([tok.vocab.get(f"ent:{e}", -1) for e in dataset.entity_ids])  # [N] catalog -> token, -1 unknown
+    known = token_of >= 0
 
-    trending: titles allowed in Trending Now (None: any title)."""
-    table = pq.read_table(catalog_path, columns=["entity_id", "genres", "maturity", "release_day"]).to_pylist()
-    elig: dict[str, list[int]] = {r: [] for r in ROW_IDS}
-    entities, kids_safe = [], []
-    for row in table:
-        t = tok.vocab.get(f"ent:{row['entity_id']}")
-        if t is None:
-            continue
-        entities.append(t)
-        for g in row["genres"]:
-            elig[f"genre_{g}"].append(t)
-        if trending is None or row["entity_id"] in trending:
-            elig[TRENDING].append(t)
-        if row["release_day"] > -config.new_title_days:
-            elig[NEW_RELEASES].append(t)
-        if row["maturity"] == "kids":
-            kids_safe.append(t)
-    elig[KIDS] = list(kids_safe)
-    elig[CONTINUE_WATCHING] = []  # per prompt: the titles the user partially watched
+    def to_vocab(mask: np.ndarray) -> str:  # [N] bool over the catalog -> packed [V] mask
+        out = np.zeros(V, dtype=bool)
+        out[token_of[known & mask]] = True
+        return pack_mask(out)
+
+    cv = tok.context_vocab
+    restricted = {}
+    for profile, allowed in dataset.allowed_for_profile().items():
+        token = tok.vocab.get(f"ptype:{profile}")
+        if token is None:
+            raise ValueError(f"restricted profile {profile!r} has no token (not a profile_type value of the logs)")
+        restricted[str(token)] = to_vocab(allowed)
     tables = {
-        "vocab_size": len(tok), "eop_id": tok.eop_id, "page_id": tok.page_id, "kids_token": tok.vocab["ptype:kids"],
-        "row_tokens": {r: tok.vocab[f"row:{r}"] for r in ROW_IDS}, "entities": entities, "kids_safe": kids_safe,
-        "row_eligible": elig, "partial_duration_buckets": [tok.vocab[t] for t in PARTIAL_DURATION_BUCKETS],
+        "vocab_size": V, "eop_id": tok.eop_id, "page_id": tok.page_id, "row_ids": list(schema.row_ids),
+        "row_tokens": {r: tok.vocab[f"row:{r}"] for r in schema.row_ids},
+        "entities": to_vocab(np.ones(len(token_of), dtype=bool)),
+        "row_eligible": {r: to_vocab(m) for r, m in dataset.row_eligibility().items()},
+        "history_rows": [r.id for r in schema.rows if r.kind == "history"],
+        "restricted": restricted,
+        "partial_duration_buckets": [tok.vocab[f"db:{b}"] for b in cv.partial_buckets],
     }
-    return RuleSet(config, tables)
+    return RuleSet(config.resolve(schema), tables)
 
 
-def world_ruleset(world_dir: str | Path, config: RuleConfig = RuleConfig()) -> RuleSet:
-    """The ruleset of a world directory written by recipes/make_world.py (its tokenizer and catalog)."""
-    from homepage.world import World
+def dataset_ruleset(data_dir: str | Path, config: RuleConfig = RuleConfig(), tok: GenPageTokenizer | None = None) -> RuleSet:
+    """The ruleset of a dataset directory (with `tok`, a checkpoint's tokenizer, else the dataset's own)."""
+    from homepage.dataset import load_dataset
 
-    world_dir = Path(world_dir)
-    world = World.load(world_dir)
-    tok = GenPageTokenizer.from_pretrained(world_dir / "tokenizer")
-    trending = set(np.asarray(world.catalog.entity_ids)[world.catalog.trending])
-    config = dataclasses.replace(config, new_title_days=world.config.new_title_days)
-    return build_ruleset(tok, world_dir / "catalog.parquet", config, trending)
+    dataset = load_dataset(data_dir)
+    if tok is None:
+        from homepage.logs import read_logs
+
+        tok = GenPageTokenizer.from_dataset(dataset, read_logs(dataset.logs)[0])
+    return build_ruleset(tok, dataset, config)
 
 
 def attach_rules(model_dir: str | Path, ruleset: RuleSet, mask_logits: bool | None = None) -> None:
@@ -542,6 +572,17 @@ def attach_rules(model_dir: str | Path, ruleset: RuleSet, mask_logits: bool | No
     if mask_logits is not None:
         cfg["mask_logits"] = mask_logits
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def pack_mask(mask: np.ndarray) -> str:
+    """[V] bool -> base64 of its bits (V / 8 bytes)."""
+    return base64.b64encode(np.packbits(np.asarray(mask, dtype=bool)).tobytes()).decode()
+
+
+def unpack_mask(packed: str, V: int) -> torch.Tensor:
+    """The inverse of pack_mask -> [V] bool."""
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(packed), dtype=np.uint8))[:V]
+    return torch.from_numpy(bits.astype(bool))
 
 
 def _ids_mask(ids: list[int], V: int) -> torch.Tensor:
@@ -590,9 +631,10 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="Attach business rules to a GenPage checkpoint (written into config.json).")
     parser.add_argument("--model", required=True, help="checkpoint directory")
-    parser.add_argument("--world", default="runs/world", help="world directory (tokenizer, catalog)")
+    parser.add_argument("--data", default="runs/world", help="dataset directory (catalog, row taxonomy, logs)")
     parser.add_argument("--config", default=None, help="YAML with RuleConfig fields (default: the default rules)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. modes.category=reward")
     args = parser.parse_args()
-    attach_rules(args.model, world_ruleset(args.world, load_config(RuleConfig, args.config, args.overrides)))
+    attach_rules(args.model, dataset_ruleset(args.data, load_config(RuleConfig, args.config, args.overrides),
+                                             GenPageTokenizer.from_pretrained(args.model)))
     print(f"business rules written into {args.model}/config.json")

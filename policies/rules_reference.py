@@ -7,16 +7,24 @@ equal these, rule by rule.
 
 from __future__ import annotations
 
-from homepage.catalog import CONTINUE_WATCHING, ROW_IDS
 from policies.rules import ENTITY_RULES, RuleSet
 
 
-def prompt_facts(rules: RuleSet, prompt: list[int]) -> tuple[set[int], bool]:
-    """(titles partially watched in the history, is a kids profile). History = (entity, action, time, duration)."""
+def _ids(mask) -> set[int]:
+    return set(mask.nonzero().flatten().tolist())
+
+
+def prompt_facts(rules: RuleSet, prompt: list[int]) -> tuple[set[int], set[int]]:
+    """(titles partially watched in the history, titles the prompt's profile may see).
+    History = (entity, action, time, duration)."""
     t = rules.tables
-    entities, partial = set(t["entities"]), set(t["partial_duration_buckets"])
+    entities, partial = _ids(rules.is_entity), set(t["partial_duration_buckets"])
     resumable = {tok for j, tok in enumerate(prompt[:-3]) if tok in entities and prompt[j + 3] in partial}
-    return resumable, t["kids_token"] in prompt
+    allowed = set(range(t["vocab_size"]))
+    for token, mask in rules.restricted.items():
+        if token in prompt:
+            allowed &= _ids(mask)
+    return resumable, allowed
 
 
 def reference_rule_masks(rules: RuleSet, prompt: list[int], prefix: list[int], plan: bool = False) -> dict[str, set[int]]:
@@ -27,10 +35,12 @@ def reference_rule_masks(rules: RuleSet, prompt: list[int], prefix: list[int], p
     every = set(range(V))
     if t["eop_id"] in prefix:
         return {r: every for r in rules.audited_rules}
-    entities, kids_safe = set(t["entities"]), set(t["kids_safe"])
+    entities = _ids(rules.is_entity)
     row_token = t["row_tokens"]
     token_row = {v: k for k, v in row_token.items()}
-    resumable, kids = prompt_facts(rules, prompt)
+    history_rows = set(t["history_rows"])
+    ROW_IDS = rules.row_ids
+    resumable, profile_ok = prompt_facts(rules, prompt)
 
     rows = [token_row[x] for x in prefix if x in token_row]
     used = set(prefix)
@@ -46,7 +56,7 @@ def reference_rule_masks(rules: RuleSet, prompt: list[int], prefix: list[int], p
     row_done = not in_row or row_len >= s.min_row_len
 
     def eligible(row: str) -> set[int]:
-        return resumable if row == CONTINUE_WATCHING else set(t["row_eligible"][row])
+        return resumable if row in history_rows else rules.eligible_ids(row)
 
     on = {r: getattr(c.modes, r) != "off" for r in ENTITY_RULES}
 
@@ -55,8 +65,8 @@ def reference_rule_masks(rules: RuleSet, prompt: list[int], prefix: list[int], p
         fill = set(entities)
         if on["dedup"]:
             fill -= used
-        if on["maturity"] and kids:
-            fill &= kids_safe
+        if on["maturity"]:
+            fill &= profile_ok
         if on["category"]:
             fill &= eligible(row)
         return len(fill)
@@ -89,7 +99,7 @@ def reference_rule_masks(rules: RuleSet, prompt: list[int], prefix: list[int], p
     if "category" in rules.audited_rules:
         out["category"] = (every - entities) | (eligible(rows[-1]) if in_row else entities)
     if "maturity" in rules.audited_rules:
-        out["maturity"] = (every - entities) | (kids_safe if kids else entities)
+        out["maturity"] = (every - entities) | (entities & profile_ok)
     if "pinning" in rules.audited_rules:
         pins = c.pinned_rows
         here = next((r for r, p in pins.items() if p == n_rows), None)

@@ -1,41 +1,41 @@
 """The GenPage domain tokenizer (paper section 2): user context -> prompt tokens, homepage -> page tokens.
 
-Prompt:  [BOS] [PROFILE] lang:* ptype:* [REQUEST] daypart:* dow:* dev:* [HIST] (ent:* act:* tb:* db:*)* [PAGE]
+Prompt:  [BOS] [PROFILE] lang:* ptype:* [REQUEST] hour:* dow:* dev:* [HIST] (ent:* act:* tb:* db:*)* [PAGE]
 Page:    (row:* ent:* ent:* ...)* [EOP]        one token per row and per entity, in layout order
 
-Continuous signals are bucketized (time since an action, share watched, hour of day). Unknown rows and
-entities map to fallback tokens (paper section 6.2): `row:<unk>`, and `ent:<unk_movie|show|game>` chosen by
-the id's type prefix, else `ent:<unk>`. The vocabulary is a real Hugging Face tokenizer
-(`PreTrainedTokenizerFast` over a WordLevel model, with a chat template whose generation prompt is
-`[PAGE]`), so verl and vLLM load it with `AutoTokenizer.from_pretrained`.
+Every vocabulary comes from the dataset (`ContextVocab.from_schema`): its context values, history action
+types, bucket edges (hour, day of week, days since an action, share watched), entity types and rows; the whole
+of it is saved with every checkpoint (`genpage_tokenizer.json`), so loading never rebuilds it from anything
+else. Continuous signals are bucketized. Unknown values map to fallback tokens, counted in `EncodeStats`
+(paper section 6.2): `row:<unk>`, `ent:<unk_TYPE>` for a title of a known type missing from the vocabulary
+(the training-time fallback swap), `ent:<unk>` for an unknown id, `lang:<unk>` and so on for context values
+outside a learned vocabulary. The vocabulary is a real Hugging Face tokenizer (`PreTrainedTokenizerFast` over a
+WordLevel model, with a chat template whose generation prompt is `[PAGE]`), so verl and vLLM load it with
+`AutoTokenizer.from_pretrained`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from homepage.catalog import ENTITY_TYPES, LANGUAGES, ROW_IDS
 from homepage.logs import Context, Impression
 from homepage.pages import Page, Row
-from homepage.users import ACTIONS, DEVICES, PROFILE_TYPES
 
 TOKENIZER_CONFIG_FILE = "genpage_tokenizer.json"
-TOKENIZER_FORMAT_VERSION = 1
+TOKENIZER_FORMAT_VERSION = 2
 
 PAD, BOS, EOP, PAGE, PROFILE, REQUEST, HIST, UNK = "[PAD]", "[BOS]", "[EOP]", "[PAGE]", "[PROFILE]", "[REQUEST]", "[HIST]", "[UNK]"
 SPECIAL_TOKENS = (PAD, BOS, EOP, PAGE, PROFILE, REQUEST, HIST, UNK)
 ROW_FALLBACK = "row:<unk>"
 ENTITY_FALLBACK = "ent:<unk>"
-ENTITY_TYPE_FALLBACKS = tuple(f"ent:<unk_{t}>" for t in ENTITY_TYPES)
-DAYPARTS = ("night", "morning", "afternoon", "evening", "late")
-DAYPART_START_HOURS = (0, 6, 12, 17, 22)  # hour h belongs to the last start <= h
-TIME_BUCKET_EDGES_DAYS = (1.0, 3.0, 7.0, 14.0, 30.0, 90.0)  # 7 buckets
-DURATION_BUCKET_EDGES = (0.05, 0.25, 0.5, 0.9)  # share watched; 5 buckets
+CATEGORICAL_PREFIX = {"language": "lang", "profile_type": "ptype", "device": "dev", "action": "act"}
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['content'] }}{% endfor %}"
@@ -46,16 +46,77 @@ CHAT_TEMPLATE = (
 KIND_SPECIAL, KIND_CONTEXT, KIND_ROW, KIND_ENTITY = 0, 1, 2, 3
 
 
-def daypart(hour: int) -> str:
-    return DAYPARTS[int(np.searchsorted(DAYPART_START_HOURS, hour, side="right")) - 1]
+def bucket(edges: Sequence[float], x: float) -> int:
+    """Index of the bucket of x: b such that edges[b-1] <= x < edges[b] (len(edges) + 1 buckets)."""
+    return int(np.searchsorted(edges, x, side="right"))
 
 
-def time_bucket(days_ago: float) -> int:
-    return int(np.searchsorted(TIME_BUCKET_EDGES_DAYS, days_ago, side="right"))
+@dataclass(frozen=True)
+class ContextVocab:
+    """The prompt's vocabularies: categorical values and bucket edges (from the dataset's schema)."""
 
+    languages: tuple[str, ...]
+    profile_types: tuple[str, ...]
+    devices: tuple[str, ...]
+    actions: tuple[str, ...]
+    hour_edges: tuple[float, ...] = (6, 12, 17, 22)
+    day_of_week_edges: tuple[float, ...] = (1, 2, 3, 4, 5, 6)
+    days_ago_edges: tuple[float, ...] = (1.0, 3.0, 7.0, 14.0, 30.0, 90.0)
+    watch_fraction_edges: tuple[float, ...] = (0.05, 0.25, 0.5, 0.9)
+    partial_watch: tuple[float, float] = (0.05, 0.9)  # share watched that makes a title resumable
 
-def duration_bucket(watch_fraction: float) -> int:
-    return int(np.searchsorted(DURATION_BUCKET_EDGES, watch_fraction, side="right"))
+    @property
+    def partial_buckets(self) -> tuple[int, ...]:
+        """Duration buckets lying within partial_watch (the prompt only knows buckets)."""
+        lo, hi = self.partial_watch
+        bounds = (0.0, *self.watch_fraction_edges, float("inf"))
+        return tuple(b for b in range(len(bounds) - 1) if bounds[b] >= lo and bounds[b + 1] <= hi)
+
+    @classmethod
+    def from_schema(cls, schema, logs=None) -> "ContextVocab":
+        """From a `homepage.dataset.DatasetSchema`; vocabularies marked "learned" are counted in `logs` (a log
+        table; train-split rows when it has a split column) and keep values seen at least min_count times."""
+        train = logs
+        if logs is not None and "split" in logs.column_names:
+            import pyarrow.compute as pc
+
+            train = logs.filter(pc.equal(logs.column("split"), "train"))
+
+        def values(vocab, column: str, nested: bool = False) -> tuple[str, ...]:
+            if vocab.closed:
+                return tuple(vocab.values)
+            if train is None:
+                raise ValueError(f"'{column}' is learned from the logs: pass the log table")
+            col = train.column(column).combine_chunks()
+            items = col.flatten().to_pylist() if nested else col.to_pylist()
+            counts = Counter(items)
+            return tuple(sorted(v for v, n in counts.items() if n >= vocab.min_count))
+
+        return cls(
+            values(schema.context["language"], "language"), values(schema.context["profile_type"], "profile_type"),
+            values(schema.context["device"], "device"), values(schema.actions, "history_actions", nested=True),
+            schema.numeric_edges["hour"], schema.numeric_edges["day_of_week"], schema.days_ago_edges,
+            schema.watch_fraction_edges, schema.partial_watch,
+        )
+
+    def tokens(self) -> list[str]:
+        out: list[str] = []
+        for name, vals in (("language", self.languages), ("profile_type", self.profile_types)):
+            out += [f"{CATEGORICAL_PREFIX[name]}:{x}" for x in vals] + [f"{CATEGORICAL_PREFIX[name]}:<unk>"]
+        out += [f"hour:{i}" for i in range(len(self.hour_edges) + 1)]
+        out += [f"dow:{i}" for i in range(len(self.day_of_week_edges) + 1)]
+        out += [f"dev:{x}" for x in self.devices] + ["dev:<unk>"]
+        out += [f"act:{x}" for x in self.actions] + ["act:<unk>"]
+        out += [f"tb:{i}" for i in range(len(self.days_ago_edges) + 1)]
+        out += [f"db:{i}" for i in range(len(self.watch_fraction_edges) + 1)]
+        return out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ContextVocab":
+        return cls(**{k: tuple(v) for k, v in data.items()})
 
 
 class PageDecodeError(ValueError):
@@ -75,43 +136,68 @@ class EncodeStats:
 
 
 class GenPageTokenizer:
-    """Domain tokenizer over a fixed vocabulary built from a catalog's entity ids and the row ids."""
+    """Domain tokenizer over a fixed vocabulary: the context vocabularies, the rows and the catalog's titles.
 
-    def __init__(self, entity_ids: Sequence[str], row_ids: Sequence[str] = ROW_IDS, max_history: int = 24):
+    entity_types: per entity its type (its fallback token is `ent:<unk_TYPE>`); None = one fallback for all."""
+
+    def __init__(self, entity_ids: Sequence[str], vocab: ContextVocab, row_ids: Sequence[str],
+                 entity_types: Sequence[str] | None = None, max_history: int = 24):
         self.entity_ids = list(entity_ids)
+        self.context_vocab = vocab
         self.row_ids = list(row_ids)
+        self.entity_types = list(entity_types) if entity_types is not None else None
+        if self.entity_types is not None and len(self.entity_types) != len(self.entity_ids):
+            raise ValueError(f"{len(self.entity_types)} entity types for {len(self.entity_ids)} entity ids")
         self.max_history = max_history
         tokens: list[str] = list(SPECIAL_TOKENS)
         kinds: list[int] = [KIND_SPECIAL] * len(SPECIAL_TOKENS)
-        context = (
-            [f"lang:{x}" for x in LANGUAGES] + ["lang:<unk>"]
-            + [f"ptype:{x}" for x in PROFILE_TYPES]
-            + [f"daypart:{x}" for x in DAYPARTS]
-            + [f"dow:{i}" for i in range(7)]
-            + [f"dev:{x}" for x in DEVICES]
-            + [f"act:{x}" for x in ACTIONS]
-            + [f"tb:{i}" for i in range(len(TIME_BUCKET_EDGES_DAYS) + 1)]
-            + [f"db:{i}" for i in range(len(DURATION_BUCKET_EDGES) + 1)]
-        )
+        context = vocab.tokens()
         tokens += context
         kinds += [KIND_CONTEXT] * len(context)
         rows = [f"row:{r}" for r in self.row_ids] + [ROW_FALLBACK]
         tokens += rows
         kinds += [KIND_ROW] * len(rows)
-        ents = list(ENTITY_TYPE_FALLBACKS) + [ENTITY_FALLBACK] + [f"ent:{e}" for e in self.entity_ids]
+        types = list(dict.fromkeys(self.entity_types or []))
+        ents = [f"ent:<unk_{t}>" for t in types] + [ENTITY_FALLBACK] + [f"ent:{e}" for e in self.entity_ids]
         tokens += ents
         kinds += [KIND_ENTITY] * len(ents)
         if len(set(tokens)) != len(tokens):
             dup = sorted({t for t in tokens if tokens.count(t) > 1})[:5]
             raise ValueError(f"duplicate tokens in the vocabulary (ids must be unique), e.g. {dup}")
+        bad = [t for t in tokens if any(c.isspace() for c in t)]
+        if bad:
+            raise ValueError(f"tokens may not contain whitespace (ids are split on it), e.g. {bad[:3]}")
         self.tokens = tokens
         self.vocab = {t: i for i, t in enumerate(tokens)}
         self.token_kind = np.array(kinds, dtype=np.int8)  # [V]
         self.pad_id, self.bos_id, self.eop_id, self.page_id = (self.vocab[t] for t in (PAD, BOS, EOP, PAGE))
         self.row_fallback_id = self.vocab[ROW_FALLBACK]
-        self.entity_fallback_ids = {t: self.vocab[f] for t, f in zip(ENTITY_TYPES, ENTITY_TYPE_FALLBACKS)}
+        self.entity_fallback_ids = {t: self.vocab[f"ent:<unk_{t}>"] for t in types}
         self.entity_fallback_id = self.vocab[ENTITY_FALLBACK]
         self._hf = None
+
+    @classmethod
+    def from_dataset(cls, dataset, logs=None) -> "GenPageTokenizer":
+        """The tokenizer of a `homepage.dataset.Dataset` (logs: the log table, for learned vocabularies)."""
+        s = dataset.schema
+        return cls(dataset.entity_ids, ContextVocab.from_schema(s, logs), s.row_ids, dataset.entity_types, s.max_history)
+
+    def fallback_of(self, entity_id: str) -> int:
+        """The fallback token of a catalog title: its type's, else the generic one."""
+        if self.entity_types is None:
+            return self.entity_fallback_id
+        i = self.vocab[f"ent:{entity_id}"] - self.first_entity_id
+        return self.entity_fallback_ids[self.entity_types[i]]
+
+    def same_vocabulary(self, other: "GenPageTokenizer") -> str | None:
+        """None when both encode identically, else what differs (for 'checkpoint from another dataset' errors)."""
+        if self.tokens == other.tokens and self.context_vocab == other.context_vocab:
+            return None
+        mine, theirs = set(self.tokens), set(other.tokens)
+        only_a, only_b = sorted(mine - theirs)[:3], sorted(theirs - mine)[:3]
+        if only_a or only_b:
+            return f"tokens only in one of them: {only_a} vs {only_b}"
+        return "the same tokens in another order, or other bucket edges"
 
     # -- vocabulary --------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -128,8 +214,7 @@ class GenPageTokenizer:
             return tok
         if stats is not None:
             stats.unknown_entities += 1
-        prefix = entity_id.split("_", 1)[0]
-        return self.entity_fallback_ids.get(prefix, self.entity_fallback_id)
+        return self.entity_fallback_id
 
     def row_token(self, row_id: str, stats: EncodeStats | None = None) -> int:
         tok = self.vocab.get(f"row:{row_id}")
@@ -154,10 +239,10 @@ class GenPageTokenizer:
     # -- encoding ----------------------------------------------------------------------------------------
     def encode_context(self, ctx: Context, stats: EncodeStats | None = None) -> list[int]:
         """Prompt token ids, ending with the [PAGE] generation prompt."""
-        v = self.vocab
+        v, cv = self.vocab, self.context_vocab
         ids = [v[BOS], v[PROFILE], self._context_token("lang", ctx.language, stats),
                self._context_token("ptype", ctx.profile_type, stats), v[REQUEST],
-               v[f"daypart:{daypart(ctx.hour)}"], v[f"dow:{int(ctx.day_of_week)}"],
+               v[f"hour:{bucket(cv.hour_edges, ctx.hour)}"], v[f"dow:{bucket(cv.day_of_week_edges, ctx.day_of_week)}"],
                self._context_token("dev", ctx.device, stats), v[HIST]]
         history = ctx.history
         if len(history) > self.max_history:
@@ -166,7 +251,7 @@ class GenPageTokenizer:
             history = history[-self.max_history:]  # keep the most recent
         for h in history:
             ids += [self.entity_token(h.entity_id, stats), self._context_token("act", h.action, stats),
-                    v[f"tb:{time_bucket(h.days_ago)}"], v[f"db:{duration_bucket(h.watch_fraction)}"]]
+                    v[f"tb:{bucket(cv.days_ago_edges, h.days_ago)}"], v[f"db:{bucket(cv.watch_fraction_edges, h.watch_fraction)}"]]
         ids.append(self.page_id)
         return ids
 
@@ -244,8 +329,8 @@ class GenPageTokenizer:
         directory = Path(directory)
         self.hf_tokenizer().save_pretrained(directory)
         config = {
-            "format_version": TOKENIZER_FORMAT_VERSION, "entity_ids": self.entity_ids, "row_ids": self.row_ids,
-            "max_history": self.max_history,
+            "format_version": TOKENIZER_FORMAT_VERSION, "entity_ids": self.entity_ids, "entity_types": self.entity_types,
+            "row_ids": self.row_ids, "context_vocab": self.context_vocab.to_dict(), "max_history": self.max_history,
         }
         (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config))
 
@@ -256,8 +341,10 @@ class GenPageTokenizer:
             raise FileNotFoundError(f"{path} not found: not a GenPage tokenizer directory (save one with save_pretrained)")
         config = json.loads(path.read_text())
         if config.get("format_version") != TOKENIZER_FORMAT_VERSION:
-            raise ValueError(f"{path}: tokenizer format {config.get('format_version')}, expected {TOKENIZER_FORMAT_VERSION}")
-        tok = cls(config["entity_ids"], config["row_ids"], config["max_history"])
+            raise ValueError(f"{path}: tokenizer format {config.get('format_version')}, expected {TOKENIZER_FORMAT_VERSION}: "
+                             "rebuild the checkpoint from its dataset directory")
+        tok = cls(config["entity_ids"], ContextVocab.from_dict(config["context_vocab"]), config["row_ids"],
+                  config["entity_types"], config["max_history"])
         from transformers import AutoTokenizer
 
         hf = AutoTokenizer.from_pretrained(directory)
@@ -265,3 +352,14 @@ class GenPageTokenizer:
             raise ValueError(f"{directory}: tokenizer.json vocabulary differs from {TOKENIZER_CONFIG_FILE}")
         tok._hf = hf
         return tok
+
+
+def check_tokenizer_matches(tok: GenPageTokenizer, dataset, logs, what: str) -> None:
+    """Raises homepage.dataset.DatasetError when `tok` (a checkpoint's tokenizer) does not encode `dataset` (with
+    its log table `logs`) the way the dataset's own tokenizer does: the checkpoint was made from another dataset."""
+    from homepage.dataset import DatasetError
+
+    diff = tok.same_vocabulary(GenPageTokenizer.from_dataset(dataset, logs))
+    if diff is not None:
+        raise DatasetError(f"{what} was made from another dataset than {dataset.root} ({diff}): retrain it on this "
+                           "dataset, or point data_dir=... at the dataset it was made from")

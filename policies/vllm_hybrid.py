@@ -44,11 +44,11 @@ class GenPageDecodeLogitsProcessor(GenPageRulesLogitsProcessor):
             prompt = list(prompt)
             start = len(prompt) - prompt[::-1].index(self.rules.page_id) if self.rules.page_id in prompt else len(prompt)
             self._grow(i)
-            resumable, kids = self.rules.prompt_facts(torch.tensor([prompt[:start]]), torch.tensor([start]))
+            resumable, profile_ok = self.rules.prompt_facts(torch.tensor([prompt[:start]]), torch.tensor([start]))
             req = _Request(self.rules, output)
             req.page.extend(prompt[start:])  # the page so far (earlier rows, filled titles)
             req.page.seen = 0  # `output` holds only what this request generates
-            self.used[i], self.resumable[i], self.kids[i] = False, resumable[0], kids[0]
+            self.used[i], self.resumable[i], self.profile_ok[i] = False, resumable[0], profile_ok[0]
             if req.page.used:
                 self.used[i, list(req.page.used)] = True
             self.requests[i] = req

@@ -41,7 +41,7 @@ class GenPageRulesLogitsProcessor(LogitsProcessor):
         V = self.rules.vocab_size if self.rules is not None else 0
         self.used = torch.zeros(0, V, dtype=torch.bool)  # [slots, V] tokens on the page so far
         self.resumable = torch.zeros(0, V, dtype=torch.bool)  # [slots, V] titles to resume (from the prompt)
-        self.kids = torch.zeros(0, dtype=torch.bool)  # [slots] kids profile
+        self.profile_ok = torch.zeros(0, V, dtype=torch.bool)  # [slots, V] titles the profile may see
 
     def is_argmax_invariant(self) -> bool:
         return False  # a mask changes the argmax: greedy decoding must apply it too
@@ -52,11 +52,11 @@ class GenPageRulesLogitsProcessor(LogitsProcessor):
             extra = max(slot + 1, 2 * n) - n
             self.used = torch.cat([self.used, torch.zeros(extra, self.used.shape[1], dtype=torch.bool)])
             self.resumable = torch.cat([self.resumable, torch.zeros(extra, self.used.shape[1], dtype=torch.bool)])
-            self.kids = torch.cat([self.kids, torch.zeros(extra, dtype=torch.bool)])
+            self.profile_ok = torch.cat([self.profile_ok, torch.zeros(extra, self.used.shape[1], dtype=torch.bool)])
 
     def _move(self, a: int, b: int, swap: bool) -> None:
         self._grow(max(a, b))
-        for t in (self.used, self.resumable, self.kids):
+        for t in (self.used, self.resumable, self.profile_ok):
             if swap:
                 t[[a, b]] = t[[b, a]]
             else:
@@ -72,8 +72,8 @@ class GenPageRulesLogitsProcessor(LogitsProcessor):
                 self.requests.pop(i, None)
                 continue
             self._grow(i)
-            resumable, kids = self.rules.prompt_facts(torch.tensor([list(prompt)]), torch.tensor([len(prompt)]))
-            self.used[i], self.resumable[i], self.kids[i] = False, resumable[0], kids[0]
+            resumable, profile_ok = self.rules.prompt_facts(torch.tensor([list(prompt)]), torch.tensor([len(prompt)]))
+            self.used[i], self.resumable[i], self.profile_ok[i] = False, resumable[0], profile_ok[0]
             self.requests[i] = _Request(self.rules, output)
         for a, b, direction in batch_update.moved:
             swap = direction == MoveDirectionality.SWAP
@@ -106,7 +106,7 @@ class GenPageRulesLogitsProcessor(LogitsProcessor):
             row_len=torch.tensor([r.page.row_len for r in reqs]),
             cur_row=torch.tensor([r.page.cur_row for r in reqs]),
             resumable=self.resumable[idx],
-            kids=self.kids[idx],
+            profile_ok=self.profile_ok[idx],
         )
         allowed = self.rules.allowed(state).to(logits.device)  # [N, V]
         V = allowed.shape[-1]

@@ -4,7 +4,8 @@
 
 Runs verl's own PPO trainer (Ray single controller, FSDP actor and reference, vLLM rollouts) for each seed in
 turn, in one session (workers and vLLM start once), policy and reference initialized from the pretrained
-checkpoint (with the world's business rules attached).
+checkpoint (with the dataset's business rules attached). Prompts are logged contexts of the dataset directory's
+train-split users; held-out (test-split) logged contexts are the evaluation set.
 On a machine without a GPU, verl gets a CPU platform through its plugin registry (rl/cpu_platform.py) and the
 documented shims of rl/cpu_shims.py. Resumes each seed from its last verl checkpoint when interrupted.
 
@@ -23,6 +24,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pyarrow.compute as pc
+
 from homepage.recipe_utils import parse_recipe_args, write_summary
 from rl.config import (DrGrpoConfig, RunPaths, compose_verl_config, on_cpu, pretrained_validation, seed_run,
                        verl_overrides)
@@ -31,9 +34,10 @@ from rl.runtime import RunGuard, init_ray
 
 def prepare_policy(cfg: DrGrpoConfig, out: Path) -> Path:
     """A copy of the pretrained checkpoint whose config carries the business rules (the checkpoint's own, else
-    the world's), with `cfg.reward_rules` switched from mask to format reward. Every verl and vLLM process
+    the dataset's), with `cfg.reward_rules` switched from mask to format reward. Every verl and vLLM process
     then has the same rules; vLLM's rule logits processor switches on from them."""
-    from policies.rules import RuleSet, attach_rules, world_ruleset
+    from policies.rules import RuleSet, attach_rules, dataset_ruleset
+    from policies.tokenizer import GenPageTokenizer
 
     init = out / "init_model"
     if (init / "config.json").exists():
@@ -44,7 +48,7 @@ def prepare_policy(cfg: DrGrpoConfig, out: Path) -> Path:
     try:
         rules = RuleSet.from_pretrained(tmp)
     except ValueError:
-        rules = world_ruleset(cfg.world_dir)
+        rules = dataset_ruleset(cfg.data_dir, tok=GenPageTokenizer.from_pretrained(tmp))
     spec = rules.to_dict()
     spec["config"]["modes"].update({rule: "reward" for rule in cfg.reward_rules})
     attach_rules(tmp, RuleSet.from_dict(spec))
@@ -53,17 +57,32 @@ def prepare_policy(cfg: DrGrpoConfig, out: Path) -> Path:
 
 
 def write_prompts(cfg: DrGrpoConfig, out: Path, init: Path) -> None:
-    """Training prompts from train-split users (enough for every step); held-out test users for evaluation."""
-    from homepage.world import World
-    from policies.tokenizer import GenPageTokenizer
-    from rl.data import prompt_rows, sample_prompts, write_prompt_parquet
+    """Training prompts: logged contexts of train-split users (drawn with replacement, enough for every step);
+    held-out: test-split logged contexts, with their logged page (the logging policy's row of the table)."""
+    import numpy as np
+
+    from homepage.dataset import open_dataset
+    from homepage.logs import iter_impressions, other_page_of_user, sample_impressions
+    from policies.tokenizer import GenPageTokenizer, check_tokenizer_matches
+    from rl.data import prompt_rows, write_prompt_parquet
 
     data = out / "data"
     if (data / "train.parquet").exists() and (data / "valid.parquet").exists():
         return
-    world, tok = World.load(cfg.world_dir), GenPageTokenizer.from_pretrained(init)
-    train = prompt_rows(world, tok, sample_prompts(world, "train", cfg.steps * cfg.prompts_per_step, seed=0))
-    heldout = prompt_rows(world, tok, sample_prompts(world, "test", cfg.eval_users, seed=1))
+    dataset, table, _ = open_dataset(cfg.data_dir)
+    tok = GenPageTokenizer.from_pretrained(init)
+    check_tokenizer_matches(tok, dataset, table, f"the policy {cfg.policy_dir}")
+    train_idx = np.flatnonzero(table.column("split").to_numpy(zero_copy_only=False) == "train")
+    if not len(train_idx):
+        raise SystemExit(f"{dataset.logs}: no train-split impressions to take prompts from")
+    pick = np.random.default_rng([0, 7]).choice(train_idx, size=cfg.steps * cfg.prompts_per_step)
+    train = prompt_rows(tok, list(iter_impressions(table.take(pick))), "train")
+    test_imps = sample_impressions(table, "test", cfg.eval_users, seed=1)
+    test_table = table.filter(pc.equal(table.column("split"), "test"))
+    heldout = prompt_rows(tok, test_imps, "test")
+    for row, imp, other in zip(heldout, test_imps, other_page_of_user(test_imps, test_table)):
+        row["extra_info"]["logged_page"] = tok.encode_page(imp.page)
+        row["extra_info"]["other_page"] = tok.encode_page(other) if other is not None else []
     longest = max(len(r["prompt"][0]["content"].split()) + 1 for r in train + heldout)  # + [PAGE]
     if longest > cfg.max_prompt_tokens:  # verl would cut prompts from the left: [BOS], profile and request first
         raise SystemExit(f"a prompt has {longest} tokens, more than max_prompt_tokens={cfg.max_prompt_tokens}: "
@@ -144,7 +163,7 @@ def export_model(paths: RunPaths, init: Path) -> None:
 
 def main() -> None:
     cfg, args = parse_recipe_args(DrGrpoConfig, "recipes/configs/dr_grpo.yaml", __doc__.splitlines()[1])
-    for field, need, how in (("world_dir", Path(cfg.world_dir) / "world.json", "python recipes/make_world.py"),
+    for field, need, how in (("data_dir", Path(cfg.data_dir) / "dataset.yaml", "python recipes/make_world.py"),
                              ("policy_dir", Path(cfg.policy_dir) / "config.json", "python recipes/pretrain.py"),
                              ("rm_dir", Path(cfg.rm_dir) / "config.json", "python recipes/train_rm.py")):
         if not need.exists():

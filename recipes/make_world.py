@@ -1,11 +1,12 @@
-"""Stage 1: generate the homepage world and its impression logs.
+"""Stage 1: generate the homepage world and write it as a dataset directory.
 
     python recipes/make_world.py [--config recipes/configs/world.yaml] [--force] [key=value ...]
 
-Writes into `out_dir` (default runs/world): the world state (hidden truth for ground-truth evaluation),
-`logs/part-*.parquet` (impression logs, schema in docs/log_schema.md), `tokenizer/` (Hugging Face
-tokenizer of the world's vocabulary), `catalog.parquet`, and `summary.json`. Rerunning reuses what exists;
-an interrupted run resumes at the first missing log part (parts are deterministic).
+The simulator is one producer of datasets: it writes into `out_dir` (default runs/world) exactly what a team
+brings of its own (docs/dataset.md): `dataset.yaml` (context schema, reward system, row taxonomy),
+`catalog.parquet` and `logs/part-*.parquet` (docs/log_schema.md), plus `simulator/` (its hidden state: the
+ground truth that `dataset.yaml` declares as its environment) and `summary.json`. Rerunning reuses what
+exists; an interrupted run resumes at the first missing log part (parts are deterministic).
 """
 
 from __future__ import annotations
@@ -21,12 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from homepage.catalog import ENTITY_TYPES, GENRES, LANGUAGES, MATURITY, ROW_IDS
+from homepage.dataset import write_dataset
 from homepage.logs import batch_to_table, read_logs
 from homepage.recipe_utils import parse_recipe_args, write_summary
-from homepage.rewards import FEEDBACK_TYPES
-from homepage.world import MakeWorldConfig, World, batch_from_table
-from policies.tokenizer import GenPageTokenizer
+from homepage.world import SIMULATOR_DIR, MakeWorldConfig, World, batch_from_table, catalog_table, dataset_schema
 
 
 def main() -> None:
@@ -37,8 +36,8 @@ def main() -> None:
     # -- the world (reused when it exists with the same config) ------------------------------------------
     if args.force and out.exists():
         shutil.rmtree(out)
-    if (out / "world.json").exists():
-        world = World.load(out)
+    if (out / SIMULATOR_DIR / "world.json").exists():
+        world = World.load(out / SIMULATOR_DIR)
         if world.config != cfg.world:
             raise SystemExit(
                 f"{out} holds a world built with a different config. Pass --force to rebuild it, or set "
@@ -47,7 +46,7 @@ def main() -> None:
         print(f"[world] reusing {out}")
     else:
         world = World.generate(cfg.world)
-        world.save(out)
+        world.save(out / SIMULATOR_DIR)
         print(f"[world] generated {world.catalog.n} entities, {world.users.n} users -> {out}")
 
     # -- impression logs, one deterministic part per batch (resumable) -----------------------------------
@@ -68,27 +67,12 @@ def main() -> None:
     if generated:
         print(f"[logs] wrote {generated} impressions in {gen_seconds:.1f}s ({generated / gen_seconds:.0f}/s)")
 
-    # -- tokenizer and public catalog -------------------------------------------------------------------
-    tokenizer = GenPageTokenizer(world.catalog.entity_ids, max_history=cfg.world.history_max)
-    tokenizer.save_pretrained(out / "tokenizer")
+    # -- the dataset's schema and public catalog (hidden taste factors stay in simulator/) -------------
+    dataset = write_dataset(out, dataset_schema(world), catalog_table(world))
     c = world.catalog
-    pq.write_table(
-        pa.table({
-            "entity_id": c.entity_ids,
-            "entity_type": [ENTITY_TYPES[t] for t in c.entity_type],
-            "genres": [[g for g, on in zip(GENRES, row) if on] for row in c.genres],
-            "maturity": [MATURITY[m] for m in c.maturity],
-            "release_day": c.release_day,
-            "popularity": c.popularity,
-            "language": [LANGUAGES[x] for x in c.language],
-            "runtime_min": c.runtime_min,
-            "content_embedding": list(c.content_emb),
-        }),
-        out / "catalog.parquet",
-    )
 
     # -- read back through the validating reader, and the ground truth of the logged pages ---------------
-    table, report = read_logs(logs_dir, rewards=cfg.world.rewards, known_entity_ids=frozenset(c.entity_ids))
+    table, report = read_logs(logs_dir, dataset.schema, known_entity_ids=frozenset(c.entity_ids))
     print(f"[logs] {report.summary()}")
     user, req, pages = batch_from_table(world, table)
     t1 = time.perf_counter()
@@ -96,14 +80,13 @@ def main() -> None:
     gt_seconds = time.perf_counter() - t1
     observed = table.column("page_reward").to_numpy()
     feedback = table.column("feedback").combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)
-    counts = {f: int((feedback == f).sum()) for f in FEEDBACK_TYPES}
+    counts = {f: int((feedback == f).sum()) for f in dataset.schema.rewards.feedback_types}
     previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     summary = {
         "impressions": table.num_rows,
         "users": world.users.n,
         "entities": c.n,
-        "rows": len(ROW_IDS),
-        "vocab_size": len(tokenizer),
+        "rows": len(dataset.schema.row_ids),
         "gen_impressions_per_s": generated / gen_seconds if generated else previous.get("gen_impressions_per_s"),
         "ground_truth_pages_per_s": len(pages) / gt_seconds,
         "logging_true_reward_mean": float(true_reward.mean()),

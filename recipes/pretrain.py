@@ -2,8 +2,10 @@
 
     python recipes/pretrain.py [--config recipes/configs/pretrain.yaml] [--force] [key=value ...]
 
-Reads the world directory written by recipes/make_world.py. Loss on page tokens only (the context is the
-prompt). Resumes from the last checkpoint in out_dir/checkpoints when interrupted. Writes out_dir/model (HF
+Reads a dataset directory (docs/dataset.md; recipes/make_world.py writes the toy one): the tokenizer and the
+business rules are built from it and saved whole in the checkpoint. Loss on page tokens only (the context is the
+prompt). Judged on held-out (test-split) logged contexts by what the logs allow (held-out loss, the recall of
+each impression's engaged titles) and, where an environment is configured, by its ground truth. Resumes from the last checkpoint in out_dir/checkpoints when interrupted. Writes out_dir/model (HF
 directory: weights, config, tokenizer), out_dir/summary.json and a wandb run (offline by default).
 """
 
@@ -16,19 +18,22 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from tqdm import tqdm
 
-from homepage.logs import read_logs
+from homepage.dataset import DatasetError, open_dataset
+from homepage.environment import load_environment
+from homepage.pages import Page
+from homepage.logs import engaged_titles, other_page_of_user, sample_impressions
 from homepage.recipe_utils import parse_recipe_args, write_summary
-from homepage.world import World, world_contexts
-from policies.build import build_model, load_content
+from policies.build import build_model
 from policies.cold_start import cold_start_report
 from policies.configs import PretrainConfig
 from policies.data import collate, encode_table, page_token_nll
-from policies.evaluation import pages_from_tokens, popularity_page_loss, unigram_page_loss
+from policies.evaluation import engaged_recall, pages_from_tokens, popularity_page_loss, unigram_page_loss
 from policies.hf_generation import generate_pages_hf
-from policies.rules import world_ruleset
+from policies.rules import build_ruleset
 from policies.tokenizer import GenPageTokenizer
 from policies.training import cosine_lr, init_wandb, latest_checkpoint, load_trainer_state, save_checkpoint
 
@@ -62,13 +67,15 @@ def pick_cold_start_titles(table, entity_ids: list[str], n: int, seed: int) -> l
     return sorted(np.random.default_rng(seed).choice(rare, size=n, replace=False).tolist())
 
 
+def _nanmean(x) -> float | None:
+    x = np.asarray(x, dtype=np.float64)
+    return float(np.nanmean(x)) if np.isfinite(x).any() else None
+
+
 def main() -> None:
     cfg, args = parse_recipe_args(PretrainConfig, "recipes/configs/pretrain.yaml", __doc__.splitlines()[1])
     torch.set_num_threads(cfg.num_threads)
-    world_dir, out = Path(cfg.world_dir), Path(cfg.out_dir)
-    for need in ("world.json", "logs", "tokenizer", "catalog.parquet"):
-        if not (world_dir / need).exists():
-            raise SystemExit(f"{world_dir / need} is missing: run `python recipes/make_world.py` first (or set world_dir=...)")
+    out = Path(cfg.out_dir)
     if args.force and out.exists():
         shutil.rmtree(out)
     if (out / "summary.json").exists() and (out / "model" / "config.json").exists():
@@ -77,11 +84,15 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     # -- data -------------------------------------------------------------------------------------------------
-    tok = GenPageTokenizer.from_pretrained(world_dir / "tokenizer")
-    content = load_content(world_dir / "catalog.parquet")
-    world = World.load(world_dir)
-    table, report = read_logs(world_dir / "logs", known_entity_ids=frozenset(tok.entity_ids))
-    print(f"[data] {report.summary()}")
+    try:
+        dataset, table, report = open_dataset(cfg.data_dir)
+        env = load_environment(cfg.environment, dataset)
+        tok = GenPageTokenizer.from_dataset(dataset, table)
+        rules = build_ruleset(tok, dataset, cfg.rules)  # saved in config.json: every process loads the same rules
+    except (DatasetError, ValueError) as e:
+        raise SystemExit(f"dataset error: {e}") from None
+    content = dataset.content()
+    print(f"[data] {report.summary()}; environment: {type(env).__name__ if env else 'none (offline metrics only)'}")
     cold = pick_cold_start_titles(table, tok.entity_ids, cfg.cold_start_titles, cfg.seed)
     train, skipped_train = encode_table(table, tok, split="train", min_page_reward=0.0, exclude_entities=frozenset(cold))
     valid, skipped_valid = encode_table(table, tok, split="valid", min_page_reward=0.0, exclude_entities=frozenset(cold))
@@ -146,20 +157,23 @@ def main() -> None:
     # -- final HF directory -----------------------------------------------------------------------------------
     model.eval()
     model_dir = out / "model"
-    rules = world_ruleset(world_dir, cfg.rules)  # saved in config.json: every process loads the same rules
     model.config.business_rules = rules.to_dict()
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
 
-    # -- evaluation: page loss vs baselines, true reward of decoded pages, vLLM parity, cold start ------------
+    # -- evaluation on held-out logged contexts: page loss vs baselines, engaged-title recall, true reward (with an
+    # environment), vLLM parity, cold start -------------------------------------------------------------------
     heldout = history[-1]["heldout_page_loss"]  # evaluated at the last step (saved with its checkpoint)
     unigram = unigram_page_loss(tok, train.pages, valid.pages)
     popularity = popularity_page_loss(tok, train.pages, valid.pages)
-    eval_rng = np.random.default_rng([cfg.seed, 99])
-    users = world.sample_users(eval_rng, cfg.eval_users, split="test")
-    req = world.sample_requests(eval_rng, users)
-    prompts = [tok.encode_context(c) for c in world_contexts(world, users, req)]
-    true_logging = world.true_page_reward(users, req, world.logging_policy.act(users, req, eval_rng))
+    heldout_imps = sample_impressions(table, "test", cfg.eval_users, cfg.seed)
+    contexts = [imp.context for imp in heldout_imps]
+    engaged = [engaged_titles(imp) for imp in heldout_imps]
+    prompts = [tok.encode_context(c) for c in contexts]
+    logging_other = other_page_of_user(heldout_imps, table.filter(pc.equal(table.column("split"), "test")))
+    recall = {"logging": _nanmean([r for r, p in zip(engaged_recall([p or Page(()) for p in logging_other], engaged),
+                                                    logging_other) if p is not None])}
+    true = {"logging": env.true_page_reward(contexts, [imp.page for imp in heldout_imps]) if env else None}
     parity = None
     modes = {"sampled": (1.0, False), "greedy": (0.0, False), "masked_sampled": (1.0, True), "masked_greedy": (0.0, True)}
     if cfg.eval_backend == "vllm":
@@ -185,10 +199,11 @@ def main() -> None:
         for name, (temp, masked) in modes.items():
             torch.manual_seed(cfg.seed)
             gen[name] = generate_pages_hf(model, tok, prompts, temp, cfg.max_new_tokens, rules=rules if masked else None)
-    true_reward, decode_reports = {}, {}
+    decode_reports = {}
     for name, pages in gen.items():
-        batch_pages, rep = pages_from_tokens(tok, pages, world.entity_index)
-        true_reward[name] = world.true_page_reward(users, req, batch_pages)
+        structured, rep = pages_from_tokens(tok, pages)
+        recall[name] = _nanmean(engaged_recall(structured, engaged))
+        true[name] = env.true_page_reward(contexts, structured) if env else None
         decode_reports[name] = dataclasses.asdict(rep)
     violations = {name: {r: int(v.sum()) for r, v in rules.violations(prompts, pages).items()} for name, pages in gen.items()}
 
@@ -197,21 +212,17 @@ def main() -> None:
         "heldout_page_loss": heldout,
         "unigram_page_loss": unigram,
         "popularity_page_loss": popularity,
-        "true_reward_logging": float(true_logging.mean()),
-        "true_reward_pretrained_sampled": float(true_reward["sampled"].mean()),
-        "true_reward_pretrained_greedy": float(true_reward["greedy"].mean()),
-        "sampled_vs_logging": float(true_reward["sampled"].mean() / true_logging.mean()),
-        "greedy_vs_logging": float(true_reward["greedy"].mean() / true_logging.mean()),
-        "true_reward_pretrained_masked_sampled": float(true_reward["masked_sampled"].mean()),
-        "true_reward_pretrained_masked_greedy": float(true_reward["masked_greedy"].mean()),
-        "masked_sampled_vs_logging": float(true_reward["masked_sampled"].mean() / true_logging.mean()),
-        "masked_greedy_vs_logging": float(true_reward["masked_greedy"].mean() / true_logging.mean()),
+        **{f"recall_{name}": v for name, v in recall.items()},  # engaged titles of the held-out impression on the page
+        **({f"true_reward_{'logging' if name == 'logging' else 'pretrained_' + name}": float(v.mean())
+            for name, v in true.items()} if env else {}),
+        **({f"{name}_vs_logging": float(true[name].mean() / true["logging"].mean()) for name in gen} if env else {}),
+        "environment": type(env).__name__ if env else None,
         "vllm_hf_max_abs_logprob_diff": parity,
         "tokens_per_s": tokens_per_s,
         "parameters": n_params,
         "train_pages": len(train),
         "heldout_pages": len(valid),
-        "eval_users": cfg.eval_users,
+        "eval_contexts": len(contexts),
         "eval_backend": cfg.eval_backend,
         "decode_reports": decode_reports,
         "rule_violations": violations,

@@ -2,11 +2,12 @@
 
     python recipes/train_rm.py [--config recipes/configs/train_rm.yaml] [--force] [key=value ...]
 
-Initialized from the pretrained GenPage checkpoint (recipes/pretrain.py), the sequence-regression variant
-reads a scalar at the end-of-page token and regresses the page reward (sum of entity rewards) of every
-logged impression of the train users; validation users are held out. With a world (the default) it is also
-judged on the world's ground truth, on logged pages and on pages the pretrained policy generates, against
-the same training from a random backbone and two baselines. Resumes from out_dir/checkpoints when
+Initialized from the pretrained GenPage checkpoint (recipes/pretrain.py), the reward model scores a page as
+the sum of per-title rewards (the `entity_feedback` head: each title's expected reward under the dataset's
+reward system) and regresses the page reward of every logged impression of the train users of a dataset
+directory; validation users are held out. Where an environment is configured (the toy world declares its
+simulator) it is also judged on the ground truth, on logged pages and on pages the pretrained policy generates
+for held-out logged contexts, against the same training from a random backbone and two baselines. Resumes from out_dir/checkpoints when
 interrupted. Writes out_dir/model (HF directory with tokenizer; load it with
 reward_model.scoring.PageRewardScorer), summary.json, results.md, pred_vs_observed.png and wandb runs.
 """
@@ -21,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from homepage.logs import LogSchemaError, read_logs
-from homepage.rewards import FEEDBACK_TYPES
+from homepage.dataset import DatasetError, open_dataset
+from homepage.environment import load_environment
+from homepage.logs import LogSchemaError, sample_impressions
 from homepage.recipe_utils import parse_recipe_args, write_summary
-from homepage.world import World, world_contexts
 from policies.evaluation import pages_from_tokens
-from policies.tokenizer import GenPageTokenizer
+from policies.tokenizer import GenPageTokenizer, check_tokenizer_matches
 from reward_model.config import RewardModelConfig
 from reward_model.data import (RewardNormalization, check_disjoint_users, check_page_rewards, entity_targets,
                                split_logs)
@@ -35,32 +36,22 @@ from reward_model.evaluation import (BagOfEntitiesRidge, EvalSet, evaluate, logg
 from reward_model.pipeline import InitRun, train_inits
 
 
-def check_inputs(cfg: RewardModelConfig) -> tuple[Path | None, Path, Path]:
-    """(world dir or None, logs path, pretrained dir); a missing input names the command that makes it."""
-    world_dir = Path(cfg.world_dir) if cfg.world_dir else None
-    logs = Path(cfg.logs) if cfg.logs else world_dir / "logs"
-    if world_dir is not None and not (world_dir / "world.json").exists():
-        raise SystemExit(f"{world_dir / 'world.json'} is missing: run `python recipes/make_world.py` first "
-                         "(or set world_dir=... ; world_dir='' with logs=... for logs without a world)")
-    if not logs.exists():
-        how = "run `python recipes/make_world.py` first" if not cfg.logs else "set logs= to a Parquet file or directory"
-        raise SystemExit(f"{logs} is missing: {how}")
+def check_inputs(cfg: RewardModelConfig) -> Path:
+    """The pretrained dir; a missing input names the command that makes it."""
     pretrained = Path(cfg.pretrained_dir)
     if not (pretrained / "config.json").exists() or not (pretrained / "genpage_tokenizer.json").exists():
         raise SystemExit(f"{pretrained} holds no pretrained GenPage model with its tokenizer: run "
                          "`python recipes/pretrain.py` first (or set pretrained_dir=...)")
-    return world_dir, logs, pretrained
+    return pretrained
 
 
-def generated_pages(cfg: RewardModelConfig, world: World, tok: GenPageTokenizer, cache: Path) -> dict:
-    """Two pages per context that the pretrained policy samples for held-out (valid) users, with their true
-    expected reward: off the logging distribution, where RL will push. Cached in `cache` (resume)."""
+def generated_pages(cfg: RewardModelConfig, env, table, tok: GenPageTokenizer, cache: Path) -> dict:
+    """Two pages per context that the pretrained policy samples for held-out (valid-split) logged contexts, with
+    their true expected reward: off the logging distribution, where RL will push. Cached in `cache` (resume)."""
     if cache.exists():
         return json.loads(cache.read_text())
-    rng = np.random.default_rng([cfg.seed, 99])
-    users = world.sample_users(rng, cfg.generated_users, split="valid")
-    req = world.sample_requests(rng, users)
-    prompts = [tok.encode_context(c) for c in world_contexts(world, users, req)]
+    contexts = [imp.context for imp in sample_impressions(table, "valid", cfg.generated_users, cfg.seed)]
+    prompts = [tok.encode_context(c) for c in contexts]
     if cfg.eval_backend == "vllm":
         from policies import vllm_engine
 
@@ -77,9 +68,9 @@ def generated_pages(cfg: RewardModelConfig, world: World, tok: GenPageTokenizer,
         policy = AutoModelForCausalLM.from_pretrained(cfg.pretrained_dir, dtype=torch.float32)
         torch.manual_seed(cfg.seed)
         pages = generate_pages_hf(policy, tok, [p for p in prompts for _ in range(2)], 1.0, cfg.max_new_tokens)
-    pair = np.repeat(np.arange(len(users)), 2)  # page 2g and 2g + 1 share context g
-    batch, report = pages_from_tokens(tok, pages, world.entity_index)
-    true = world.true_page_reward(users[pair], req.take(pair), batch)
+    pair = np.repeat(np.arange(len(contexts)), 2)  # page 2g and 2g + 1 share context g
+    structured, report = pages_from_tokens(tok, pages)
+    true = env.true_page_reward([contexts[g] for g in pair], structured)
     out = {"prompts": [prompts[g] for g in pair], "pages": pages, "true": true.tolist(),
            "decode_report": dataclasses.asdict(report)}
     cache.write_text(json.dumps(out))
@@ -89,7 +80,7 @@ def generated_pages(cfg: RewardModelConfig, world: World, tok: GenPageTokenizer,
 def main() -> None:
     cfg, args = parse_recipe_args(RewardModelConfig, "recipes/configs/train_rm.yaml", __doc__.splitlines()[1])
     torch.set_num_threads(cfg.num_threads)
-    world_dir, logs, pretrained = check_inputs(cfg)
+    pretrained = check_inputs(cfg)
     out = Path(cfg.out_dir)
     if args.force and out.exists():
         shutil.rmtree(out)
@@ -101,10 +92,16 @@ def main() -> None:
     # -- data: every logged impression, train users for training, valid users held out -------------------------
     tok = GenPageTokenizer.from_pretrained(pretrained)
     try:
-        table, report = read_logs(logs, known_entity_ids=frozenset(tok.entity_ids))
+        dataset, table, report = open_dataset(cfg.data_dir)
+        logs = dataset.logs
         check_page_rewards(table, logs)
+        check_tokenizer_matches(tok, dataset, table, f"the pretrained checkpoint {pretrained}")
+        env = load_environment(cfg.environment, dataset)
     except LogSchemaError as e:
         raise SystemExit(f"malformed logs: {e}") from None
+    except (DatasetError, ValueError) as e:
+        raise SystemExit(f"dataset error: {e}") from None
+    feedback_types = dataset.schema.rewards.feedback_types
     print(f"[data] {report.summary()}")
     train, train_table = split_logs(table, tok, "train")
     valid, valid_table = split_logs(table, tok, "valid")
@@ -116,23 +113,22 @@ def main() -> None:
     targets = None  # each title's logged outcome, and the reward system read off the logs
     if cfg.reward_head == "entity_feedback" or (cfg.reward_head == "entity_sum" and cfg.entity_loss_weight > 0):
         try:
-            targets = entity_targets(train_table, logs)
+            targets = entity_targets(train_table, logs, feedback_types)
         except ValueError as e:
             raise SystemExit(str(e)) from None
         print("[data] reward system in the logs: " + ", ".join(
-            f"{name} {v:+.3f} ({n} titles)" for name, v, n in zip(FEEDBACK_TYPES, targets.feedback_rewards,
+            f"{name} {v:+.3f} ({n} titles)" for name, v, n in zip(feedback_types, targets.feedback_rewards,
                                                                   targets.feedback_counts))
               + f"; thumbs-up {targets.thumbs_up_reward:+.3f} ({targets.thumbs_up_count} titles)")
     print(f"[data] train {len(train)} impressions of {len(set(train.user_ids))} users; valid {len(valid)} of "
           f"{len(set(valid.user_ids))} users; page reward mean {norm.mean:.3f}, std {norm.std:.3f}")
 
-    # -- ground truth (world only): logged pages, and pages the pretrained policy generates ------------------
-    world = World.load(world_dir) if world_dir is not None else None
-    evalset = logged_eval_set(world, valid_table, valid) if world is not None else EvalSet(
+    # -- ground truth (with an environment only): logged pages, and pages the pretrained policy generates ------
+    evalset = logged_eval_set(env, valid_table, valid) if env is not None else EvalSet(
         valid.prompts, valid.pages, valid.page_reward.astype(np.float64))
     generated = None
-    if world is not None and cfg.generated_users > 0:
-        generated = generated_pages(cfg, world, tok, out / "generated_pages.json")
+    if env is not None and cfg.generated_users > 0:
+        generated = generated_pages(cfg, env, table, tok, out / "generated_pages.json")
         evalset.gen_prompts, evalset.gen_pages = generated["prompts"], generated["pages"]
         evalset.true_gen = np.asarray(generated["true"])
 
@@ -163,9 +159,9 @@ def main() -> None:
         "valid_impressions": len(valid), "train_users": len(set(train.user_ids)), "valid_users": len(set(valid.user_ids)),
         "generated_decode_report": generated["decode_report"] if generated else None,
         "generated_true_mean": float(np.mean(generated["true"])) if generated else None,
-        "feedback_rewards": dict(zip(FEEDBACK_TYPES, targets.feedback_rewards)) if targets else None,
+        "feedback_rewards": dict(zip(feedback_types, targets.feedback_rewards)) if targets else None,
         "thumbs_up_reward": targets.thumbs_up_reward if targets else None,
-        "logs": str(logs), "config": dataclasses.asdict(cfg),
+        "logs": str(logs), "environment": type(env).__name__ if env else None, "config": dataclasses.asdict(cfg),
     })
     write_summary(out / "summary.json", summary)
     (out / "results.md").write_text(

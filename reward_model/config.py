@@ -10,8 +10,8 @@ class RewardModelConfig:
     """`python recipes/train_rm.py` (recipes/configs/train_rm.yaml)."""
 
     pretrained_dir: str = "runs/pretrain/model"  # GenPage checkpoint (with its tokenizer) from recipes/pretrain.py
-    world_dir: str = "runs/world"  # the world: default logs and the ground truth; "" for logs without a world
-    logs: str = ""  # Parquet log file or directory in the project's schema; "" = world_dir/logs
+    data_dir: str = "runs/world"  # dataset directory (docs/dataset.md): catalog, schema and the logs trained on
+    environment: str = "auto"  # ground truth for gt_* figures: auto (the dataset's own, if any), "" (none), or a dotted path
     out_dir: str = "runs/rm"  # model/, scratch/model/, checkpoints/, summary.json, results.md, plot, wandb/
     steps: int = 1200  # optimizer steps of each training run
     batch_size: int = 32  # impressions (context + page) per step
@@ -30,7 +30,7 @@ class RewardModelConfig:
     scratch_ablation: bool = True  # also train from a randomly initialized backbone (paper Table 1 ablation)
     parallel_inits: bool = True  # train the two initializations at once, one process each with num_threads // 2 threads (2 cores: 1,200 steps in ~415 s for both vs ~500 s one after the other with 2 threads)
     ridge_lambda: float = 100.0  # L2 penalty of the bag-of-entities linear baseline
-    generated_users: int = 300  # held-out users whose contexts get 2 pages from the pretrained policy; 0 skips
+    generated_users: int = 300  # held-out (valid-split) logged contexts that get 2 pages from the pretrained policy; 0 skips
     eval_backend: str = "vllm"  # "vllm" (the serving engine) or "hf" (transformers generate) for generated pages
     max_new_tokens: int = 64  # longest generated page
     score_batch_size: int = 128  # sequences per forward pass when scoring
@@ -59,7 +59,7 @@ class RewardModelConfig:
             problems.append(f"eval_backend must be 'vllm' or 'hf', got {self.eval_backend!r}")
         if self.wandb_mode not in ("offline", "online", "disabled"):
             problems.append(f"wandb_mode must be offline, online or disabled, got {self.wandb_mode!r}")
-        if not self.world_dir and not self.logs:
-            problems.append("set logs=PATH (bring-your-own logs) or world_dir=DIR (the world's logs)")
+        if not self.data_dir:
+            problems.append("set data_dir=DIR (a dataset directory, docs/dataset.md)")
         if problems:
             raise ValueError("; ".join(problems))

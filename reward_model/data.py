@@ -121,16 +121,18 @@ class EntityTargets:
         return np.asarray(self.feedback_counts, np.float64) / titles, self.thumbs_up_count / titles
 
 
-def entity_targets(table: pa.Table, source) -> EntityTargets:
+def entity_targets(table: pa.Table, source, feedback_types: tuple[str, ...]) -> EntityTargets:
     """The per-token targets of `table`'s impressions and the reward system that turned their feedback into
     entity rewards, fitted by least squares (entity_reward ~ one-hot(feedback) + thumbs_up). source names the
     logs in errors. Raises ValueError naming an impression when the logged rewards are not a function of
     (feedback, thumbs_up): a reward system that also uses e.g. play minutes needs reward_head=entity_sum.
     Where two parts never occur apart (say, thumbs-ups only on long plays), their split is the least-norm
-    one; the rewards of every logged combination are still reproduced exactly."""
+    one; the rewards of every logged combination are still reproduced exactly. feedback_types: the dataset's, in
+    its reward table's order (the head's outputs)."""
     from homepage.logs import _row_of_flat_value
-    from homepage.rewards import FEEDBACK_INDEX, FEEDBACK_TYPES
 
+    FEEDBACK_TYPES = tuple(feedback_types)
+    FEEDBACK_INDEX = {name: i for i, name in enumerate(FEEDBACK_TYPES)}
     feedback_col = table.column("feedback").to_pylist()
     thumbs_col = table.column("thumbs_up").to_pylist()
     reward = page_token_rewards(table)

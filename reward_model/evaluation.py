@@ -171,15 +171,17 @@ class EvalSet:
     true_gen: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
-def logged_eval_set(world, table, seqs) -> EvalSet:
-    """EvalSet of logged impressions (table rows aligned with seqs) with the world's ground truth."""
-    from homepage.world import batch_from_table
+def logged_eval_set(env, table, seqs) -> EvalSet:
+    """EvalSet of logged impressions (table rows aligned with seqs) with an environment's ground truth
+    (homepage.environment.Environment): each logged page, and for same-user pairs the other page in this context."""
+    from homepage.logs import iter_impressions
     from reward_model.data import same_user_pairs
 
-    user, req, pages = batch_from_table(world, table)
+    imps = list(iter_impressions(table))
+    contexts, pages = [i.context for i in imps], [i.page for i in imps]
     a, b = same_user_pairs(seqs.user_ids)
-    true = world.true_page_reward(user, req, pages)
-    true_b = world.true_page_reward(user[a], req.take(a), pages.take(b)) if len(a) else np.zeros(0)
+    true = env.true_page_reward(contexts, pages)
+    true_b = env.true_page_reward([contexts[i] for i in a], [pages[i] for i in b]) if len(a) else np.zeros(0)
     return EvalSet(seqs.prompts, seqs.pages, seqs.page_reward.astype(np.float64), true, a, b, true_b)
 
 

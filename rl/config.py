@@ -23,7 +23,8 @@ FP32 = "{param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}"  # verl FSDP eng
 class DrGrpoConfig:
     """`python recipes/dr_grpo.py` (recipes/configs/dr_grpo.yaml). Toy defaults for 2 CPU cores."""
 
-    world_dir: str = "runs/world"  # output of recipes/make_world.py: world state (ground truth), catalog
+    data_dir: str = "runs/world"  # dataset directory (docs/dataset.md): logged contexts are the prompts
+    environment: str = "auto"  # ground truth for true_* figures: auto (the dataset's own, if any), "" (none), or a dotted path
     policy_dir: str = "runs/pretrain/model"  # pretrained GenPage HF directory: initializes policy and reference
     rm_dir: str = "runs/rm/model"  # reward model directory from recipes/train_rm.py (reward_model.scoring)
     out_dir: str = "runs/dr_grpo"  # run directory: data, checkpoints, wandb, metrics, plots, model, summary
@@ -45,7 +46,7 @@ class DrGrpoConfig:
     mini_batches: int = 1  # optimizer steps per rollout batch (prompts_per_step must divide by it)
     grad_clip: float = 1.0  # max gradient norm
     save_freq: int = 10  # steps between verl checkpoints (resume from the latest with resume_mode=auto)
-    eval_users: int = 500  # held-out (test split) users for the final evaluation
+    eval_users: int = 500  # held-out (test-split) logged contexts for the final evaluation
     eval_temperature: float = 1.0  # sampling temperature of the evaluation pages (the trained policy samples)
     num_threads: int = 2  # torch threads per process; verl's phases (rollout, log-probs, update) mostly take turns: 2 is 15% faster per step on an idle 2-core machine (8.0 vs 9.4 s), use 1 on a shared one
     wandb_project: str = "genpage"  # wandb project
@@ -199,7 +200,8 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
         "reward.reward_manager.source=importlib",
         "reward.reward_manager.name=GenPageRewardManager",
         "reward.reward_manager.module.path=pkg://rl.reward_manager",
-        f"+genpage.world_dir={abs_(cfg.world_dir)}",
+        f"+genpage.data_dir={abs_(cfg.data_dir)}",
+        f"+genpage.environment='{cfg.environment}'",
         f"+genpage.rm_dir={abs_(cfg.rm_dir)}",
         f"+genpage.format_weight={cfg.format_weight}",
         # -- trainer ------------------------------------------------------------------------------------

@@ -1,63 +1,44 @@
-"""Prompts for verl: user contexts from the world, as the parquet rows verl's RLHFDataset reads.
+"""Prompts for verl: logged contexts of a dataset, as the parquet rows verl's RLHFDataset reads.
 
-Each row is one request of one user: `prompt` is a single chat message holding the context as text (the
-tokenizer's chat template appends [PAGE], the prompt/page boundary), `extra_info` carries what the reward
-manager needs to judge the page on the ground truth (user index, request) and never reaches the policy.
-Training prompts come from train-split users only; valid/test users are held out for evaluation.
+Each row is one logged request: `prompt` is a single chat message holding the context as text (the tokenizer's
+chat template appends [PAGE], the prompt/page boundary); `extra_info` carries what the reward manager needs
+beside the tokens and never reaches the policy: the context itself (for an environment's ground truth) and the
+titles the user engaged with on the logged page (for the offline recall metric). Training prompts are contexts
+of train-split users; held-out (test-split) users are the evaluation set.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import json
 from pathlib import Path
 
-import numpy as np
-
-from homepage.users import SPLITS, Requests
-from homepage.world import World, world_contexts
+from homepage.logs import Context, HistoryAction, Impression, engaged_titles
 from policies.tokenizer import GenPageTokenizer
 
 DATA_SOURCE = "genpage"
 
 
-@dataclass
-class PromptSet:
-    """B requests of world users. user: [B] user index; requests: B requests; split: their users' split."""
-
-    user: np.ndarray  # [B] int64
-    requests: Requests
-    split: str
-
-    def __len__(self) -> int:
-        return len(self.user)
+def context_to_json(ctx: Context) -> str:
+    return json.dumps(dataclasses.asdict(ctx))
 
 
-def sample_prompts(world: World, split: str, n: int, seed: int) -> PromptSet:
-    """n requests of users drawn (with replacement) from `split`, deterministic in `seed`."""
-    if split not in SPLITS:
-        raise ValueError(f"split {split!r} unknown; known: {', '.join(SPLITS)}")
-    rng = np.random.default_rng([seed, SPLITS.index(split), 7])
-    user = world.sample_users(rng, n, split=split)
-    return PromptSet(user, world.sample_requests(rng, user), split)
+def context_from_json(text: str) -> Context:
+    d = json.loads(text)
+    d["history"] = tuple(HistoryAction(**h) for h in d["history"])
+    return Context(**d)
 
 
-def prompt_rows(world: World, tok: GenPageTokenizer, prompts: PromptSet) -> list[dict]:
-    """verl RLHFDataset rows (prompt as chat messages, extra_info with user index and request)."""
-    rows = []
-    contexts = world_contexts(world, prompts.user, prompts.requests)
-    r = prompts.requests
-    for i, ctx in enumerate(contexts):
-        rows.append({
-            "data_source": DATA_SOURCE,
-            "prompt": [{"role": "user", "content": tok.prompt_text(ctx)}],
-            "ability": "homepage",
-            "reward_model": {"style": "model", "ground_truth": ""},
-            "extra_info": {
-                "index": i, "split": prompts.split, "user": int(prompts.user[i]), "hour": int(r.hour[i]),
-                "day_of_week": int(r.day_of_week[i]), "device": int(r.device[i]),
-            },
-        })
-    return rows
+def prompt_rows(tok: GenPageTokenizer, impressions: list[Impression], split: str) -> list[dict]:
+    """verl RLHFDataset rows (prompt as chat messages; extra_info with the context and the engaged titles)."""
+    return [{
+        "data_source": DATA_SOURCE,
+        "prompt": [{"role": "user", "content": tok.prompt_text(imp.context)}],
+        "ability": "homepage",
+        "reward_model": {"style": "model", "ground_truth": ""},
+        "extra_info": {"index": i, "split": split, "impression_id": imp.impression_id,
+                       "context": context_to_json(imp.context), "engaged": sorted(engaged_titles(imp))},
+    } for i, imp in enumerate(impressions)]
 
 
 def write_prompt_parquet(path: str | Path, rows: list[dict]) -> Path:
@@ -72,12 +53,8 @@ def write_prompt_parquet(path: str | Path, rows: list[dict]) -> Path:
     return path
 
 
-def requests_from_extra_info(infos: list[dict]) -> tuple[np.ndarray, Requests]:
-    """extra_info dicts (as written by `prompt_rows`) -> (user indices [B], requests)."""
-    user = np.array([int(x["user"]) for x in infos], dtype=np.int64)
-    req = Requests(
-        np.array([int(x["hour"]) for x in infos], dtype=np.int8),
-        np.array([int(x["day_of_week"]) for x in infos], dtype=np.int8),
-        np.array([int(x["device"]) for x in infos], dtype=np.int8),
-    )
-    return user, req
+def contexts_from_extra_info(infos: list[dict]) -> list[Context] | None:
+    """The contexts of extra_info dicts (as written by `prompt_rows`); None if any lacks one."""
+    if not infos or any(not i or "context" not in i for i in infos):
+        return None
+    return [context_from_json(i["context"]) for i in infos]

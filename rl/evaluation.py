@@ -1,11 +1,12 @@
 """Final evaluation of a Dr. GRPO run on held-out users: logging policy vs pretrained vs RL policy.
 
 The pretrained and the RL policy are evaluated by verl's own validation pass on the held-out prompts (test-split
-users), in the same vLLM server with the same rule masks and scored by the same reward manager: before the
+users), in the same vLLM server with the same rule masks and scored by the same reward manager (true reward only where an environment is configured): before the
 first step (the pretrained policy: once per run, by the first seed that starts from it, since every seed starts
 from the same policy) and after each seed's last step (the RL policy); verl writes one record per page to
-`seed_<s>/validation/<step>.jsonl`. The logging policy serves the same requests in the world and its pages are
-scored by the same `PageJudge`. Everything is averaged over pages, the RL policy's figures then over seeds.
+`seed_<s>/validation/<step>.jsonl`. The logging policy's pages are the logged pages of the same held-out
+impressions, scored by the same `PageJudge` (its recall on the same user's other logged page: the engaged
+titles of a page are trivially on that page). Everything is averaged over pages, the RL policy's figures then over seeds.
 
 Writes results.md (the table), curves.png (per-step reward and diversity relative to the pretrained policy =
 1.0, KL to the reference) and returns the summary dict.
@@ -55,50 +56,68 @@ def text_coverage(page_texts, n_entities: int) -> float:
 def policy_row(values: dict[str, np.ndarray], n_entities: int) -> dict[str, float]:
     """Means over pages of what the table reports."""
     total = values.get(pm.EXTRA_VIOLATIONS_PREFIX + "total", np.zeros(1))
+
+    def nanmean(key: str) -> float:
+        v = np.asarray(values.get(key, [np.nan]), dtype=np.float64)
+        return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+
     return {
-        "true_reward": float(np.mean(values[pm.EXTRA_TRUE])), "rm_reward": float(np.mean(values[pm.EXTRA_RM])),
+        "true_reward": nanmean(pm.EXTRA_TRUE), "recall": nanmean(pm.EXTRA_RECALL),
+        "rm_reward": float(np.mean(values[pm.EXTRA_RM])),
         "format_reward": float(np.mean(values[pm.EXTRA_FORMAT])), "diversity": float(np.mean(values[pm.EXTRA_DIVERSITY])),
         "titles_per_page": float(np.mean(values[pm.EXTRA_ENTITIES])),
         "coverage": text_coverage(values["output"], n_entities) if "output" in values else float("nan"),
         "mask_violations_per_page": float(np.mean(total)), "mask_violations": int(np.sum(total)),
-        "pages": int(len(values[pm.EXTRA_TRUE])),
+        "pages": int(len(values[pm.EXTRA_RM])),
     }
 
 
-def logging_policy_values(cfg: DrGrpoConfig, judge, data_dir: Path) -> dict[str, np.ndarray]:
-    """The logging policy serving the held-out requests, scored by the judge."""
+def logging_policy_values(judge, data_dir: Path) -> dict[str, np.ndarray]:
+    """The logged pages of the held-out impressions, scored by the judge; recall on the same user's other page."""
     import pyarrow.parquet as pq
 
-    from homepage.world import world_contexts
-    from rl.data import requests_from_extra_info
-
-    infos = pq.read_table(data_dir / "valid.parquet", columns=["extra_info"]).column(0).to_pylist()
-    user, req = requests_from_extra_info(infos)
-    world, tok = judge.world, judge.tok
-    pages = world.logging_policy.act(user, req, np.random.default_rng([cfg.seeds[0], 17]))
-    page_ids = [tok.encode_page(p) for p in pages.to_pages(world.catalog.entity_ids)]
-    prompts = [tok.encode_context(c) for c in world_contexts(world, user, req)]
+    rows = pq.read_table(data_dir / "valid.parquet", columns=["prompt", "extra_info"]).to_pylist()
+    tok = judge.tok
+    infos = [r["extra_info"] for r in rows]
+    prompts = [tok.encode_context(c) for c in _contexts(infos)]
+    page_ids = [list(i["logged_page"]) for i in infos]
     j = judge.judge(prompts, page_ids, infos)
-    values = {pm.EXTRA_TRUE: j.true, pm.EXTRA_RM: j.rm, pm.EXTRA_FORMAT: j.format, pm.EXTRA_DIVERSITY: j.diversity,
-              pm.EXTRA_ENTITIES: j.n_entities, "output": np.array([" ".join(tok.tokens[t] for t in p) for p in page_ids], dtype=object)}
+    has_other = [bool(i["other_page"]) for i in infos]
+    other = judge.judge([p for p, h in zip(prompts, has_other) if h],
+                        [list(i["other_page"]) for i in infos if i["other_page"]], [i for i in infos if i["other_page"]])
+    recall = np.full(len(infos), np.nan)
+    recall[np.flatnonzero(has_other)] = other.recall
+    values = {pm.EXTRA_TRUE: j.true, pm.EXTRA_RECALL: recall, pm.EXTRA_RM: j.rm, pm.EXTRA_FORMAT: j.format,
+              pm.EXTRA_DIVERSITY: j.diversity, pm.EXTRA_ENTITIES: j.n_entities,
+              "output": np.array([" ".join(tok.tokens[t] for t in p) for p in page_ids], dtype=object)}
     values.update({pm.EXTRA_VIOLATIONS_PREFIX + r: v for r, v in j.violations.items()})
     return values
 
 
+def _contexts(infos):
+    from rl.data import contexts_from_extra_info
+
+    return contexts_from_extra_info(infos)
+
+
 def results_table(rows: dict[str, dict[str, float]], seeds: list[int], users: int) -> str:
     """Markdown table of the policies on held-out users."""
-    cols = [("true_reward", "true reward"), ("rm_reward", "RM reward"), ("diversity", "diversity"),
+    cols = [("true_reward", "true reward"), ("recall", "engaged recall"), ("rm_reward", "RM reward"), ("diversity", "diversity"),
             ("coverage", "catalog coverage"), ("titles_per_page", "titles/page"),
             ("mask_violations_per_page", "mask-rule violations/page")]
-    pre = rows["pretrained"]["true_reward"]
-    lines = [f"Held-out users: {users} test-split requests; pretrained: validated once (every seed starts from it); "
+    has_truth = np.isfinite(rows["pretrained"]["true_reward"])
+    if not has_truth:
+        cols = cols[1:]
+    key = "true_reward" if has_truth else "rm_reward"
+    pre = rows["pretrained"][key]
+    lines = [f"Held-out users: {users} logged test-split requests; pretrained: validated once (every seed starts from it); "
              f"RL: mean over seeds {seeds}; pages sampled at the evaluation temperature under the rule masks.", "",
-             "| policy | " + " | ".join(c for _, c in cols) + " | true reward vs pretrained |",
+             "| policy | " + " | ".join(c for _, c in cols) + f" | {key.replace('_', ' ')} vs pretrained |",
              "|---|" + "---:|" * (len(cols) + 1)]
     for name in POLICIES:
         r = rows[name]
         cells = [f"{r[k]:.3f}" if k != "mask_violations_per_page" else f"{r[k]:.3g}" for k, _ in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['true_reward'] / pre:.3f} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r[key] / pre:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -172,8 +191,8 @@ def evaluate_run(cfg: DrGrpoConfig, out: Path, init: Path) -> dict:
     from rl.reward_manager import PageJudge
 
     out = Path(out)
-    judge = PageJudge.from_dirs(cfg.world_dir, init, cfg.rm_dir, cfg.format_weight)
-    n_entities = judge.world.catalog.n
+    judge = PageJudge.from_dirs(cfg.data_dir, cfg.environment, init, cfg.rm_dir, cfg.format_weight)
+    n_entities = len(judge.entity_ids)
     pretrained = pretrained_validation(out, cfg.seeds)  # one validation of the pretrained policy per run
     if pretrained is None:
         raise RuntimeError(f"{out}: no seed holds the step-0 (pretrained) validation dump (seed_<s>/validation/0.jsonl); "
@@ -188,7 +207,7 @@ def evaluate_run(cfg: DrGrpoConfig, out: Path, init: Path) -> dict:
         if not steps:
             raise RuntimeError(f"{paths.run / 'validation'}: no validation dump after training; rerun with --force")
         rl_rows.append(policy_row(read_validation(paths.run / "validation" / f"{steps[-1]}.jsonl"), n_entities))
-    rows = {"logging": policy_row(logging_policy_values(cfg, judge, out / "data"), n_entities), "pretrained": pre_row,
+    rows = {"logging": policy_row(logging_policy_values(judge, out / "data"), n_entities), "pretrained": pre_row,
             "rl": {k: float(np.mean([r[k] for r in rl_rows])) for k in rl_rows[0]}}
     rows["rl"]["mask_violations"] = int(sum(r["mask_violations"] for r in rl_rows))
     (out / "results.md").write_text("# Dr. GRPO: held-out evaluation\n\n" + results_table(rows, list(cfg.seeds), cfg.eval_users))
@@ -198,14 +217,23 @@ def evaluate_run(cfg: DrGrpoConfig, out: Path, init: Path) -> dict:
     diffs = [m[pm.ROLLOUT_PROBS_DIFF_MAX] for m in all_steps if pm.ROLLOUT_PROBS_DIFF_MAX in m]
     step_times = [m["timing_s/step"] for m in all_steps if "timing_s/step" in m]
     pre, rl = rows["pretrained"], rows["rl"]
-    seed_gains = [r["true_reward"] / pre["true_reward"] - 1.0 for r in rl_rows]
+    truth = {}
+    if judge.env is not None:  # true_* figures exist only with an environment
+        seed_gains = [r["true_reward"] / pre["true_reward"] - 1.0 for r in rl_rows]
+        truth = {
+            "true_reward_logging": rows["logging"]["true_reward"],
+            "true_reward_pretrained": pre["true_reward"],
+            "true_reward_rl": rl["true_reward"],
+            "true_reward_gain": rl["true_reward"] / pre["true_reward"] - 1.0,
+            "true_reward_gain_per_seed": seed_gains,  # the spread over seeds
+            "true_reward_gain_std": float(np.std(seed_gains, ddof=1)) if len(seed_gains) > 1 else None,
+        }
     return {
-        "true_reward_logging": rows["logging"]["true_reward"],
-        "true_reward_pretrained": pre["true_reward"],
-        "true_reward_rl": rl["true_reward"],
-        "true_reward_gain": rl["true_reward"] / pre["true_reward"] - 1.0,
-        "true_reward_gain_per_seed": seed_gains,  # the spread over seeds
-        "true_reward_gain_std": float(np.std(seed_gains, ddof=1)) if len(seed_gains) > 1 else None,
+        **truth,
+        "recall_logging": rows["logging"]["recall"],
+        "recall_pretrained": pre["recall"],
+        "recall_rl": rl["recall"],
+        "environment": type(judge.env).__name__ if judge.env is not None else None,
         "rm_reward_logging": rows["logging"]["rm_reward"],
         "rm_reward_pretrained": pre["rm_reward"],
         "rm_reward_rl": rl["rm_reward"],

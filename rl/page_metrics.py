@@ -16,6 +16,7 @@ RM_REWARD = "rollout/rm_reward"  # reward model score of the sampled pages
 FORMAT_REWARD = "rollout/format_reward"  # format score (<= 0), before its weight
 TRAIN_REWARD = "rollout/reward"  # what the policy is trained on: RM + format_weight * format
 TRUE_REWARD = "rollout/true_reward"  # ground-truth expected page reward (logged, never trained on)
+RECALL = "rollout/recall"  # share of the logged impression's engaged titles on the page (offline metric)
 DIVERSITY = "page/diversity"
 COVERAGE = "page/coverage"
 PAGE_ENTITIES = "page/entities"  # titles per page
@@ -26,8 +27,8 @@ ENTROPY = "actor/entropy"  # verl's mean token entropy under the Dr. GRPO aggreg
 ROLLOUT_PROBS_DIFF_MAX = "training/rollout_probs_diff_max"  # verl: max |p_vllm - p_trainer| over tokens
 
 # Keys of the per-page reward_extra_info the reward manager returns (verl stores them per sample).
-EXTRA_RM, EXTRA_FORMAT, EXTRA_TRUE, EXTRA_DIVERSITY, EXTRA_ENTITIES = (
-    "rm_reward", "format_reward", "true_reward", "diversity", "n_entities")
+EXTRA_RM, EXTRA_FORMAT, EXTRA_TRUE, EXTRA_RECALL, EXTRA_DIVERSITY, EXTRA_ENTITIES = (
+    "rm_reward", "format_reward", "true_reward", "recall", "diversity", "n_entities")
 EXTRA_VIOLATIONS_PREFIX = "violations/"
 
 
@@ -79,11 +80,12 @@ def catalog_coverage(entities: list[np.ndarray], n_entities: int) -> float:
 def rollout_metrics(extra: dict[str, np.ndarray], train_reward: np.ndarray) -> dict[str, float]:
     """Per-step means from the reward manager's per-page extra info ([B] arrays) and the training reward [B]."""
     m: dict[str, float] = {TRAIN_REWARD: float(np.mean(train_reward))}
-    names = {EXTRA_RM: RM_REWARD, EXTRA_FORMAT: FORMAT_REWARD, EXTRA_TRUE: TRUE_REWARD,
+    names = {EXTRA_RM: RM_REWARD, EXTRA_FORMAT: FORMAT_REWARD, EXTRA_TRUE: TRUE_REWARD, EXTRA_RECALL: RECALL,
              EXTRA_DIVERSITY: DIVERSITY, EXTRA_ENTITIES: PAGE_ENTITIES}
     for key, name in names.items():
-        if key in extra:
-            m[name] = float(np.mean(np.asarray(extra[key], dtype=np.float64)))
+        values = np.asarray(extra.get(key, []), dtype=np.float64)
+        if np.isfinite(values).any():  # true reward without an environment, recall without engaged titles: NaN
+            m[name] = float(np.nanmean(values))
     violations = {k[len(EXTRA_VIOLATIONS_PREFIX):]: np.asarray(v, dtype=np.float64)
                   for k, v in extra.items() if k.startswith(EXTRA_VIOLATIONS_PREFIX)}
     for rule, counts in violations.items():

@@ -3,8 +3,9 @@
     reward = RM score + format_weight * format score          (what the policy is trained on)
 
 `PageJudge` computes it for a batch of (prompt ids, page ids) without decoding text, together with what is
-only logged: the ground-truth expected page reward from the world (never used for training, so reward hacking
-shows as a growing gap between RM and true reward), diversity and per-rule violations. Evaluation uses the
+only logged: the ground-truth expected page reward where an environment is configured (never used for
+training, so reward hacking shows as a growing gap between RM and true reward), the recall of the logged
+impression's engaged titles, diversity and per-rule violations. Evaluation uses the
 same judge.
 
 `GenPageRewardManager` is registered with verl's reward-loop registry as "genpage" and is loaded by the recipe
@@ -33,7 +34,8 @@ class PageJudgement:
     reward: np.ndarray  # training reward: rm + format_weight * format
     rm: np.ndarray  # reward model score (reward units)
     format: np.ndarray  # format score (<= 0; 0 = no reward-mode rule violated)
-    true: np.ndarray  # ground-truth expected page reward (NaN where the prompt has no world user)
+    true: np.ndarray  # ground-truth expected page reward (NaN without an environment)
+    recall: np.ndarray  # share of the logged impression's engaged titles on the page (NaN where it had none)
     diversity: np.ndarray  # mean pairwise content distance among the page's titles
     n_entities: np.ndarray  # titles on the page
     violations: dict[str, np.ndarray] = field(default_factory=dict)  # rule -> violations per page (audit)
@@ -42,62 +44,73 @@ class PageJudgement:
     def extra_info(self, i: int) -> dict[str, float]:
         """Page i's logged values, keyed as verl's reward_extra_info (scalars only: verl stacks them)."""
         out = {pm.EXTRA_RM: float(self.rm[i]), pm.EXTRA_FORMAT: float(self.format[i]),
-               pm.EXTRA_TRUE: float(self.true[i]), pm.EXTRA_DIVERSITY: float(self.diversity[i]),
+               pm.EXTRA_TRUE: float(self.true[i]), pm.EXTRA_RECALL: float(self.recall[i]),
+               pm.EXTRA_DIVERSITY: float(self.diversity[i]),
                pm.EXTRA_ENTITIES: float(self.n_entities[i])}
         out.update({pm.EXTRA_VIOLATIONS_PREFIX + r: float(v[i]) for r, v in self.violations.items()})
         return out
 
 
-def load_rules(policy_dir: str | Path, world_dir: str | Path):
-    """The checkpoint's business rules (config.json), else the world's default ruleset."""
-    from policies.rules import RuleSet, world_ruleset
+def load_rules(policy_dir: str | Path, data_dir: str | Path):
+    """The checkpoint's business rules (config.json), else the dataset's default ruleset."""
+    from policies.rules import RuleSet, dataset_ruleset
+    from policies.tokenizer import GenPageTokenizer
 
     try:
         return RuleSet.from_pretrained(policy_dir)
     except ValueError:
-        return world_ruleset(world_dir)
+        return dataset_ruleset(data_dir, tok=GenPageTokenizer.from_pretrained(policy_dir))
 
 
 class PageJudge:
     """Reward model + format reward + ground truth + page metrics for batches of token-id pages.
 
-    world: the World (ground truth, catalog); tok: GenPageTokenizer; rules: policies.rules.RuleSet; rm: anything
-    with `score(prompts, pages) -> [N]` (reward_model.scoring.PageRewardScorer)."""
+    env: a homepage.environment.Environment or None; tok: GenPageTokenizer; rules: policies.rules.RuleSet; rm:
+    anything with `score(prompts, pages) -> [N]` (reward_model.scoring.PageRewardScorer); entity_ids and content:
+    the catalog's ids and content embeddings [N, D] (for diversity)."""
 
-    def __init__(self, world, tok, rules, rm, format_weight: float):
-        self.world, self.tok, self.rules, self.rm = world, tok, rules, rm
+    def __init__(self, env, tok, rules, rm, format_weight: float, entity_ids: list[str], content: np.ndarray):
+        self.env, self.tok, self.rules, self.rm = env, tok, rules, rm
         self.format_weight = float(format_weight)
-        self.token_entity = pm.token_entity_index(tok.tokens, world.entity_index)  # [V]
-        self.content = np.asarray(world.catalog.content_emb, dtype=np.float64)  # [N, D]
+        self.entity_ids = list(entity_ids)
+        self.token_entity = pm.token_entity_index(tok.tokens, {e: i for i, e in enumerate(self.entity_ids)})  # [V]
+        self.content = np.asarray(content, dtype=np.float64)  # [N, D]
 
     @classmethod
-    def from_dirs(cls, world_dir: str | Path, policy_dir: str | Path, rm_dir: str | Path, format_weight: float) -> "PageJudge":
-        """From the world directory, the policy checkpoint (tokenizer, business rules) and the RM directory."""
-        from homepage.world import World
+    def from_dirs(cls, data_dir: str | Path, environment: str, policy_dir: str | Path, rm_dir: str | Path,
+                  format_weight: float) -> "PageJudge":
+        """From the dataset directory and its environment setting, the policy checkpoint (tokenizer, business
+        rules) and the RM directory."""
+        from homepage.dataset import load_dataset
+        from homepage.environment import load_environment
         from policies.tokenizer import GenPageTokenizer
         from reward_model.scoring import PageRewardScorer
 
-        return cls(World.load(world_dir), GenPageTokenizer.from_pretrained(policy_dir), load_rules(policy_dir, world_dir),
-                   PageRewardScorer.from_pretrained(rm_dir), format_weight)
+        dataset = load_dataset(data_dir)
+        return cls(load_environment(environment, dataset), GenPageTokenizer.from_pretrained(policy_dir),
+                   load_rules(policy_dir, data_dir), PageRewardScorer.from_pretrained(rm_dir), format_weight,
+                   dataset.entity_ids, dataset.content_matrix())
 
     def judge(self, prompts: list[list[int]], pages: list[list[int]], infos: list[dict[str, Any]] | None = None) -> PageJudgement:
         """prompts: context ids ending with [PAGE]; pages: page ids (with [EOP] unless cut at the length limit);
-        infos: per page the prompt's extra_info (user index and request, `rl.data.prompt_rows`)."""
-        from policies.evaluation import pages_from_tokens
-        from rl.data import requests_from_extra_info
+        infos: per page the prompt's extra_info (its context and engaged titles, `rl.data.prompt_rows`)."""
+        from policies.evaluation import engaged_recall, pages_from_tokens
+        from rl.data import contexts_from_extra_info
 
         n = len(pages)
         rm = np.asarray(self.rm.score(prompts, pages), dtype=np.float64)
         report = self.rules.format_reward(prompts, pages)
         fmt = np.asarray(report.score, dtype=np.float64)
-        true = np.full(n, np.nan)
-        if infos is not None and all(i is not None and "user" in i for i in infos):
-            user, req = requests_from_extra_info(infos)
-            batch, _ = pages_from_tokens(self.tok, pages, self.world.entity_index)
-            true = self.world.true_page_reward(user, req, batch)
+        true, recall = np.full(n, np.nan), np.full(n, np.nan)
+        contexts = contexts_from_extra_info(infos) if infos is not None else None
+        if contexts is not None:
+            structured, _ = pages_from_tokens(self.tok, pages)
+            recall = engaged_recall(structured, [set(i.get("engaged") or ()) for i in infos])
+            if self.env is not None:
+                true = np.asarray(self.env.true_page_reward(contexts, structured), dtype=np.float64)
         entities = [pm.page_entities(p, self.token_entity, self.tok.eop_id) for p in pages]
         return PageJudgement(
-            reward=rm + self.format_weight * fmt, rm=rm, format=fmt, true=true,
+            reward=rm + self.format_weight * fmt, rm=rm, format=fmt, true=true, recall=recall,
             diversity=pm.page_diversity(entities, self.content), n_entities=np.array([len(e) for e in entities], float),
             violations={r: np.asarray(v, dtype=np.float64) for r, v in report.violations.items()}, entities=entities,
         )
@@ -144,15 +157,15 @@ except ImportError:  # verl absent: PageJudge stays usable (evaluation, tests)
 class GenPageRewardManager(RewardManagerBase):
     """verl reward manager: token ids in, RM + weighted format reward out; ground truth in the extra info.
 
-    Reads `genpage.{world_dir, rm_dir, format_weight}` and the policy directory
+    Reads `genpage.{data_dir, environment, rm_dir, format_weight}` and the policy directory
     (`actor_rollout_ref.model.path`, for the tokenizer and the business rules) from verl's config.
     """
 
     def __init__(self, config, tokenizer, compute_score=None, reward_router_address=None, reward_model_tokenizer=None, **_):
         super().__init__(config, tokenizer, compute_score)
         settings = config.genpage
-        self.judge = PageJudge.from_dirs(settings.world_dir, config.actor_rollout_ref.model.path, settings.rm_dir,
-                                         settings.format_weight)
+        self.judge = PageJudge.from_dirs(settings.data_dir, settings.environment, config.actor_rollout_ref.model.path,
+                                         settings.rm_dir, settings.format_weight)
         self.batcher = _MicroBatcher(self._judge_batch)
 
     def _judge_batch(self, items: list[tuple[list[int], list[int], dict]]) -> list[dict]:

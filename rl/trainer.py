@@ -29,7 +29,7 @@ def step_page_metrics(batch, entity_token: np.ndarray) -> dict[str, float]:
 
     entity_token: [V] bool, real catalog titles (fallback tokens excluded)."""
     nt = batch.non_tensor_batch
-    keys = [k for k in nt if k in (pm.EXTRA_RM, pm.EXTRA_FORMAT, pm.EXTRA_TRUE, pm.EXTRA_DIVERSITY, pm.EXTRA_ENTITIES)
+    keys = [k for k in nt if k in (pm.EXTRA_RM, pm.EXTRA_FORMAT, pm.EXTRA_TRUE, pm.EXTRA_RECALL, pm.EXTRA_DIVERSITY, pm.EXTRA_ENTITIES)
             or k.startswith(pm.EXTRA_VIOLATIONS_PREFIX)]
     train_reward = batch.batch["token_level_scores"].sum(-1).numpy()  # [B] the sparse reward sits on the last token
     metrics = pm.rollout_metrics({k: np.asarray(nt[k], dtype=np.float64) for k in keys}, train_reward)

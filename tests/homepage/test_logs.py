@@ -6,7 +6,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from homepage.logs import LOG_SCHEMA, LogSchemaError, LogWriter, batch_to_table, iter_impressions, read_logs
-from homepage.rewards import RewardConfig
+from tests.toy import world_dataset
+
+SCHEMA = {}  # the toy dataset's schema, set once by the `dataset_schema` fixture
+
+
+@pytest.fixture(scope="module", autouse=True)
+def dataset_schema(small_world, tmp_path_factory):
+    SCHEMA["toy"] = world_dataset(small_world, tmp_path_factory.mktemp("data")).schema
+    return SCHEMA["toy"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +42,7 @@ def test_write_read_round_trip(tmp_path, table, small_world):
     with LogWriter(path) as writer:
         writer.write(table.slice(0, 25))
         writer.write(table.slice(25))
-    back, report = read_logs(path, rewards=small_world.config.rewards, known_entity_ids=frozenset(small_world.catalog.entity_ids))
+    back, report = read_logs(path, SCHEMA["toy"], known_entity_ids=frozenset(small_world.catalog.entity_ids))
     assert back.equals(table)
     assert report.rows == 50 and report.unknown_entities == 0
     assert pq.ParquetFile(path).schema_arrow.metadata[b"genpage.schema_version"] == b"1"
@@ -54,7 +62,7 @@ def test_directory_of_parts_is_read_as_one_log(tmp_path, table):
 def expect_error(tmp_path, table, *patterns):
     path = write(tmp_path, table)
     with pytest.raises(LogSchemaError) as exc:
-        read_logs(path, rewards=RewardConfig())
+        read_logs(path, SCHEMA["toy"])
     msg = str(exc.value)
     assert str(path) in msg, msg
     for p in patterns:
@@ -150,3 +158,11 @@ def test_writer_refuses_a_table_off_schema(tmp_path, table):
     with pytest.raises(LogSchemaError, match=r"missing \['page_reward'\]"):
         with LogWriter(tmp_path / "x.parquet") as writer:
             writer.write(table.drop_columns(["page_reward"]))
+
+
+def test_values_outside_the_dataset_schema_are_named(tmp_path, table):
+    """Closed vocabularies, row ids and feedback types come from dataset.yaml, not from module constants."""
+    expect_error(tmp_path, set_cell(table, "device", 3, "smart_fridge"), r"row 3\b", "field 'device'", "context.device")
+    rows = table.column("page_row_ids").to_pylist()
+    rows[6][0] = "holiday_specials"
+    expect_error(tmp_path, set_cell(table, "page_row_ids", 6, rows[6]), r"row 6\b", "'holiday_specials'", "'rows'")

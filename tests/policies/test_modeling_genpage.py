@@ -3,12 +3,13 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from tests.toy import toy_tokenizer
 from policies.build import ModelSize, build_model, token_fallback_map
 from policies.modeling_genpage import GenPageConfig, GenPageForCausalLM, GenPageForPageReward
 from policies.tokenizer import GenPageTokenizer
 
 ENTITIES = [f"{t}_{i:04d}" for i, t in enumerate(["movie", "show", "game"] * 10)]
-TOK = GenPageTokenizer(ENTITIES)
+TOK = toy_tokenizer(ENTITIES)
 SIZE = ModelSize(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=128, fallback_prob=0.5)
 
 

@@ -18,30 +18,17 @@ from homepage.world import world_contexts
 from policies.hybrid import allowed_fill
 from policies.rules import MODES, RULES, PageShape, RuleConfig, RuleModes, RuleSet, build_ruleset
 from policies.rules_reference import reference_allowed, reference_rule_masks
-from policies.tokenizer import GenPageTokenizer
+from tests.toy import world_dataset, world_tokenizer
 
 SHAPE = PageShape(min_rows=2, max_rows=4, min_row_len=3, max_row_len=5)
 CONFIG = RuleConfig(shape=SHAPE, pinned_rows={TRENDING: 0}, critical_rows={CONTINUE_WATCHING: 3})
 
 
-def write_catalog(world, path):
-    c = world.catalog
-    pq.write_table(pa.table({
-        "entity_id": c.entity_ids,
-        "genres": [[g for g, on in zip(GENRES, row) if on] for row in c.genres],
-        "maturity": [MATURITY[m] for m in c.maturity],
-        "release_day": c.release_day,
-    }), path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def setup(small_world, tmp_path_factory):
-    c = small_world.catalog
-    path = write_catalog(small_world, tmp_path_factory.mktemp("cat") / "catalog.parquet")
-    tok = GenPageTokenizer(c.entity_ids, max_history=small_world.config.history_max)
-    rules = build_ruleset(tok, path, dataclasses.replace(CONFIG, new_title_days=c.new_title_days),
-                          trending=set(np.asarray(c.entity_ids)[c.trending]))
+    path = tmp_path_factory.mktemp("data")
+    tok = world_tokenizer(small_world)
+    rules = build_ruleset(tok, world_dataset(small_world, path), CONFIG)
     return small_world, tok, rules, path
 
 
@@ -121,10 +108,8 @@ def kids_pool_rules(world, tmp_path, kids_pool: int):
     """Tokenizer and default ruleset of `world` with only its first `kids_pool` titles kids-safe."""
     c = world.catalog
     c.maturity[:] = np.where(np.arange(len(c.maturity)) < kids_pool, 0, MATURITY.index("mature"))
-    tok = GenPageTokenizer(c.entity_ids, max_history=world.config.history_max)
-    rules = build_ruleset(tok, write_catalog(world, tmp_path / "catalog.parquet"),
-                          dataclasses.replace(RuleConfig(), new_title_days=c.new_title_days),
-                          trending=set(np.asarray(c.entity_ids)[c.trending]))
+    tok = world_tokenizer(world)
+    rules = build_ruleset(tok, world_dataset(world, tmp_path / "data"), RuleConfig())
     return tok, rules
 
 
@@ -218,10 +203,12 @@ def test_resumable_titles_and_kids_profile_come_from_the_prompt(setup):
     world, tok, rules, _ = setup
     user = int(np.flatnonzero(world.users.resume.any(1))[0])
     prompt = prompt_of(world, tok, user)
-    resumable, kids = rules.prompt_facts(torch.tensor([prompt]), torch.tensor([len(prompt)]))
+    resumable, profile_ok = rules.prompt_facts(torch.tensor([prompt]), torch.tensor([len(prompt)]))
     expected = {tok.vocab[f"ent:{world.catalog.entity_ids[n]}"] for n in np.flatnonzero(world.users.resume[user])}
     assert set(resumable[0].nonzero().flatten().tolist()) == expected
-    assert bool(kids[0]) == (world.users.profile_type[user] == 1)
+    titles = profile_ok[0, rules.is_entity].numpy()  # [N] in catalog order
+    kids = world.users.profile_type[user] == 1
+    assert (titles == (world.catalog.kids_safe | (not kids))).all()
 
 
 def test_mask_blocks_known_violations_and_format_reward_counts_them(setup):
@@ -281,14 +268,17 @@ def test_ruleset_round_trips_through_a_dict_and_rejects_bad_configs(setup):
     _, _, rules, _ = setup
     again = RuleSet.from_dict(rules.to_dict())
     assert again.config == rules.config and again.tables == rules.tables
+    def bad(**kw):
+        RuleSet(dataclasses.replace(rules.config, **kw), rules.tables)
+
     with pytest.raises(ValueError, match="unknown row"):
-        RuleConfig(pinned_rows={"nope": 0})
+        bad(pinned_rows={"nope": 0})
     with pytest.raises(ValueError, match="same position"):
-        RuleConfig(pinned_rows={TRENDING: 0, KIDS: 0})
+        bad(pinned_rows={TRENDING: 0, KIDS: 0})
     with pytest.raises(ValueError, match="must be one of"):
         RuleModes(category="soft")
     with pytest.raises(ValueError, match="every position within k is pinned"):
-        RuleConfig(pinned_rows={TRENDING: 0}, critical_rows={CONTINUE_WATCHING: 1})
+        bad(pinned_rows={TRENDING: 0}, critical_rows={CONTINUE_WATCHING: 1})
 
 
 def test_mask_replay_in_forward_equals_the_engine_mask_with_padding_and_packing(setup):

@@ -7,11 +7,12 @@ from homepage.catalog import ROW_IDS
 from homepage.logs import Context, HistoryAction
 from homepage.pages import Page, Row
 from policies.tokenizer import (
-    KIND_ENTITY, KIND_ROW, EncodeStats, GenPageTokenizer, PageDecodeError, daypart, duration_bucket, time_bucket,
+    KIND_ENTITY, KIND_ROW, EncodeStats, GenPageTokenizer, PageDecodeError, bucket,
 )
+from tests.toy import TOY_VOCAB, toy_tokenizer, world_tokenizer
 
 ENTITIES = [f"{t}_{i:04d}" for i, t in enumerate(["movie", "show", "game"] * 20)]
-TOK = GenPageTokenizer(ENTITIES, max_history=5)
+TOK = toy_tokenizer(ENTITIES, max_history=5)
 
 rows_st = st.lists(
     st.builds(Row, st.sampled_from(ROW_IDS), st.lists(st.sampled_from(ENTITIES), min_size=0, max_size=9).map(tuple)),
@@ -47,13 +48,16 @@ def context(history_len=3, language="en", device="tv") -> Context:
 def test_prompt_layout_and_buckets():
     ids = TOK.encode_context(context())
     toks = [TOK.tokens[i] for i in ids]
-    assert toks[:9] == ["[BOS]", "[PROFILE]", "lang:en", "ptype:kids", "[REQUEST]", "daypart:afternoon", "dow:6", "dev:tv", "[HIST]"]
+    # hour 15 falls in [12, 17): bucket 2 (afternoon) of the toy edges 6 / 12 / 17 / 22
+    assert toks[:9] == ["[BOS]", "[PROFILE]", "lang:en", "ptype:kids", "[REQUEST]", "hour:2", "dow:6", "dev:tv", "[HIST]"]
     # history action = [entity][action][time bucket][duration bucket]
     assert toks[9:13] == [f"ent:{ENTITIES[0]}", "act:play", "tb:0", "db:2"]
     assert toks[-1] == "[PAGE]" and len(ids) == 9 + 3 * 4 + 1
-    assert [time_bucket(x) for x in (0.5, 1.0, 2, 5, 10, 20, 60, 365)] == [0, 1, 1, 2, 3, 4, 5, 6]
-    assert [duration_bucket(x) for x in (0.01, 0.1, 0.3, 0.6, 0.95)] == [0, 1, 2, 3, 4]
-    assert [daypart(h) for h in (0, 5, 6, 12, 17, 22, 23)] == ["night", "night", "morning", "afternoon", "evening", "late", "late"]
+    v = TOY_VOCAB
+    assert [bucket(v.days_ago_edges, x) for x in (0.5, 1.0, 2, 5, 10, 20, 60, 365)] == [0, 1, 1, 2, 3, 4, 5, 6]
+    assert [bucket(v.watch_fraction_edges, x) for x in (0.01, 0.1, 0.3, 0.6, 0.95)] == [0, 1, 2, 3, 4]
+    assert [bucket(v.hour_edges, h) for h in (0, 5, 6, 12, 17, 22, 23)] == [0, 0, 1, 2, 3, 4, 4]
+    assert v.partial_buckets == (1, 2, 3)  # 5% .. 90% watched
 
 
 def test_history_is_truncated_to_most_recent_and_counted():
@@ -68,7 +72,7 @@ def test_unknown_ids_map_to_fallbacks_and_are_counted():
     page = Page((Row("genre_comedy", ("movie_9999", "show_x", "weird")), Row("holiday_specials", ("game_0002",))))
     ids = TOK.encode_page(page, stats)
     names = [TOK.tokens[i] for i in ids]
-    assert names[1:4] == ["ent:<unk_movie>", "ent:<unk_show>", "ent:<unk>"]
+    assert names[1:4] == ["ent:<unk>"] * 3  # an unknown id has no known type
     assert names[4] == "row:<unk>"
     assert stats.unknown_entities == 3 and stats.unknown_rows == 1
     ids = TOK.encode_context(context(language="de"), stats)
@@ -98,6 +102,9 @@ def test_save_pretrained_and_auto_tokenizer_round_trip(tmp_path):
     hf = AutoTokenizer.from_pretrained(tmp_path)
     loaded = GenPageTokenizer.from_pretrained(tmp_path)
     assert loaded.vocab == TOK.vocab and loaded.max_history == 5
+    assert loaded.context_vocab == TOK.context_vocab and loaded.same_vocabulary(TOK) is None
+    other = toy_tokenizer(ENTITIES[:-1], max_history=5)
+    assert "tokens only in one" in TOK.same_vocabulary(other)
     assert hf.eos_token == "[EOP]" and hf.pad_token == "[PAD]" and hf.bos_token == "[BOS]"
     ctx = context()
     # verl applies the chat template; its generation prompt is the [PAGE] marker.
@@ -110,7 +117,7 @@ def test_save_pretrained_and_auto_tokenizer_round_trip(tmp_path):
 def test_encode_impression_from_logs(small_world):
     from homepage.logs import batch_to_table, iter_impressions
 
-    tok = GenPageTokenizer(small_world.catalog.entity_ids, max_history=small_world.config.history_max)
+    tok = world_tokenizer(small_world)
     table = batch_to_table(next(small_world.iter_logs(20)), small_world)
     stats = EncodeStats()
     for imp in iter_impressions(table):
@@ -118,3 +125,10 @@ def test_encode_impression_from_logs(small_world):
         assert tok.decode(page) == imp.page
         assert prompt[-1] == tok.page_id
     assert stats.impressions == 20 and stats.unknown_entities == 0 and stats.truncated_history_actions == 0
+
+
+def test_type_fallbacks_come_from_the_catalog_types():
+    tok = toy_tokenizer(["tt0111161", "nm0000001"], entity_types=["film", "film"])
+    assert tok.tokens[tok.fallback_of("tt0111161")] == "ent:<unk_film>"
+    with pytest.raises(ValueError, match="whitespace"):
+        toy_tokenizer(["a b"], entity_types=["film"])

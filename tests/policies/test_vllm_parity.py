@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.toy import toy_tokenizer
 from policies.build import ModelSize, build_model
 from policies.tokenizer import GenPageTokenizer
 
@@ -12,7 +13,7 @@ ENTITIES = [f"{t}_{i:04d}" for i, t in enumerate(["movie", "show", "game"] * 20)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    tok = GenPageTokenizer(ENTITIES)
+    tok = toy_tokenizer(ENTITIES)
     rng = np.random.default_rng(0)
     content = {e: rng.normal(size=8).astype(np.float32) for e in ENTITIES}
     model = build_model(tok, content, ModelSize(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256))

@@ -11,16 +11,16 @@ import torch
 from policies.build import ModelSize, build_model
 from policies.rules import build_ruleset
 from policies.tokenizer import GenPageTokenizer
-from tests.policies.test_rules import CONFIG, prompt_of, write_catalog
+from tests.policies.test_rules import CONFIG, prompt_of
+from tests.toy import world_dataset, world_tokenizer
 
 
 def tiny_checkpoint(world, directory, max_history: int = 20):
     """An untrained 1-layer GenPage with the test rules (2-4 rows of 3-5 titles, trending pinned first,
     Continue Watching within 3 rows) saved with its tokenizer."""
     c = world.catalog
-    tok = GenPageTokenizer(c.entity_ids, max_history=max_history)
-    rules = build_ruleset(tok, write_catalog(world, directory / "catalog.parquet"),
-                          dataclasses.replace(CONFIG, new_title_days=c.new_title_days), set(np.asarray(c.entity_ids)[c.trending]))
+    tok = world_tokenizer(world)
+    rules = build_ruleset(tok, world_dataset(world, directory / "data"), CONFIG)
     rng = np.random.default_rng(0)
     content = {e: rng.normal(size=8).astype(np.float32) for e in c.entity_ids}
     model = build_model(tok, content, ModelSize(hidden_size=128, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128)).eval()
@@ -98,12 +98,12 @@ def test_processor_follows_vllms_persistent_batch_through_adds_moves_swaps_and_r
     from tests.policies.test_rules import walk
 
     c = small_world.catalog
-    tok = GenPageTokenizer(c.entity_ids, max_history=small_world.config.history_max)
+    tok = world_tokenizer(small_world)
     import tempfile
     from pathlib import Path
 
     with tempfile.TemporaryDirectory() as d:
-        rules = build_ruleset(tok, write_catalog(small_world, Path(d) / "catalog.parquet"), CONFIG, set(np.asarray(c.entity_ids)[c.trending]))
+        rules = build_ruleset(tok, world_dataset(small_world, Path(d) / "data"), CONFIG)
     proc = GenPageRulesLogitsProcessor(SimpleNamespace(model_config=SimpleNamespace(
         hf_config=GenPageConfig(vocab_size=len(tok), business_rules=rules.to_dict()))), torch.device("cpu"), False)
     rng = np.random.default_rng(0)

@@ -51,7 +51,7 @@ def untrained_reward_model(policy_dir: Path, out: Path) -> Path:
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dr_grpo_inputs")
     run("make_world.py", f"out_dir={root / 'world'}", *TINY_WORLD)
-    run("pretrain.py", f"world_dir={root / 'world'}", f"out_dir={root / 'pt'}", *TINY_MODEL)
+    run("pretrain.py", f"data_dir={root / 'world'}", f"out_dir={root / 'pt'}", *TINY_MODEL)
     return root / "world", root / "pt" / "model", untrained_reward_model(root / "pt" / "model", root / "rm")
 
 
@@ -62,7 +62,7 @@ def test_smoke_run_moves_the_policy_and_writes_metrics(inputs, tmp_path):
 
     shm_before = {str(p) for g in SHM_GLOBS for p in SHM_DIR.glob(g)}
     out = tmp_path / "rl"
-    run("dr_grpo.py", f"world_dir={world}", f"policy_dir={policy}", f"rm_dir={rm}", f"out_dir={out}", *TINY_RL)
+    run("dr_grpo.py", f"data_dir={world}", f"policy_dir={policy}", f"rm_dir={rm}", f"out_dir={out}", *TINY_RL)
 
     # The RL policy is an HF directory whose weights moved away from the pretrained ones.
     import torch
@@ -112,5 +112,5 @@ def test_smoke_run_moves_the_policy_and_writes_metrics(inputs, tmp_path):
     # processes of others running beside this test).
     assert not leftover_shm(shm_before)
     # A finished run is reused.
-    assert "reusing" in run("dr_grpo.py", f"world_dir={world}", f"policy_dir={policy}", f"rm_dir={rm}",
+    assert "reusing" in run("dr_grpo.py", f"data_dir={world}", f"policy_dir={policy}", f"rm_dir={rm}",
                             f"out_dir={out}", *TINY_RL).stdout

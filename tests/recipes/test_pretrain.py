@@ -33,7 +33,7 @@ def world_dir(tmp_path_factory) -> Path:
 
 
 def pretrain(world_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(recipe("pretrain.py", f"world_dir={world_dir}", f"out_dir={out}", *TINY_MODEL, *extra),
+    proc = subprocess.run(recipe("pretrain.py", f"data_dir={world_dir}", f"out_dir={out}", *TINY_MODEL, *extra),
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     return proc
 
@@ -69,7 +69,7 @@ def test_smoke_run_lowers_heldout_loss_and_writes_hf_model(world_dir, tmp_path):
 def test_killed_run_resumes_from_last_checkpoint(world_dir, tmp_path):
     out = tmp_path / "pt"
     args = ["steps=120", "eval_interval=1000", "checkpoint_interval=10", "eval_users=8"]
-    cmd = recipe("pretrain.py", f"world_dir={world_dir}", f"out_dir={out}", *TINY_MODEL, *args)
+    cmd = recipe("pretrain.py", f"data_dir={world_dir}", f"out_dir={out}", *TINY_MODEL, *args)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
     while not list((out / "checkpoints").glob("step_*/trainer_state.pt")) and time.time() < deadline:

@@ -30,20 +30,22 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
     world = tmp_path_factory.mktemp("world")
     proc = subprocess.run(recipe("make_world.py", f"out_dir={world}", *TINY_WORLD), cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    from policies.build import ModelSize, build_model, load_content
+    from homepage.dataset import open_dataset
+    from policies.build import ModelSize, build_model
     from policies.tokenizer import GenPageTokenizer
 
-    tok = GenPageTokenizer.from_pretrained(world / "tokenizer")
+    dataset, table, _ = open_dataset(world)
+    tok = GenPageTokenizer.from_dataset(dataset, table)
     pretrained = tmp_path_factory.mktemp("pretrained")
     size = ModelSize(hidden_size=64, num_hidden_layers=1, num_attention_heads=1, intermediate_size=128)
-    build_model(tok, load_content(world / "catalog.parquet"), size, seed=0).save_pretrained(pretrained)
+    build_model(tok, dataset.content(), size, seed=0).save_pretrained(pretrained)
     tok.save_pretrained(pretrained)
     return world, pretrained
 
 
 def train_rm(inputs, out: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
     world, pretrained = inputs
-    return subprocess.run(recipe("train_rm.py", f"world_dir={world}", f"pretrained_dir={pretrained}", f"out_dir={out}",
+    return subprocess.run(recipe("train_rm.py", f"data_dir={world}", f"pretrained_dir={pretrained}", f"out_dir={out}",
                                  *TINY_RM, *extra), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -99,7 +101,7 @@ def test_training_at_once_equals_training_in_turn(inputs, tmp_path):
 def start_until_checkpointed(inputs, out: Path, args: list[str], inits: list[str]) -> subprocess.Popen:
     """train_rm.py started in its own session, returned once every init in `inits` has a complete checkpoint."""
     world, pretrained = inputs
-    cmd = recipe("train_rm.py", f"world_dir={world}", f"pretrained_dir={pretrained}", f"out_dir={out}", *TINY_RM, *args)
+    cmd = recipe("train_rm.py", f"data_dir={world}", f"pretrained_dir={pretrained}", f"out_dir={out}", *TINY_RM, *args)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
     while (not all(list((out / "checkpoints" / i).glob("step_*/trainer_state.pt")) for i in inits)
@@ -164,25 +166,30 @@ def test_malformed_log_row_is_named(inputs, tmp_path, field, row, value):
     checked by the recipe): the error names the row and the field."""
     import pyarrow as pa
 
+    import shutil
+
     world, _ = inputs
-    logs = tmp_path / "logs"
-    logs.mkdir()
+    data = tmp_path / "data"  # the same dataset with one mutated log part
+    logs = data / "logs"
+    logs.mkdir(parents=True)
+    for name in ("dataset.yaml", "catalog.parquet"):
+        shutil.copy(world / name, data / name)
     first = sorted((world / "logs").glob("*.parquet"))[0]
     table = pq.read_table(first)
     values = table.column(field).to_numpy().copy()
     values[row] = value
     table = table.set_column(table.schema.get_field_index(field), field, pa.array(values, table.schema.field(field).type))
     pq.write_table(table, logs / first.name)
-    proc = train_rm(inputs, tmp_path / "rm", f"logs={logs}")
+    proc = train_rm(inputs, tmp_path / "rm", f"data_dir={data}")
     assert proc.returncode != 0
     assert f"row {row}" in proc.stderr and f"field '{field}'" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_missing_inputs_say_which_command_makes_them(inputs, tmp_path):
     world, pretrained = inputs
-    proc = subprocess.run(recipe("train_rm.py", f"world_dir={tmp_path / 'nothing'}", f"out_dir={tmp_path / 'rm'}"),
+    proc = subprocess.run(recipe("train_rm.py", f"data_dir={tmp_path / 'nothing'}", f"out_dir={tmp_path / 'rm'}"),
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode != 0 and "python recipes/make_world.py" in proc.stderr
-    proc = subprocess.run(recipe("train_rm.py", f"world_dir={world}", f"pretrained_dir={tmp_path / 'nothing'}",
+    proc = subprocess.run(recipe("train_rm.py", f"data_dir={world}", f"pretrained_dir={tmp_path / 'nothing'}",
                                  f"out_dir={tmp_path / 'rm'}"), cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode != 0 and "python recipes/pretrain.py" in proc.stderr

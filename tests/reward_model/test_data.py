@@ -3,6 +3,8 @@ import pyarrow as pa
 import pytest
 import torch
 
+from homepage.rewards import FEEDBACK_TYPES
+from tests.toy import toy_tokenizer
 from homepage.logs import Context, Impression
 from homepage.pages import Page, Row
 from policies.data import PageSequences
@@ -10,7 +12,7 @@ from policies.tokenizer import EncodeStats, GenPageTokenizer
 from reward_model.data import (RewardNormalization, check_disjoint_users, collate_pages, collate_token_targets, entity_targets,
                                page_token_rewards, same_user_pairs, with_eop)
 
-TOK = GenPageTokenizer(["movie_0000", "show_0001", "game_0002"])
+TOK = toy_tokenizer(["movie_0000", "show_0001", "game_0002"])
 
 
 def seqs(users: list[str]) -> PageSequences:
@@ -72,7 +74,7 @@ def feedback_table(rewards_of_first_title: float = 2.5) -> pa.Table:
 
 
 def test_entity_targets_line_up_with_page_tokens_and_read_the_reward_system_off_the_logs():
-    targets = entity_targets(feedback_table(), "logs/")
+    targets = entity_targets(feedback_table(), "logs/", FEEDBACK_TYPES)
     # page 0: row:a ent ent row:b ent [EOP]; page 1: row ent ent ent [EOP]
     np.testing.assert_array_equal(targets.feedback[0], [np.nan, 3, 0, np.nan, 4, np.nan])
     np.testing.assert_array_equal(targets.thumbs[0], [np.nan, 1, 0, np.nan, 0, np.nan])
@@ -90,4 +92,4 @@ def test_entity_targets_refuse_rewards_that_are_not_a_function_of_the_feedback()
         0, "impression_id", pa.array([9, 10]))])  # impression 9: the same long play + thumbs-up gets 3.5, not 2.5
     with pytest.raises(ValueError, match=r"logs/: .*not a function of \(feedback, thumbs_up\).*impression_id (7|9).*"
                                          r"reward_head=entity_sum"):
-        entity_targets(table, "logs/")
+        entity_targets(table, "logs/", FEEDBACK_TYPES)

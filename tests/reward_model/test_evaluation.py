@@ -3,12 +3,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.toy import toy_tokenizer
 from policies.tokenizer import GenPageTokenizer
 from reward_model.evaluation import (BagOfEntitiesRidge, EvalSet, binomial_se, evaluate, pairwise_accuracy, pearson, ranks,
                                      results_table, spearman)
 
 ENTITIES = ["movie_0000", "show_0001", "game_0002", "movie_0003"]
-TOK = GenPageTokenizer(ENTITIES)
+TOK = toy_tokenizer(ENTITIES)
 
 
 def test_ranks_average_ties_like_scipy():

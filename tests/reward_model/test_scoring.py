@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.toy import toy_tokenizer
 from policies.build import ModelSize, build_model
 from policies.modeling_genpage import expected_feedback_reward
 from policies.tokenizer import GenPageTokenizer
@@ -12,7 +13,7 @@ from reward_model.scoring import PageRewardScorer
 from reward_model.training import build_reward_model, predict, reward_mse
 
 ENTITIES = [f"{t}_{i:04d}" for i, t in enumerate(["movie", "show", "game"] * 6)]
-TOK = GenPageTokenizer(ENTITIES)
+TOK = toy_tokenizer(ENTITIES)
 SIZE = ModelSize(hidden_size=64, num_hidden_layers=1, num_attention_heads=1, intermediate_size=128)
 NORM = RewardNormalization(mean=4.0, std=3.0)
 # the reward system of the entity_feedback head: none, abandon, short_play, long_play, binge; thumbs-up; base rates

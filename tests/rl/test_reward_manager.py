@@ -11,11 +11,13 @@ import torch
 
 from homepage.catalog import GENRES, MATURITY
 from homepage.pages import Page, PageBatch, Row
-from homepage.world import world_contexts
+from homepage.logs import Impression
+from homepage.world import SimulatorEnvironment, world_contexts
 from policies.rules import RuleConfig, RuleModes, build_ruleset
 from policies.tokenizer import GenPageTokenizer
 from rl import page_metrics as pm
-from rl.data import PromptSet, prompt_rows, sample_prompts
+from rl.data import prompt_rows
+from tests.toy import world_dataset, world_tokenizer
 from rl.reward_manager import PageJudge
 
 
@@ -29,15 +31,12 @@ class LengthRM:
 @pytest.fixture(scope="module")
 def judge(small_world, tmp_path_factory):
     c = small_world.catalog
-    path = tmp_path_factory.mktemp("cat") / "catalog.parquet"
-    pq.write_table(pa.table({
-        "entity_id": c.entity_ids, "genres": [[g for g, on in zip(GENRES, row) if on] for row in c.genres],
-        "maturity": [MATURITY[m] for m in c.maturity], "release_day": c.release_day}), path)
-    tok = GenPageTokenizer(c.entity_ids, max_history=small_world.config.history_max)
+    dataset = world_dataset(small_world, tmp_path_factory.mktemp("data"))
+    tok = world_tokenizer(small_world)
     # dedup enforced by the format reward (weight 1 per violation), every other rule as a mask (audited).
-    config = RuleConfig(modes=RuleModes(dedup="reward"), critical_rows={}, new_title_days=c.new_title_days)
-    rules = build_ruleset(tok, path, config, trending=set(np.asarray(c.entity_ids)[c.trending]))
-    return PageJudge(small_world, tok, rules, LengthRM(), format_weight=2.0)
+    config = RuleConfig(modes=RuleModes(dedup="reward"), critical_rows={})
+    rules = build_ruleset(tok, dataset, config)
+    return PageJudge(SimulatorEnvironment(dataset), tok, rules, LengthRM(), 2.0, c.entity_ids, c.content_emb)
 
 
 def genre_rows(world, genres: list[str], n: int) -> list[Row]:
@@ -51,13 +50,28 @@ def genre_rows(world, genres: list[str], n: int) -> list[Row]:
     return rows
 
 
+def logged(contexts, page: Page | None = None, engaged: int = 0) -> list[Impression]:
+    """Impressions of `contexts` whose logged page is `page` with its first `engaged` titles rewarded."""
+    page = page or Page(())
+    rewards = [[1.0 if (r, c) in {divmod(i, 3) for i in range(engaged)} else 0.0 for c in range(len(row.entity_ids))]
+               for r, row in enumerate(page.rows)]
+    return [Impression(i, "train", ctx, page, (), (), (), tuple(map(tuple, rewards)), float(engaged))
+            for i, ctx in enumerate(contexts)]
+
+
+def world_prompts(world, user: np.ndarray, seed: int = 0):
+    req = world.sample_requests(np.random.default_rng(seed), user)
+    return user, req, world_contexts(world, user, req)
+
+
 def test_hand_made_batch(judge, small_world):
     world, tok = small_world, judge.tok
     adult = int(np.flatnonzero(world.users.profile_type == 0)[0])
-    prompts_set = PromptSet(np.array([adult, adult]), world.sample_requests(np.random.default_rng(0), np.array([adult, adult])), "train")
-    infos = [r["extra_info"] for r in prompt_rows(world, tok, prompts_set)]
-    prompts = [tok.encode_context(c) for c in world_contexts(world, prompts_set.user, prompts_set.requests)]
+    user, req, contexts = world_prompts(world, np.array([adult, adult]))
     clean = Page(tuple(genre_rows(world, ["comedy", "family", "drama"], 3)))
+    # the logged impression's engaged titles: the first two of the clean page's first row
+    infos = [r["extra_info"] for r in prompt_rows(tok, logged(contexts, clean, engaged=2), "train")]
+    prompts = [tok.encode_context(c) for c in contexts]
     # Same page, but the first row repeats its first title in its last slot: one dedup violation.
     first = clean.rows[0]
     dup = Page((Row(first.row_id, first.entity_ids[:2] + first.entity_ids[:1]),) + clean.rows[1:])
@@ -73,7 +87,9 @@ def test_hand_made_batch(judge, small_world):
     assert j.violations["dedup"].tolist() == [0, 1]
     # Ground truth: the world's exact expected page reward of the same (user, request, page).
     batch = PageBatch.from_pages([clean, dup], world.entity_index)
-    np.testing.assert_allclose(j.true, world.true_page_reward(prompts_set.user, prompts_set.requests, batch))
+    np.testing.assert_allclose(j.true, world.true_page_reward(user, req, batch))
+    # Recall of the logged engaged titles (the first two of row 0): both on either page.
+    np.testing.assert_allclose(j.recall, [1.0, 1.0])
     # Diversity: mean pairwise 1 - cos over the 9 titles (the duplicate pair counts as distance 0).
     unit = world.catalog.content_emb / np.linalg.norm(world.catalog.content_emb, axis=1, keepdims=True)
     for b, page in enumerate([clean, dup]):
@@ -107,14 +123,14 @@ def test_manager_batches_verl_per_sample_calls(judge, small_world):
             return super().judge(prompts, pages, infos)
 
     manager = GenPageRewardManager.__new__(GenPageRewardManager)
-    manager.judge = Spy(judge.world, judge.tok, judge.rules, judge.rm, judge.format_weight)
+    manager.judge = Spy(judge.env, judge.tok, judge.rules, judge.rm, judge.format_weight, judge.entity_ids, judge.content)
     from rl.reward_manager import _MicroBatcher
 
     manager.batcher = _MicroBatcher(manager._judge_batch)
     world, tok = small_world, judge.tok
-    ps = sample_prompts(world, "train", 3, seed=0)
-    rows = prompt_rows(world, tok, ps)
-    prompts = [tok.encode_context(c) for c in world_contexts(world, ps.user, ps.requests)]
+    _, _, contexts = world_prompts(world, np.arange(3))
+    rows = prompt_rows(tok, logged(contexts), "train")
+    prompts = [tok.encode_context(c) for c in contexts]
     pages = [[tok.eop_id], [tok.vocab["row:genre_comedy"], tok.eop_id], [tok.vocab["row:genre_drama"]]]
 
     def item(i):  # what verl's agent loop hands a reward worker for one rollout

@@ -1,0 +1,38 @@
+"""The toy world's vocabularies and dataset directory, for tests that build tokenizers and rulesets by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from homepage.catalog import ENTITY_TYPES, LANGUAGES, ROW_IDS
+from homepage.users import ACTIONS, DEVICES, PROFILE_TYPES
+from policies.tokenizer import ContextVocab, GenPageTokenizer
+
+TOY_VOCAB = ContextVocab(LANGUAGES, PROFILE_TYPES, DEVICES, ACTIONS)
+
+
+def toy_tokenizer(entity_ids, max_history: int = 24, entity_types=None) -> GenPageTokenizer:
+    """A tokenizer over the toy world's vocabularies and rows; entity types from the ids' prefixes."""
+    ids = list(entity_ids)
+    types = entity_types or [e.split("_", 1)[0] if e.split("_", 1)[0] in ENTITY_TYPES else "movie" for e in ids]
+    return GenPageTokenizer(ids, TOY_VOCAB, ROW_IDS, types, max_history)
+
+
+def world_tokenizer(world) -> GenPageTokenizer:
+    c = world.catalog
+    return toy_tokenizer(c.entity_ids, world.config.history_max, [ENTITY_TYPES[t] for t in c.entity_type])
+
+
+def world_dataset(world, directory: str | Path):
+    """The dataset directory make_world would write for `world` (schema and catalog; logs not written)."""
+    from homepage.dataset import write_dataset
+    from homepage.world import catalog_table, dataset_schema
+
+    world.save(Path(directory) / "simulator")
+    return write_dataset(directory, dataset_schema(world), catalog_table(world))
+
+
+def entity_tokens(tok: GenPageTokenizer, mask: np.ndarray, entity_ids) -> list[int]:
+    return [tok.vocab[f"ent:{e}"] for e, on in zip(entity_ids, mask) if on]
