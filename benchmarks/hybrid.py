@@ -35,8 +35,10 @@ def quality(gen, world, users, req, prompts, hybrid, label: str) -> dict:
     for s in range(0, len(prompts), BATCH):
         results += gen.decode(prompts[s:s + BATCH], hybrid=hybrid)
     pages = [r[0].page_ids for r in results]
-    batch, report = pages_from_tokens(gen.tok, pages, world.entity_index)
-    reward = world.true_page_reward(users, req, batch)
+    from homepage.pages import PageBatch
+
+    structured, report = pages_from_tokens(gen.tok, pages)
+    reward = world.true_page_reward(users, req, PageBatch.from_pages(structured, world.entity_index))
     decoded = [gen.tok.decode(p, strict=False) for p in pages]
     return {
         "label": label, "fill_k": hybrid.fill_k, "fill_row_len": hybrid.fill_row_len,

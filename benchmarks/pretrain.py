@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from homepage.logs import read_logs
-from policies.build import build_model, load_content
+from homepage.dataset import open_dataset
+from policies.build import build_model
 from policies.configs import PretrainConfig
 from policies.data import collate, encode_table, page_token_nll
 from policies.tokenizer import GenPageTokenizer
@@ -33,12 +33,12 @@ def main() -> None:
     cfg = PretrainConfig()
     torch.set_num_threads(cfg.num_threads)
     world = Path(args.world)
-    if not (world / "tokenizer").exists():
-        raise SystemExit(f"{world} has no world: run `python recipes/make_world.py` first")
-    tok = GenPageTokenizer.from_pretrained(world / "tokenizer")
-    table, _ = read_logs(world / "logs")
+    if not (world / "dataset.yaml").exists():
+        raise SystemExit(f"{world} is no dataset directory: run `python recipes/make_world.py` first")
+    dataset, table, _ = open_dataset(world)
+    tok = GenPageTokenizer.from_dataset(dataset, table)
     data, _ = encode_table(table.slice(0, 4000), tok, split="train", min_page_reward=0.0)
-    model = build_model(tok, load_content(world / "catalog.parquet"), cfg.model).train()
+    model = build_model(tok, dataset.content(), cfg.model).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr)
     rng = np.random.default_rng(0)

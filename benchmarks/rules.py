@@ -25,7 +25,7 @@ import torch
 from homepage.catalog import TRENDING
 from homepage.recipe_utils import write_summary
 from homepage.world import World, world_contexts
-from policies.rules import RULES, RuleSet, attach_rules, world_ruleset
+from policies.rules import RULES, RuleSet, attach_rules, dataset_ruleset
 from policies.tokenizer import GenPageTokenizer
 
 MAX_TOKENS = 64
@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args()
     model_dir, world_dir, out = Path(args.model), Path(args.world), Path(args.out)
-    for need, cmd in ((world_dir / "world.json", "python recipes/make_world.py"), (model_dir / "config.json", "python recipes/pretrain.py")):
+    for need, cmd in ((world_dir / "simulator" / "world.json", "python recipes/make_world.py"), (model_dir / "config.json", "python recipes/pretrain.py")):
         if not need.exists():
             raise SystemExit(f"{need} is missing: run `{cmd}` first")
     if (out / "summary.json").exists() and not args.force:
@@ -82,10 +82,10 @@ def main() -> None:
     t_start = time.perf_counter()
 
     world = World.load(world_dir)
-    tok = GenPageTokenizer.from_pretrained(world_dir / "tokenizer")
+    tok = GenPageTokenizer.from_pretrained(model_dir)
     EOP[0] = tok.eop_id
     cfg = json.loads((model_dir / "config.json").read_text())
-    rules = RuleSet.from_dict(cfg["business_rules"]) if cfg.get("business_rules") else world_ruleset(world_dir)
+    rules = RuleSet.from_dict(cfg["business_rules"]) if cfg.get("business_rules") else dataset_ruleset(world_dir, tok=tok)
     pinned = RuleSet(dataclasses.replace(rules.config, pinned_rows={TRENDING: 0}), rules.tables)
 
     # Varied prompts: held-out users (adults and kids profiles, with and without titles to resume).
@@ -94,7 +94,8 @@ def main() -> None:
     users = world.sample_users(rng, -(-args.pages // k), split="test")
     req = world.sample_requests(rng, users)
     prompts = [tok.encode_context(c) for c in world_contexts(world, users, req)]
-    resumable, kids = rules.prompt_facts(*_padded(prompts, tok.pad_id))
+    resumable, profile_ok = rules.prompt_facts(*_padded(prompts, tok.pad_id))
+    kids = ~profile_ok[:, rules.is_entity].all(-1)  # [B] a restricted profile
     n_resumable = resumable.sum(-1)
     variety = {"prompts": len(prompts), "kids_profiles": int(kids.sum()),
                "with_a_row_of_titles_to_resume": int((n_resumable >= rules.config.shape.min_row_len).sum()),

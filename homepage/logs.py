@@ -413,9 +413,11 @@ def read_logs(
         version = meta.get(SCHEMA_VERSION_KEY, SCHEMA_VERSION.encode()).decode()
         if version != SCHEMA_VERSION:
             raise LogSchemaError(f"{f}: schema version {version!r}; this reader understands {SCHEMA_VERSION!r}")
-        tables.append(pf.read())
+        part = pf.read()
+        validate_table(part, f, schema)  # errors name the part file and the row within it
+        tables.append(part)
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-    report = validate_table(table, path, schema)
+    report = LogReport(str(path), rows=table.num_rows)
     if "split" not in table.column_names:
         splits = [split_of_user(u) for u in table.column("user_id").to_pylist()]
         table = table.append_column("split", pa.array(splits, pa.string()))

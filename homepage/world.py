@@ -379,6 +379,13 @@ class SimulatorEnvironment:
     def __init__(self, dataset):
         self.world = World.load(Path(dataset.root) / SIMULATOR_DIR)
 
+    @classmethod
+    def of_world(cls, world: World) -> "SimulatorEnvironment":
+        """The environment of a world in memory (tests, notebooks)."""
+        env = cls.__new__(cls)
+        env.world = world
+        return env
+
     def true_page_reward(self, contexts, pages) -> np.ndarray:
         """[B] exact expected reward of page b in context b (titles or rows the world lacks raise KeyError)."""
         from homepage.pages import PageBatch

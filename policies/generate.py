@@ -405,7 +405,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f" {'homepage ended' if s.ended else 'more pages possible'}")
         else:
             print(format_page(results[b].page))
-        figures = [f"engaged-title recall {recall[b]:.2f}" if np.isfinite(recall[b]) else "no engaged titles logged"]
+        figures = [] if args.rows_per_page else [f"{results[b].decode_steps} decode steps"]
+        figures += [f"engaged-title recall {recall[b]:.2f}" if np.isfinite(recall[b]) else "no engaged titles logged"]
         if true is not None:
             figures.append(f"true expected page reward {true[b]:.2f}")
         print("  " + "; ".join(figures))

@@ -49,6 +49,12 @@ def prepare_policy(cfg: DrGrpoConfig, out: Path) -> Path:
         rules = RuleSet.from_pretrained(tmp)
     except ValueError:
         rules = dataset_ruleset(cfg.data_dir, tok=GenPageTokenizer.from_pretrained(tmp))
+    shape = rules.config.shape
+    longest = shape.max_rows * (1 + shape.max_row_len) + 1  # every row token, every title, [EOP]
+    if longest > cfg.max_page_tokens:
+        raise SystemExit(f"the dataset's pages can hold {longest} tokens ({shape.max_rows} rows of up to "
+                         f"{shape.max_row_len} titles), more than max_page_tokens={cfg.max_page_tokens}: set "
+                         f"max_page_tokens={longest}")
     spec = rules.to_dict()
     spec["config"]["modes"].update({rule: "reward" for rule in cfg.reward_rules})
     attach_rules(tmp, RuleSet.from_dict(spec))

@@ -38,6 +38,9 @@ from reward_model.pipeline import InitRun, train_inits
 
 def check_inputs(cfg: RewardModelConfig) -> Path:
     """The pretrained dir; a missing input names the command that makes it."""
+    if not (Path(cfg.data_dir) / "dataset.yaml").exists():
+        raise SystemExit(f"{Path(cfg.data_dir) / 'dataset.yaml'} is missing: point data_dir=... at a dataset directory "
+                         "(docs/dataset.md), or create the toy one with `python recipes/make_world.py`")
     pretrained = Path(cfg.pretrained_dir)
     if not (pretrained / "config.json").exists() or not (pretrained / "genpage_tokenizer.json").exists():
         raise SystemExit(f"{pretrained} holds no pretrained GenPage model with its tokenizer: run "

@@ -178,15 +178,23 @@ def test_generate_returns_structured_pages(small_world, setup, vllm_gen):
 
 
 def test_cli_prints_readable_pages(small_world, setup, tmp_path):
+    import pyarrow.parquet as pq
+
+    from homepage.logs import batch_to_table
+    from tests.toy import world_dataset
+
     model_dir = setup[0]
-    small_world.save(tmp_path / "world")
-    base = [sys.executable, "-m", "policies.generate", "--model", str(model_dir), "--world", str(tmp_path / "world"),
+    data = tmp_path / "data"  # the world as a dataset directory, with logs to take held-out contexts from
+    world_dataset(small_world, data)
+    (data / "logs").mkdir()
+    pq.write_table(batch_to_table(next(small_world.iter_logs(300)), small_world), data / "logs" / "part-00000.parquet")
+    base = [sys.executable, "-m", "policies.generate", "--model", str(model_dir), "--data", str(data),
             "--backend", "hf", "--users", "2"]
     out = subprocess.run(base + ["--hybrid-k", "1"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "Trending Now" in text  # pinned first by the test rules
-    assert "true expected page reward" in text and "decode steps" in text
+    assert "true expected page reward" in text and "decode steps" in text and "engaged-title recall" in text
     assert "row:" not in text and "ent:" not in text and "[EOP]" not in text  # names, not tokens
     assert sum(e in text for e in small_world.catalog.entity_ids) >= 2 * SHAPE.min_rows * SHAPE.min_row_len
     out = subprocess.run(base + ["--rows-per-page", "1", "--pages", "2"], capture_output=True, text=True, timeout=300)

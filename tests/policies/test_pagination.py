@@ -10,7 +10,8 @@ from homepage.pages import PageBatch
 from homepage.rewards import ABANDON, BINGE, LONG_PLAY, NONE, SHORT_PLAY
 from policies.generate import PageGenerator
 from policies.hybrid import HybridConfig
-from policies.pagination import paginate, session_actions
+from homepage.world import SimulatorEnvironment, session_actions, world_contexts
+from policies.pagination import paginate
 from tests.policies.test_generate import tiny_checkpoint
 from tests.policies.test_rules import SHAPE
 
@@ -26,8 +27,9 @@ def gen(small_world, tmp_path_factory):
 def test_pages_never_repeat_a_title_or_row_and_obey_the_rules(small_world, gen, temperature, hybrid):
     rng = np.random.default_rng(0)
     users = np.concatenate([np.flatnonzero(small_world.users.profile_type == 1)[:4], np.arange(12)])
-    requests = small_world.sample_requests(rng, users)
-    sessions = paginate(gen, small_world, users, requests, rows_per_page=1, n_pages=SHAPE.max_rows,
+    contexts = world_contexts(small_world, users, small_world.sample_requests(rng, users))
+    browse = SimulatorEnvironment.of_world(small_world).browse
+    sessions = paginate(gen, contexts, browse, rows_per_page=1, n_pages=SHAPE.max_rows,
                         temperature=temperature, hybrid=hybrid, rng=rng)
     tok, rules = gen.tok, gen.rules
     multi = 0

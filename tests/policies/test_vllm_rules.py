@@ -12,14 +12,15 @@ from policies.build import ModelSize, build_model
 from policies.rules import build_ruleset
 from policies.tokenizer import GenPageTokenizer
 from tests.policies.test_rules import CONFIG, prompt_of
-from tests.toy import world_dataset, world_tokenizer
+from homepage.catalog import ENTITY_TYPES
+from tests.toy import toy_tokenizer, world_dataset, world_tokenizer
 
 
 def tiny_checkpoint(world, directory, max_history: int = 20):
     """An untrained 1-layer GenPage with the test rules (2-4 rows of 3-5 titles, trending pinned first,
     Continue Watching within 3 rows) saved with its tokenizer."""
     c = world.catalog
-    tok = world_tokenizer(world)
+    tok = toy_tokenizer(c.entity_ids, max_history, [ENTITY_TYPES[t] for t in c.entity_type])
     rules = build_ruleset(tok, world_dataset(world, directory / "data"), CONFIG)
     rng = np.random.default_rng(0)
     content = {e: rng.normal(size=8).astype(np.float32) for e in c.entity_ids}

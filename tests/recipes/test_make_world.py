@@ -28,14 +28,19 @@ def world_dir(tmp_path_factory) -> Path:
     return out
 
 
-def test_writes_world_logs_tokenizer_and_summary(world_dir):
+def test_writes_a_dataset_directory_and_summary(world_dir):
     summary = json.loads((world_dir / "summary.json").read_text())
     assert KEYS <= set(summary)
     assert summary["impressions"] == 900 and summary["users"] == 60 and summary["entities"] == 80
     assert summary["gen_impressions_per_s"] > 0 and summary["ground_truth_pages_per_s"] > 0
     assert len(list((world_dir / "logs").glob("part-*.parquet"))) == 3
-    assert (world_dir / "tokenizer" / "tokenizer.json").exists()
-    assert pq.read_table(world_dir / "catalog.parquet").num_rows == 80
+    assert (world_dir / "simulator" / "world.json").exists()  # the hidden state stays beside the dataset
+    from homepage.dataset import open_dataset
+
+    dataset, table, report = open_dataset(world_dir)  # the same validating path as a user's own data
+    assert dataset.catalog.num_rows == 80 and table.num_rows == 900 and report.unknown_entities == 0
+    assert dataset.schema.environment == "homepage.world:SimulatorEnvironment"
+    assert {"latent", "quality"}.isdisjoint(pq.read_table(world_dir / "catalog.parquet").column_names)
 
 
 def test_rerun_reuses_and_resumes_a_missing_part_identically(world_dir):

@@ -1,0 +1,131 @@
+"""The dataset directory contract on a dataset unlike the toy world (tests/datasets/music.py): it loads, its rows
+mean what dataset.yaml says, and each kind of bad input is refused with the file, the row or field, and the fix."""
+
+import datetime as dt
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from homepage.dataset import DatasetError, load_dataset, open_dataset
+from homepage.logs import LogSchemaError
+from tests.datasets import music
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return music.write(tmp_path_factory.mktemp("music"), n_titles=200, n_users=300, n_impressions=600, seed=1)
+
+
+@pytest.fixture
+def data(source, tmp_path):
+    """A private copy to break."""
+    return shutil.copytree(source, tmp_path / "music")
+
+
+def edit_yaml(root, fn):
+    spec = yaml.safe_load((root / "dataset.yaml").read_text())
+    fn(spec)
+    (root / "dataset.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+def edit_catalog(root, name, fn):
+    table = pq.read_table(root / "catalog.parquet")
+    i = table.schema.get_field_index(name)
+    table = table.set_column(i, table.schema.field(i), fn(table.column(name)))
+    pq.write_table(table, root / "catalog.parquet")
+
+
+def test_rows_mean_what_dataset_yaml_says(source):
+    ds = load_dataset(source)
+    s = ds.schema
+    assert len(s.rows) == 30 and s.entity_types == ("track",) and s.embedding_dim == 32
+    assert [r.id for r in s.rows[:2]] == ["genre_pop", "genre_rock"]  # templates expand in their values' order
+    elig = ds.row_eligibility()
+    genres = ds.catalog.column("genres").to_pylist()
+    assert (elig["genre_jazz"] == np.array(["jazz" in g for g in genres])).all()
+    assert (elig["mood_calm"] == (ds.catalog.column("mood").to_numpy(zero_copy_only=False) == "calm")).all()
+    age = np.array([(music.AS_OF - d).days for d in ds.catalog.column("release_date").to_pylist()])
+    assert (elig["new_this_week"] == (age < 7)).all() and (elig["fresh_finds"] == (age < 60)).all()
+    assert elig["all_tracks"].all() and "jump_back_in" not in elig  # history rows are per prompt
+    editors = set(next(r for r in s.rows if r.id == "editors_choice").entities)
+    assert elig["editors_choice"].sum() == len(editors)
+    assert (ds.allowed_for_profile()["family"] == ds.catalog.column("family_safe").to_numpy(zero_copy_only=False)).all()
+    assert ds.content_matrix().shape == (200, 32)
+
+
+def test_learned_vocabulary_keeps_values_above_min_count(source):
+    from policies.tokenizer import EncodeStats, GenPageTokenizer
+
+    ds, table, _ = open_dataset(source)
+    tok = GenPageTokenizer.from_dataset(ds, table)
+    train = table.filter(pc.equal(table.column("split"), "train")).column("language").to_pylist()
+    want = sorted(v for v in set(train) if train.count(v) >= 40)
+    assert list(tok.context_vocab.languages) == want and "yo" not in want  # rare: 2% of users
+    stats = EncodeStats()
+    from homepage.logs import iter_impressions
+
+    for imp in iter_impressions(table):
+        tok.encode(imp, stats)
+    assert stats.by_field.get("lang", 0) == sum(v not in want for v in table.column("language").to_pylist())
+
+
+def test_a_row_naming_a_missing_catalog_column(data):
+    edit_yaml(data, lambda s: s["rows"].append({"id": "loud", "kind": "boolean", "column": "is_loud"}))
+    with pytest.raises(DatasetError, match=r"dataset.yaml: rows\[8\]: column 'is_loud' is not a column of .*catalog.parquet.*add the column"):
+        load_dataset(data)
+
+
+def test_an_entity_id_with_whitespace(data):
+    edit_catalog(data, "entity_id", lambda c: pa.array([("trk 000003" if i == 3 else v) for i, v in enumerate(c.to_pylist())]))
+    with pytest.raises(DatasetError, match=r"catalog.parquet: row 3, field 'entity_id': 'trk 000003' contains whitespace.*replace"):
+        load_dataset(data)
+
+
+def test_an_embedding_of_the_wrong_size(data):
+    edit_catalog(data, "content_embedding", lambda c: pa.array(
+        [(v[:31] if i == 17 else v) for i, v in enumerate(c.to_pylist())], pa.list_(pa.float32())))
+    with pytest.raises(DatasetError, match=r"row 17, field 'content_embedding': 31 values, expected 32"):
+        load_dataset(data)
+
+
+def test_a_context_value_outside_a_closed_vocabulary(data):
+    edit_yaml(data, lambda s: s["context"]["device"].update(values=["car", "watch", "desktop", "phone"]))
+    with pytest.raises(LogSchemaError, match=r"part-00000.parquet: row \d+, field 'device': value 'smart_speaker'.*context.device"):
+        open_dataset(data)
+
+
+def test_a_row_id_in_the_logs_with_no_definition(data):
+    edit_yaml(data, lambda s: s["rows"].__setitem__(slice(None), [r for r in s["rows"] if r.get("id") != "fresh_finds"]))
+    with pytest.raises(LogSchemaError, match=r"row \d+, field 'page_row_ids': value 'fresh_finds'.*'rows' in dataset.yaml"):
+        open_dataset(data)
+
+
+def test_a_reward_table_whose_feedback_types_differ_from_the_logs(data):
+    def rename(s):
+        s["rewards"]["feedback"] = {("replay" if k == "repeat" else k): v for k, v in s["rewards"]["feedback"].items()}
+    edit_yaml(data, rename)
+    with pytest.raises(LogSchemaError, match=r"row \d+, field 'feedback': value 'repeat'.*rewards.feedback"):
+        open_dataset(data)
+    edit_yaml(data, lambda s: s["rewards"].update(feedback={**music.REWARDS, "repeat": 4.0}))  # same names, other values
+    with pytest.raises(LogSchemaError, match=r"field 'entity_rewards': does not follow the reward system.*'rewards'"):
+        open_dataset(data)
+
+
+def test_recency_rows_need_dates_and_an_as_of(data):
+    edit_yaml(data, lambda s: s.pop("as_of"))
+    with pytest.raises(DatasetError, match="recency rows need the dataset's 'as_of'"):
+        load_dataset(data)
+
+
+def test_a_checkpoint_from_another_dataset_is_refused(source, small_world, tmp_path):
+    from policies.tokenizer import check_tokenizer_matches
+    from tests.toy import world_tokenizer
+
+    ds, table, _ = open_dataset(source)
+    with pytest.raises(DatasetError, match=r"the checkpoint was made from another dataset than .*tokens only in one"):
+        check_tokenizer_matches(world_tokenizer(small_world), ds, table, "the checkpoint")
