@@ -1,7 +1,7 @@
 """Page generation API: user contexts in, structured homepages out, under the business-rule masks.
 
     python -m policies.generate --model runs/pretrain/model --users 10 [--backend vllm|hf] [--temperature 0]
-                                [--hybrid-k 1] [--rows-per-page 2 --pages 3] [--world runs/world]
+                                [--hybrid-k 1] [--rows-per-page 2 --pages 3] [--data runs/world]
 
 `PageGenerator` serves one checkpoint on vLLM (default) or HF transformers (fallback, no vLLM needed), greedy
 (temperature 0) or sampled, with plain autoregressive or hybrid row decoding (policies.hybrid, paper section

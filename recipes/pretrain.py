@@ -199,11 +199,15 @@ def main() -> None:
         for name, (temp, masked) in modes.items():
             torch.manual_seed(cfg.seed)
             gen[name] = generate_pages_hf(model, tok, prompts, temp, cfg.max_new_tokens, rules=rules if masked else None)
-    decode_reports = {}
+    decode_reports, recall_true = {}, {}
     for name, pages in gen.items():
         structured, rep = pages_from_tokens(tok, pages)
-        recall[name] = _nanmean(engaged_recall(structured, engaged))
+        page_recall = engaged_recall(structured, engaged)
+        recall[name] = _nanmean(page_recall)
         true[name] = env.true_page_reward(contexts, structured) if env else None
+        if env is not None:  # does the offline metric rank this policy's pages as the truth does?
+            ok = np.isfinite(page_recall)
+            recall_true[name] = float(np.corrcoef(page_recall[ok], true[name][ok])[0, 1]) if ok.sum() > 2 else None
         decode_reports[name] = dataclasses.asdict(rep)
     violations = {name: {r: int(v.sum()) for r, v in rules.violations(prompts, pages).items()} for name, pages in gen.items()}
 
@@ -217,6 +221,7 @@ def main() -> None:
             for name, v in true.items()} if env else {}),
         **({f"{name}_vs_logging": float(true[name].mean() / true["logging"].mean()) for name in gen} if env else {}),
         "environment": type(env).__name__ if env else None,
+        **({"recall_true_pearson": recall_true} if env else {}),
         "vllm_hf_max_abs_logprob_diff": parity,
         "tokens_per_s": tokens_per_s,
         "parameters": n_params,

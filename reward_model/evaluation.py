@@ -1,4 +1,4 @@
-"""Judging a reward model: against observed page rewards (MSE, Pearson, Spearman), against the world's ground
+"""Judging a reward model: against observed page rewards (MSE, Pearson, Spearman), against an environment's ground
 truth (Pearson with the exact expected page reward, pairwise ordering of two pages under one context), and
 the baselines it must beat (the mean; a bag-of-entities ridge regression)."""
 
@@ -152,7 +152,7 @@ class EvalSet:
     """Held-out (validation-user) impressions and the ground truth a reward model is judged on.
 
     prompts, pages: [N] logged impressions; observed: [N] their logged page reward.
-    true: [N] exact expected reward of each logged page under its own context (None without a world).
+    true: [N] exact expected reward of each logged page under its own context (None without an environment).
     pair_a, pair_b: [P] indices of two logged pages of one user (data.same_user_pairs), both scored under
         impression a's context; true_b: [P] expected reward of page b under that context.
     gen_prompts, gen_pages: [2G] pages the pretrained policy generated, two per context (2g and 2g + 1);

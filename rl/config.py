@@ -128,7 +128,7 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
     abs_ = lambda p: str(Path(p).resolve())  # noqa: E731  (Ray workers do not share the driver's cwd)
     n_rollouts = cfg.prompts_per_step * cfg.group_size
     o = [
-        # -- data: world contexts as chat prompts (the template appends [PAGE]) --------------------------
+        # -- data: logged contexts as chat prompts (the template appends [PAGE]) --------------------------
         f"data.train_files={abs_(paths.data / 'train.parquet')}",
         f"data.val_files={abs_(paths.data / 'valid.parquet')}",
         f"data.train_batch_size={cfg.prompts_per_step}",

@@ -100,6 +100,15 @@ def _contexts(infos):
     return contexts_from_extra_info(infos)
 
 
+def offline_vs_true(values: dict[str, np.ndarray]) -> float | None:
+    """Pearson correlation of the engaged-title recall and the true reward over pages that have both."""
+    recall, true = values.get(pm.EXTRA_RECALL), values.get(pm.EXTRA_TRUE)
+    if recall is None or true is None:
+        return None
+    ok = np.isfinite(recall) & np.isfinite(true)
+    return float(np.corrcoef(recall[ok], true[ok])[0, 1]) if ok.sum() > 2 else None
+
+
 def results_table(rows: dict[str, dict[str, float]], seeds: list[int], users: int) -> str:
     """Markdown table of the policies on held-out users."""
     cols = [("true_reward", "true reward"), ("recall", "engaged recall"), ("rm_reward", "RM reward"), ("diversity", "diversity"),
@@ -198,7 +207,8 @@ def evaluate_run(cfg: DrGrpoConfig, out: Path, init: Path) -> dict:
         raise RuntimeError(f"{out}: no seed holds the step-0 (pretrained) validation dump (seed_<s>/validation/0.jsonl); "
                            "rerun with --force")
     pre_seed, pre_path = pretrained
-    pre_row = policy_row(read_validation(pre_path), n_entities)
+    pre_values = read_validation(pre_path)
+    pre_row = policy_row(pre_values, n_entities)
     per_seed_metrics, rl_rows = {}, []
     for seed in cfg.seeds:
         paths = RunPaths(out, seed)
@@ -206,7 +216,8 @@ def evaluate_run(cfg: DrGrpoConfig, out: Path, init: Path) -> dict:
         steps = sorted(int(p.stem) for p in (paths.run / "validation").glob("*.jsonl") if int(p.stem) > 0)
         if not steps:
             raise RuntimeError(f"{paths.run / 'validation'}: no validation dump after training; rerun with --force")
-        rl_rows.append(policy_row(read_validation(paths.run / "validation" / f"{steps[-1]}.jsonl"), n_entities))
+        rl_values = read_validation(paths.run / "validation" / f"{steps[-1]}.jsonl")
+        rl_rows.append(policy_row(rl_values, n_entities))
     rows = {"logging": policy_row(logging_policy_values(judge, out / "data"), n_entities), "pretrained": pre_row,
             "rl": {k: float(np.mean([r[k] for r in rl_rows])) for k in rl_rows[0]}}
     rows["rl"]["mask_violations"] = int(sum(r["mask_violations"] for r in rl_rows))
@@ -219,6 +230,9 @@ def evaluate_run(cfg: DrGrpoConfig, out: Path, init: Path) -> dict:
     pre, rl = rows["pretrained"], rows["rl"]
     truth = {}
     if judge.env is not None:  # true_* figures exist only with an environment
+        # How far the offline metric can stand in for the truth: per page, within each policy's held-out pages
+        truth["recall_true_pearson"] = {name: offline_vs_true(v) for name, v in
+                                        (("pretrained", pre_values), ("rl", rl_values))}
         seed_gains = [r["true_reward"] / pre["true_reward"] - 1.0 for r in rl_rows]
         truth = {
             "true_reward_logging": rows["logging"]["true_reward"],

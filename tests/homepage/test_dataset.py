@@ -129,3 +129,32 @@ def test_a_checkpoint_from_another_dataset_is_refused(source, small_world, tmp_p
     ds, table, _ = open_dataset(source)
     with pytest.raises(DatasetError, match=r"the checkpoint was made from another dataset than .*tokens only in one"):
         check_tokenizer_matches(world_tokenizer(small_world), ds, table, "the checkpoint")
+
+
+class NoTruth:
+    def __init__(self, dataset):
+        pass
+
+
+def test_environments_load_by_dotted_path_or_not_at_all(source):
+    from homepage.environment import load_environment
+
+    ds = load_dataset(source)
+    assert ds.schema.environment is None
+    assert load_environment("", ds) is None and load_environment("auto", ds) is None  # the dataset declares none
+    env = load_environment("tests.recipes.test_foreign_dataset:FamilySafeShare", ds)
+    assert env.true_page_reward([], []).shape == (0,)
+    with pytest.raises(ValueError, match="cannot be imported"):
+        load_environment("tests.nowhere:Truth", ds)
+    with pytest.raises(ValueError, match="no true_page_reward"):
+        load_environment("tests.homepage.test_dataset:NoTruth", ds)
+
+
+def test_rule_tables_are_bit_packed_masks():
+    from policies.rules import pack_mask, unpack_mask
+
+    mask = np.zeros(21, dtype=bool)
+    mask[[0, 7, 8, 20]] = True
+    packed = pack_mask(mask)
+    assert len(packed) == 4  # 21 bits -> 3 bytes -> 4 base64 characters
+    assert unpack_mask(packed, 21).numpy().tolist() == mask.tolist()
