@@ -1,13 +1,11 @@
-"""Homepages: a structured form (row ids and entity ids, what logs and people read) and a padded array form
-(indices, what the simulator computes on)."""
+"""Homepages: a structured form (row ids and entity ids, what logs and people read; every stage uses it) and a
+padded array form (indices into the toy world's rows and catalog, what the simulator computes on)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-
-from homepage.catalog import ROW_IDS
 
 
 @dataclass(frozen=True)
@@ -35,7 +33,8 @@ class Page:
 
 @dataclass
 class PageBatch:
-    """B pages as padded index arrays. Row index into ROW_IDS, entity index into the catalog; -1 = padding.
+    """B pages as padded index arrays (the simulator's form). Row index into the toy world's ROW_IDS, entity index
+    into its catalog; -1 = padding.
 
     A row slot with row index -1 has no entities; entities of a row are contiguous from column 0.
     """
@@ -54,6 +53,8 @@ class PageBatch:
         return PageBatch(self.rows[idx], self.entities[idx])
 
     def to_pages(self, entity_ids: list[str]) -> list[Page]:
+        from homepage.catalog import ROW_IDS
+
         pages = []
         for b in range(len(self)):
             rows = []
@@ -70,6 +71,8 @@ class PageBatch:
         cls, pages: list[Page], entity_index: dict[str, int], max_rows: int | None = None, max_len: int | None = None
     ) -> "PageBatch":
         """Packs structured pages; raises KeyError naming the page for unknown row or entity ids."""
+        from homepage.catalog import ROW_IDS
+
         R = max_rows or max((len(p.rows) for p in pages), default=1)
         L = max_len or max((len(r.entity_ids) for p in pages for r in p.rows), default=1)
         rows = np.full((len(pages), max(R, 1)), -1, dtype=np.int64)
