@@ -137,6 +137,8 @@ def results_table(summary: dict) -> str:
     lines = ["| metric | RM (pretrained init) | RM (random init) | mean baseline | bag-of-entities ridge |",
              "|---|---|---|---|---|"]
     for label, key in rows:
+        if all(summary.get(p + key) is None for p in ("", "scratch_", "baseline_mean_", "baseline_linear_")):
+            continue  # e.g. the ground-truth rows without an environment
         lines.append(f"| {label} | {cell(key)} | {cell('scratch_' + key)} | {cell('baseline_mean_' + key)} "
                      f"| {cell('baseline_linear_' + key)} |")
     se = [f"{what} pages +-{summary[f'gt_pairwise_acc_{what}_se']:.3f} ({summary[f'gt_pairs_{what}']} pairs)"

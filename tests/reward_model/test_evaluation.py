@@ -75,6 +75,8 @@ def test_evaluate_a_perfect_scorer_on_ground_truth():
     assert m["gt_pairwise_acc_generated"] == 1.0 and m["gt_pairs_generated"] == 2
     assert "| GT pairwise acc., logged pages | 1.000 |" in results_table(m)
     assert m["gt_pairwise_acc_logged_se"] == 0.0 and "logged pages +-0.000 (2 pairs)" in results_table(m)
+    offline = {k: v for k, v in m.items() if not k.startswith("gt_")}  # no environment: no ground-truth rows
+    assert "| MSE vs observed" in results_table(offline) and "GT " not in results_table(offline)
 
 
 def test_binomial_standard_error_of_a_pairwise_accuracy():

@@ -34,3 +34,7 @@ def test_validation_dump_to_table_row(tmp_path):
     assert row["mask_violations"] == 1 and row["mask_violations_per_page"] == 0.5
     table = results_table({"logging": row, "pretrained": row, "rl": {**row, "true_reward": 3.3}}, [0], 2)
     assert "| rl | 3.300 |" in table and table.strip().endswith("| 1.100 |")
+    # Without an environment the true reward is NaN: no such column, and the ratio is on the RM reward.
+    offline = {**row, "true_reward": float("nan")}
+    table = results_table({"logging": offline, "pretrained": offline, "rl": {**offline, "rm_reward": 3.0}}, [0], 2)
+    assert "true reward" not in table and "rm reward vs pretrained" in table and table.strip().endswith("| 1.500 |")
