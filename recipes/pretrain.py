@@ -24,7 +24,6 @@ from tqdm import tqdm
 
 from homepage.dataset import DatasetError, open_dataset
 from homepage.environment import load_environment
-from homepage.pages import Page
 from homepage.logs import engaged_titles, other_page_of_user, sample_impressions
 from homepage.recipe_utils import parse_recipe_args, write_summary
 from policies.build import build_model
@@ -170,9 +169,10 @@ def main() -> None:
     contexts = [imp.context for imp in heldout_imps]
     engaged = [engaged_titles(imp) for imp in heldout_imps]
     prompts = [tok.encode_context(c) for c in contexts]
-    logging_other = other_page_of_user(heldout_imps, table.filter(pc.equal(table.column("split"), "test")))
-    recall = {"logging": _nanmean([r for r, p in zip(engaged_recall([p or Page(()) for p in logging_other], engaged),
-                                                    logging_other) if p is not None])}
+    # the logging policy's recall: on the same user's other logged page (its own page holds every engaged title)
+    others = other_page_of_user(heldout_imps, table.filter(pc.equal(table.column("split"), "test")))
+    pairs = [(page, e) for page, e in zip(others, engaged) if page is not None]
+    recall = {"logging": _nanmean(engaged_recall([p for p, _ in pairs], [e for _, e in pairs]))}
     true = {"logging": env.true_page_reward(contexts, [imp.page for imp in heldout_imps]) if env else None}
     parity = None
     modes = {"sampled": (1.0, False), "greedy": (0.0, False), "masked_sampled": (1.0, True), "masked_greedy": (0.0, True)}
