@@ -81,8 +81,20 @@ def write_prompts(cfg: DrGrpoConfig, out: Path, init: Path) -> None:
     train_idx = np.flatnonzero(table.column("split").to_numpy(zero_copy_only=False) == "train")
     if not len(train_idx):
         raise SystemExit(f"{dataset.logs}: no train-split impressions to take prompts from")
-    pick = np.random.default_rng([0, 7]).choice(train_idx, size=cfg.steps * cfg.prompts_per_step)
-    train = prompt_rows(tok, list(iter_impressions(table.take(pick))), "train")
+    n_train = cfg.steps * cfg.prompts_per_step
+    if cfg.prompt_source == "environment":  # fresh requests of train-split users, from an environment that samples
+        from homepage.environment import load_environment, sample_contexts
+        from homepage.logs import Impression
+        from homepage.pages import Page
+
+        contexts = sample_contexts(load_environment(cfg.environment, dataset), n_train, "train", seed=0) \
+            if cfg.environment else None
+        if contexts is None:
+            raise SystemExit("prompt_source=environment needs an environment that samples contexts (environment=...)")
+        train_imps = [Impression(i, "train", c, Page(()), (), (), (), (), 0.0) for i, c in enumerate(contexts)]
+    else:  # logged contexts of train-split users, drawn with replacement
+        train_imps = list(iter_impressions(table.take(np.random.default_rng([0, 7]).choice(train_idx, size=n_train))))
+    train = prompt_rows(tok, train_imps, "train")
     test_imps = sample_impressions(table, "test", cfg.eval_users, seed=1)
     test_table = table.filter(pc.equal(table.column("split"), "test"))
     heldout = prompt_rows(tok, test_imps, "test")

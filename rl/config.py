@@ -47,6 +47,7 @@ class DrGrpoConfig:
     grad_clip: float = 1.0  # max gradient norm
     save_freq: int = 10  # steps between verl checkpoints (resume from the latest with resume_mode=auto)
     eval_users: int = 500  # held-out (test-split) logged contexts for the final evaluation
+    prompt_source: str = "logged"  # training prompts: "logged" (contexts of train-split users in the logs) or "environment" (fresh contexts the environment samples)
     eval_temperature: float = 1.0  # sampling temperature of the evaluation pages (the trained policy samples)
     num_threads: int = 2  # torch threads per process; verl's phases (rollout, log-probs, update) mostly take turns: 2 is 15% faster per step on an idle 2-core machine (8.0 vs 9.4 s), use 1 on a shared one
     wandb_project: str = "genpage"  # wandb project
@@ -75,6 +76,8 @@ class DrGrpoConfig:
             problems.append("max_page_tokens and max_prompt_tokens must be >= 2")
         if self.temperature <= 0:
             problems.append("temperature must be > 0 (rollouts sample)")
+        if self.prompt_source not in ("logged", "environment"):
+            problems.append(f"prompt_source must be 'logged' or 'environment', got {self.prompt_source!r}")
         if self.wandb_mode not in ("offline", "online", "disabled"):
             problems.append(f"wandb_mode must be offline, online or disabled, got {self.wandb_mode!r}")
         if self.old_log_probs not in ("rollout", "recompute"):
