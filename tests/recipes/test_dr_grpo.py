@@ -17,8 +17,9 @@ TINY_MODEL = ["model.hidden_size=64", "model.num_hidden_layers=1", "model.num_at
               "model.intermediate_size=128", "batch_size=16", "eval_sequences=64", "eval_users=8", "eval_backend=hf",
               "max_new_tokens=40", "wandb_mode=disabled", "num_threads=1", "cold_start_titles=0", "steps=20",
               "eval_interval=20", "checkpoint_interval=20", "lr=0.01"]
+# Training prompts sampled by the world's environment here; tests/recipes/test_foreign_dataset.py covers logged ones.
 TINY_RL = ["steps=2", "seeds=[0,1]", "prompts_per_step=4", "group_size=4", "eval_users=8", "save_freq=1", "lr=0.01",
-           "wandb_mode=offline"]
+           "wandb_mode=offline", "prompt_source=environment"]
 
 
 def run(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -106,6 +107,10 @@ def test_smoke_run_moves_the_policy_and_writes_metrics(inputs, tmp_path):
                 for s in ("0", "1")]
     assert summary["true_reward_gain_per_seed"] == pytest.approx(per_seed) and summary["true_reward_gain_std"] >= 0
     assert "| rl |" in (out / "results.md").read_text()
+    import pyarrow.parquet as pq
+
+    train = pq.read_table(out / "data" / "train.parquet").column("extra_info").to_pylist()
+    assert len(train) == 2 * 4 and all(i["engaged"] == [] for i in train)  # fresh contexts: no logged page
     assert (out / "curves.png").stat().st_size > 0
 
     # Clean shutdown: no shared-memory segment of the run is left behind (new ones still mapped belong to
