@@ -12,7 +12,6 @@ PROFILE_TYPES: tuple[str, ...] = ("adult", "kids")
 DEVICES: tuple[str, ...] = ("tv", "mobile", "web", "tablet")
 # History action types (paper section 2: [entity][action type][time bucket][duration bucket]).
 ACTIONS: tuple[str, ...] = ("play", "binge", "thumbs_up", "abandon")
-from homepage.logs import SPLITS  # noqa: E402  (the log schema owns the split names)
 
 
 @dataclass

@@ -164,7 +164,7 @@ class World:
 
     # -- simulation --------------------------------------------------------------------------------------
     def sample_users(self, rng: np.random.Generator, n: int, split: str | None = None) -> np.ndarray:
-        from homepage.users import SPLITS
+        from homepage.logs import SPLITS
 
         pool = np.arange(self.users.n) if split is None else np.flatnonzero(self.users.split == SPLITS.index(split))
         return rng.choice(pool, size=n)

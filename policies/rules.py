@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from policies.tokenizer import GenPageTokenizer

@@ -68,7 +68,7 @@ def write(root: str | Path, n_titles: int = 1500, n_users: int = 3000, n_impress
     """Writes the dataset directory (dataset.yaml, catalog.parquet, logs/part-00000.parquet) and returns it."""
     root = Path(root)
     rng = np.random.default_rng(seed)
-    N, G, M = n_titles, len(GENRES), len(MOODS)
+    N, G = n_titles, len(GENRES)
     ids = [f"trk-{i:06d}" for i in range(N)]
     genres = [sorted({GENRES[g] for g in rng.choice(G, size=rng.integers(1, 3), replace=False)}) for _ in range(N)]
     mood = rng.choice(MOODS, size=N)

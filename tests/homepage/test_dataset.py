@@ -1,7 +1,6 @@
 """The dataset directory contract on a dataset unlike the toy world (tests/datasets/music.py): it loads, its rows
 mean what dataset.yaml says, and each kind of bad input is refused with the file, the row or field, and the fix."""
 
-import datetime as dt
 import shutil
 
 import numpy as np

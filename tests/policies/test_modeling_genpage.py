@@ -3,10 +3,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from tests.toy import toy_tokenizer
 from policies.build import ModelSize, build_model, token_fallback_map
 from policies.modeling_genpage import GenPageConfig, GenPageForCausalLM, GenPageForPageReward
-from policies.tokenizer import GenPageTokenizer
+from tests.toy import toy_tokenizer
 
 ENTITIES = [f"{t}_{i:04d}" for i, t in enumerate(["movie", "show", "game"] * 10)]
 TOK = toy_tokenizer(ENTITIES)

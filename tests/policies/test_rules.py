@@ -6,8 +6,6 @@ mask replayed inside GenPage's forward is the same mask."""
 import dataclasses
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings

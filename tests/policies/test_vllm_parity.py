@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.toy import toy_tokenizer
 from policies.build import ModelSize, build_model
-from policies.tokenizer import GenPageTokenizer
+from tests.toy import toy_tokenizer
 
 ENTITIES = [f"{t}_{i:04d}" for i, t in enumerate(["movie", "show", "game"] * 20)]
 

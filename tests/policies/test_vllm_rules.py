@@ -2,7 +2,6 @@
 GenPage: no mask-rule violation in sampled or greedy pages, the same pages unmasked do violate, and vLLM's
 sampling log-probs equal the HF log-probs with the mask replayed in forward."""
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -10,7 +9,6 @@ import torch
 
 from policies.build import ModelSize, build_model
 from policies.rules import build_ruleset
-from policies.tokenizer import GenPageTokenizer
 from tests.policies.test_rules import CONFIG, prompt_of
 from homepage.catalog import ENTITY_TYPES
 from tests.toy import toy_tokenizer, world_dataset, world_tokenizer
@@ -98,7 +96,6 @@ def test_processor_follows_vllms_persistent_batch_through_adds_moves_swaps_and_r
     from policies.vllm_rules import OPT_OUT_KEY, GenPageRulesLogitsProcessor
     from tests.policies.test_rules import walk
 
-    c = small_world.catalog
     tok = world_tokenizer(small_world)
     import tempfile
     from pathlib import Path

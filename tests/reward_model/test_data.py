@@ -3,14 +3,14 @@ import pyarrow as pa
 import pytest
 import torch
 
-from homepage.rewards import FEEDBACK_TYPES
-from tests.toy import toy_tokenizer
 from homepage.logs import Context, Impression
 from homepage.pages import Page, Row
+from homepage.rewards import FEEDBACK_TYPES
 from policies.data import PageSequences
-from policies.tokenizer import EncodeStats, GenPageTokenizer
+from policies.tokenizer import EncodeStats
 from reward_model.data import (RewardNormalization, check_disjoint_users, collate_pages, collate_token_targets, entity_targets,
                                page_token_rewards, same_user_pairs, with_eop)
+from tests.toy import toy_tokenizer
 
 TOK = toy_tokenizer(["movie_0000", "show_0001", "game_0002"])
 

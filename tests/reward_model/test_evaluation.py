@@ -3,10 +3,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.toy import toy_tokenizer
-from policies.tokenizer import GenPageTokenizer
 from reward_model.evaluation import (BagOfEntitiesRidge, EvalSet, binomial_se, evaluate, pairwise_accuracy, pearson, ranks,
                                      results_table, spearman)
+from tests.toy import toy_tokenizer
 
 ENTITIES = ["movie_0000", "show_0001", "game_0002", "movie_0003"]
 TOK = toy_tokenizer(ENTITIES)

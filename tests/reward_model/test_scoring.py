@@ -4,13 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.toy import toy_tokenizer
 from policies.build import ModelSize, build_model
 from policies.modeling_genpage import expected_feedback_reward
-from policies.tokenizer import GenPageTokenizer
 from reward_model.data import EntityTargets, RewardNormalization, collate_pages
 from reward_model.scoring import PageRewardScorer
 from reward_model.training import build_reward_model, predict, reward_mse
+from tests.toy import toy_tokenizer
 
 ENTITIES = [f"{t}_{i:04d}" for i, t in enumerate(["movie", "show", "game"] * 6)]
 TOK = toy_tokenizer(ENTITIES)

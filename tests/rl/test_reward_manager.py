@@ -4,17 +4,14 @@ batch; and verl's per-sample calls collected into one batched judgement."""
 import asyncio
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from homepage.catalog import GENRES, MATURITY
+from homepage.catalog import GENRES
 from homepage.pages import Page, PageBatch, Row
 from homepage.logs import Impression
 from homepage.world import SimulatorEnvironment, world_contexts
 from policies.rules import RuleConfig, RuleModes, build_ruleset
-from policies.tokenizer import GenPageTokenizer
 from rl import page_metrics as pm
 from rl.data import prompt_rows
 from tests.toy import world_dataset, world_tokenizer
