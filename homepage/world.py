@@ -27,6 +27,13 @@ WORLD_FORMAT_VERSION = 1
 SIMULATOR_DIR = "simulator"  # inside the dataset directory make_world writes: the hidden state
 AS_OF = "2026-01-01"  # the toy world's "today": release days become dates relative to it
 ENVIRONMENT = "homepage.world:SimulatorEnvironment"  # what the toy dataset declares as its ground truth
+# The toy dataset's buckets: hours into night / morning / afternoon / evening / late, one bucket per weekday, days
+# since an action, and the share watched (a title is resumable between 5% and 90%).
+HOUR_EDGES = (6, 12, 17, 22)
+DAY_OF_WEEK_EDGES = (1, 2, 3, 4, 5, 6)
+DAYS_AGO_EDGES = (1, 3, 7, 14, 30, 90)
+WATCH_FRACTION_EDGES = (0.05, 0.25, 0.5, 0.9)
+PARTIAL_WATCH = (0.05, 0.9)
 
 
 @dataclass(frozen=True)
@@ -315,11 +322,10 @@ def dataset_schema(world: World) -> dict:
         "context": {
             "language": {"values": list(LANGUAGES)}, "profile_type": {"values": list(PROFILE_TYPES)},
             "device": {"values": list(DEVICES)},
-            "hour": {"edges": [6, 12, 17, 22]},  # night, morning, afternoon, evening, late
-            "day_of_week": {"edges": [1, 2, 3, 4, 5, 6]},  # one bucket per day
+            "hour": {"edges": list(HOUR_EDGES)}, "day_of_week": {"edges": list(DAY_OF_WEEK_EDGES)},
         },
-        "history": {"actions": {"values": list(ACTIONS)}, "days_ago_edges": [1, 3, 7, 14, 30, 90],
-                    "watch_fraction_edges": [0.05, 0.25, 0.5, 0.9], "partial_watch": [0.05, 0.9]},
+        "history": {"actions": {"values": list(ACTIONS)}, "days_ago_edges": list(DAYS_AGO_EDGES),
+                    "watch_fraction_edges": list(WATCH_FRACTION_EDGES), "partial_watch": list(PARTIAL_WATCH)},
         "max_history": world.config.history_max,
         "restricted_profiles": {"kids": "kids_safe"},
         "rewards": {"feedback": dict(zip(FEEDBACK_TYPES, r.feedback_values().tolist())), "thumbs_up": r.thumbs_up},

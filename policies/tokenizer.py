@@ -59,11 +59,11 @@ class ContextVocab:
     profile_types: tuple[str, ...]
     devices: tuple[str, ...]
     actions: tuple[str, ...]
-    hour_edges: tuple[float, ...] = (6, 12, 17, 22)
-    day_of_week_edges: tuple[float, ...] = (1, 2, 3, 4, 5, 6)
-    days_ago_edges: tuple[float, ...] = (1.0, 3.0, 7.0, 14.0, 30.0, 90.0)
-    watch_fraction_edges: tuple[float, ...] = (0.05, 0.25, 0.5, 0.9)
-    partial_watch: tuple[float, float] = (0.05, 0.9)  # share watched that makes a title resumable
+    hour_edges: tuple[float, ...]
+    day_of_week_edges: tuple[float, ...]
+    days_ago_edges: tuple[float, ...]
+    watch_fraction_edges: tuple[float, ...]
+    partial_watch: tuple[float, float]  # share watched that makes a title resumable
 
     @property
     def partial_buckets(self) -> tuple[int, ...]:

@@ -8,9 +8,12 @@ import numpy as np
 
 from homepage.catalog import ENTITY_TYPES, LANGUAGES, ROW_IDS
 from homepage.users import ACTIONS, DEVICES, PROFILE_TYPES
+from homepage.world import DAY_OF_WEEK_EDGES, DAYS_AGO_EDGES, HOUR_EDGES, PARTIAL_WATCH, WATCH_FRACTION_EDGES
 from policies.tokenizer import ContextVocab, GenPageTokenizer
 
-TOY_VOCAB = ContextVocab(LANGUAGES, PROFILE_TYPES, DEVICES, ACTIONS)
+# what ContextVocab.from_schema gives for the toy dataset (world.dataset_schema)
+TOY_VOCAB = ContextVocab(LANGUAGES, PROFILE_TYPES, DEVICES, ACTIONS, HOUR_EDGES, DAY_OF_WEEK_EDGES, DAYS_AGO_EDGES,
+                         WATCH_FRACTION_EDGES, PARTIAL_WATCH)
 
 
 def toy_tokenizer(entity_ids, max_history: int = 24, entity_types=None) -> GenPageTokenizer:

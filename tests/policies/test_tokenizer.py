@@ -132,3 +132,17 @@ def test_type_fallbacks_come_from_the_catalog_types():
     assert tok.tokens[tok.fallback_of("tt0111161")] == "ent:<unk_film>"
     with pytest.raises(ValueError, match="whitespace"):
         toy_tokenizer(["a b"], entity_types=["film"])
+
+
+def test_the_toy_vocabulary_is_what_the_toy_dataset_gives(small_world, tmp_path):
+    import pyarrow.parquet as pq
+
+    from homepage.dataset import open_dataset
+    from homepage.logs import batch_to_table
+    from tests.toy import world_dataset
+
+    data = world_dataset(small_world, tmp_path / "data")
+    (data.root / "logs").mkdir()
+    pq.write_table(batch_to_table(next(small_world.iter_logs(50)), small_world), data.root / "logs" / "part-00000.parquet")
+    dataset, table, _ = open_dataset(data.root)
+    assert GenPageTokenizer.from_dataset(dataset, table).same_vocabulary(world_tokenizer(small_world)) is None
