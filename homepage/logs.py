@@ -472,20 +472,14 @@ def other_page_of_user(impressions: list[Impression], table: pa.Table) -> list[P
     """Per impression, a logged page the same user got in another impression of `table` (the next one in log
     order), None if the user has one impression: what the logging policy shows the user, without the page
     that produced the engagement being scored (the logging policy's offline recall)."""
-    users = table.column("user_id").to_pylist()
-    ids = table.column("impression_id").to_numpy()
     by_user: dict[str, list[int]] = {}
-    for i, u in enumerate(users):
+    for i, u in enumerate(table.column("user_id").to_pylist()):
         by_user.setdefault(u, []).append(i)
-    out: list[Page | None] = []
-    pos = {int(v): i for i, v in enumerate(ids)}
+    pos = {int(v): i for i, v in enumerate(table.column("impression_id").to_numpy())}
+    other: list[int | None] = []  # per impression, the table row of the user's other page
     for imp in impressions:
-        rows = by_user.get(imp.context.user_id, [])
         mine = pos[imp.impression_id]
-        others = [r for r in rows if r != mine]
-        if not others:
-            out.append(None)
-            continue
-        nxt = next((r for r in others if r > mine), others[0])
-        out.append(next(iter_impressions(table.slice(nxt, 1))).page)
-    return out
+        others = [r for r in by_user.get(imp.context.user_id, []) if r != mine]
+        other.append(next((r for r in others if r > mine), others[0]) if others else None)
+    pages = iter(imp.page for imp in iter_impressions(table.take([r for r in other if r is not None])))
+    return [next(pages) if r is not None else None for r in other]

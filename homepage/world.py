@@ -392,14 +392,16 @@ class SimulatorEnvironment:
         env.world = world
         return env
 
-    def true_page_reward(self, contexts, pages) -> np.ndarray:
-        """[B] exact expected reward of page b in context b (titles or rows the world lacks raise KeyError)."""
-        from homepage.pages import PageBatch
+    def _arrays(self, contexts, pages) -> tuple[np.ndarray, Requests, PageBatch]:
+        """Structured contexts and pages -> the world's arrays (titles or rows it lacks raise KeyError)."""
+        user, req = contexts_to_requests(self.world, contexts)
+        return user, req, PageBatch.from_pages(list(pages), self.world.entity_index)
 
+    def true_page_reward(self, contexts, pages) -> np.ndarray:
+        """[B] exact expected reward of page b in context b."""
         if not len(contexts):
             return np.zeros(0)
-        user, req = contexts_to_requests(self.world, contexts)
-        return self.world.true_page_reward(user, req, PageBatch.from_pages(list(pages), self.world.entity_index))
+        return self.world.true_page_reward(*self._arrays(contexts, pages))
 
     def sample_contexts(self, n: int, split: str, seed: int):
         """n fresh requests of `split` users (for stages that want contexts the logs do not hold)."""
@@ -410,9 +412,6 @@ class SimulatorEnvironment:
     def browse(self, contexts, pages, rng: np.random.Generator):
         """One simulated browsing session per (context, page): per page (in-session history actions, summary)
         (policies.pagination's session model)."""
-        from homepage.pages import PageBatch
-
-        user, req = contexts_to_requests(self.world, contexts)
-        batch = PageBatch.from_pages(list(pages), self.world.entity_index)
+        user, req, batch = self._arrays(contexts, pages)
         fb = self.world.simulate(user, req, batch, rng)
         return [session_actions(self.world, batch, fb, i) for i in range(len(pages))]

@@ -17,10 +17,9 @@ would open a row beyond its quota (policies.hybrid.control_logits); [EOP] ends t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
-
-from typing import Callable, Sequence
 
 from homepage.logs import Context, HistoryAction
 from homepage.pages import Page

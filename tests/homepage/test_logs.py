@@ -166,3 +166,18 @@ def test_values_outside_the_dataset_schema_are_named(tmp_path, table):
     rows = table.column("page_row_ids").to_pylist()
     rows[6][0] = "holiday_specials"
     expect_error(tmp_path, set_cell(table, "page_row_ids", 6, rows[6]), r"row 6\b", "'holiday_specials'", "'rows'")
+
+
+def test_other_page_of_user_is_the_users_next_logged_page(table):
+    from homepage.logs import other_page_of_user
+
+    imps = list(iter_impressions(table))
+    users = [i.context.user_id for i in imps]
+    out = other_page_of_user(imps, table)
+    for k, (imp, page) in enumerate(zip(imps, out)):
+        rows = [j for j, u in enumerate(users) if u == imp.context.user_id and j != k]
+        if not rows:
+            assert page is None
+        else:  # the next one in log order, else the first
+            assert page == imps[next((j for j in rows if j > k), rows[0])].page
+    assert any(p is not None for p in out) and any(p is None for p in out)
