@@ -469,17 +469,17 @@ def engaged_titles(impression: Impression) -> set[str]:
 
 
 def other_page_of_user(impressions: list[Impression], table: pa.Table) -> list[Page | None]:
-    """Per impression, a logged page the same user got in another impression of `table` (the next one in log
-    order), None if the user has one impression: what the logging policy shows the user, without the page
+    """Per impression, a logged page the same user got in another impression of `table` in the same split (the
+    next one in log order), None if there is none: what the logging policy shows the user, without the page
     that produced the engagement being scored (the logging policy's offline recall)."""
-    by_user: dict[str, list[int]] = {}
-    for i, u in enumerate(table.column("user_id").to_pylist()):
-        by_user.setdefault(u, []).append(i)
+    by_user: dict[tuple[str, str], list[int]] = {}
+    for i, key in enumerate(zip(table.column("user_id").to_pylist(), table.column("split").to_pylist())):
+        by_user.setdefault(key, []).append(i)
     pos = {int(v): i for i, v in enumerate(table.column("impression_id").to_numpy())}
     other: list[int | None] = []  # per impression, the table row of the user's other page
     for imp in impressions:
         mine = pos[imp.impression_id]
-        others = [r for r in by_user.get(imp.context.user_id, []) if r != mine]
+        others = [r for r in by_user.get((imp.context.user_id, imp.split), []) if r != mine]
         other.append(next((r for r in others if r > mine), others[0]) if others else None)
     pages = iter(imp.page for imp in iter_impressions(table.take([r for r in other if r is not None])))
     return [next(pages) if r is not None else None for r in other]

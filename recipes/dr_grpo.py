@@ -24,8 +24,6 @@ import time
 import uuid
 from pathlib import Path
 
-import pyarrow.compute as pc
-
 from homepage.recipe_utils import parse_recipe_args, write_summary
 from rl.config import (DrGrpoConfig, RunPaths, compose_verl_config, on_cpu, pretrained_validation, seed_run,
                        verl_overrides)
@@ -78,27 +76,25 @@ def write_prompts(cfg: DrGrpoConfig, out: Path, init: Path) -> None:
     dataset, table, _ = open_dataset(cfg.data_dir)
     tok = GenPageTokenizer.from_pretrained(init)
     check_tokenizer_matches(tok, dataset, table, f"the policy {cfg.policy_dir}")
-    train_idx = np.flatnonzero(table.column("split").to_numpy(zero_copy_only=False) == "train")
-    if not len(train_idx):
-        raise SystemExit(f"{dataset.logs}: no train-split impressions to take prompts from")
     n_train = cfg.steps * cfg.prompts_per_step
     if cfg.prompt_source == "environment":  # fresh requests of train-split users, from an environment that samples
         from homepage.environment import load_environment, sample_contexts
         from homepage.logs import Impression
         from homepage.pages import Page
 
-        contexts = sample_contexts(load_environment(cfg.environment, dataset), n_train, "train", seed=0) \
-            if cfg.environment else None
+        contexts = sample_contexts(load_environment(cfg.environment, dataset), n_train, "train", seed=0)
         if contexts is None:
             raise SystemExit("prompt_source=environment needs an environment that samples contexts (environment=...)")
         train_imps = [Impression(i, "train", c, Page(()), (), (), (), (), 0.0) for i, c in enumerate(contexts)]
     else:  # logged contexts of train-split users, drawn with replacement
+        train_idx = np.flatnonzero(table.column("split").to_numpy(zero_copy_only=False) == "train")
+        if not len(train_idx):
+            raise SystemExit(f"{dataset.logs}: no train-split impressions to take prompts from")
         train_imps = list(iter_impressions(table.take(np.random.default_rng([0, 7]).choice(train_idx, size=n_train))))
     train = prompt_rows(tok, train_imps, "train")
     test_imps = sample_impressions(table, "test", cfg.eval_users, seed=1)
-    test_table = table.filter(pc.equal(table.column("split"), "test"))
     heldout = prompt_rows(tok, test_imps, "test")
-    for row, imp, other in zip(heldout, test_imps, other_page_of_user(test_imps, test_table)):
+    for row, imp, other in zip(heldout, test_imps, other_page_of_user(test_imps, table)):
         row["extra_info"]["logged_page"] = tok.encode_page(imp.page)
         row["extra_info"]["other_page"] = tok.encode_page(other) if other is not None else []
     longest = max(len(r["prompt"][0]["content"].split()) + 1 for r in train + heldout)  # + [PAGE]

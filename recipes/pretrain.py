@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 from tqdm import tqdm
 
@@ -170,7 +169,7 @@ def main() -> None:
     engaged = [engaged_titles(imp) for imp in heldout_imps]
     prompts = [tok.encode_context(c) for c in contexts]
     # the logging policy's recall: on the same user's other logged page (its own page holds every engaged title)
-    others = other_page_of_user(heldout_imps, table.filter(pc.equal(table.column("split"), "test")))
+    others = other_page_of_user(heldout_imps, table)
     pairs = [(page, e) for page, e in zip(others, engaged) if page is not None]
     recall = {"logging": _nanmean(engaged_recall([p for p, _ in pairs], [e for _, e in pairs]))}
     true = {"logging": env.true_page_reward(contexts, [imp.page for imp in heldout_imps]) if env else None}
