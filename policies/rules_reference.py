@@ -39,7 +39,6 @@ def reference_rule_masks(rules: RuleSet, prompt: list[int], prefix: list[int], p
     row_token = t["row_tokens"]
     token_row = {v: k for k, v in row_token.items()}
     history_rows = set(t["history_rows"])
-    ROW_IDS = rules.row_ids
     resumable, profile_ok = prompt_facts(rules, prompt)
 
     rows = [token_row[x] for x in prefix if x in token_row]
@@ -78,9 +77,9 @@ def reference_rule_masks(rules: RuleSet, prompt: list[int], prefix: list[int], p
         """Look-ahead of the masks: a title beyond min_row_len while rows are still needed only if the k
         rows still needed stay fillable (k unused, unpinned rows with >= k * min_row_len + 1 titles)."""
         k = max(s.min_rows - n_rows, 0)
-        free = [r for r in ROW_IDS if r not in c.pinned_rows and not (on["dedup"] and row_token[r] in used)]
+        free = [r for r in rules.row_ids if r not in c.pinned_rows and not (on["dedup"] and row_token[r] in used)]
         strong = sum(fillable(r) >= k * s.min_row_len + 1 for r in free)
-        return k == 0 or strong >= k or not any(openable(r) for r in ROW_IDS)
+        return k == 0 or strong >= k or not any(openable(r) for r in rules.row_ids)
 
     all_rows = set(row_token.values())
     eop = t["eop_id"]
@@ -90,7 +89,7 @@ def reference_rule_masks(rules: RuleSet, prompt: list[int], prefix: list[int], p
         if in_row and row_len < s.max_row_len and (not plan or row_len < s.min_row_len or extra_titles_ok()):
             m |= entities
         if row_done and n_rows < s.max_rows:
-            m |= {row_token[r] for r in ROW_IDS if openable(r)}
+            m |= {row_token[r] for r in rules.row_ids if openable(r)}
         if in_row and row_done and n_rows >= s.min_rows:
             m.add(eop)
         out["structure"] = m
@@ -106,7 +105,7 @@ def reference_rule_masks(rules: RuleSet, prompt: list[int], prefix: list[int], p
         if here is not None and openable(here):
             rows_ok = {row_token[here]}
         else:
-            rows_ok = {row_token[r] for r in ROW_IDS if r not in pins or pins[r] == n_rows}
+            rows_ok = {row_token[r] for r in rules.row_ids if r not in pins or pins[r] == n_rows}
         m = (every - all_rows - {eop}) | rows_ok
         if not any(p >= n_rows and openable(r) for r, p in pins.items()):
             m.add(eop)

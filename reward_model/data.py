@@ -131,14 +131,14 @@ def entity_targets(table: pa.Table, source, feedback_types: tuple[str, ...]) -> 
     its reward table's order (the head's outputs)."""
     from homepage.logs import _row_of_flat_value
 
-    FEEDBACK_TYPES = tuple(feedback_types)
-    FEEDBACK_INDEX = {name: i for i, name in enumerate(FEEDBACK_TYPES)}
+    feedback_types = tuple(feedback_types)
+    feedback_index = {name: i for i, name in enumerate(feedback_types)}
     feedback_col = table.column("feedback").to_pylist()
     thumbs_col = table.column("thumbs_up").to_pylist()
     reward = page_token_rewards(table)
-    feedback = _per_token(feedback_col, FEEDBACK_INDEX.__getitem__)
+    feedback = _per_token(feedback_col, feedback_index.__getitem__)
     thumbs = _per_token(thumbs_col, float)
-    F = len(FEEDBACK_TYPES)
+    F = len(feedback_types)
     codes = np.concatenate([f[~np.isnan(f)] for f in feedback]).astype(np.int64) if feedback else np.zeros(0, np.int64)
     up = np.concatenate([t[~np.isnan(t)] for t in thumbs]) if thumbs else np.zeros(0)
     y = np.concatenate([r[~np.isnan(r)] for r in reward]).astype(np.float64) if reward else np.zeros(0)
@@ -153,7 +153,7 @@ def entity_targets(table: pa.Table, source, feedback_types: tuple[str, ...]) -> 
         raise ValueError(
             f"{source}: the entity rewards are not a function of (feedback, thumbs_up): impression_id "
             f"{table.column('impression_id')[row].as_py()} has an entity reward {y[worst]:.4f} where its feedback "
-            f"{FEEDBACK_TYPES[codes[worst]]!r} (thumbs_up {bool(up[worst])}) gets {X[worst] @ coef:.4f} elsewhere. "
+            f"{feedback_types[codes[worst]]!r} (thumbs_up {bool(up[worst])}) gets {X[worst] @ coef:.4f} elsewhere. "
             "The entity_feedback head needs one reward per feedback type; train with reward_head=entity_sum")
     counts = np.bincount(codes, minlength=F)
     return EntityTargets(reward, feedback, thumbs, [float(v) for v in coef[:F]], float(coef[F]),
