@@ -331,8 +331,8 @@ def parse_schema(data: dict, catalog: pa.Table, path: Path) -> DatasetSchema:
 # ----------------------------------------------------------------------------------------------------------
 # The catalog
 # ----------------------------------------------------------------------------------------------------------
-def validate_catalog(table: pa.Table, path: Path, entity_types: tuple[str, ...] | None, embedding_dim: int | None) -> None:
-    """Raises DatasetError naming the row and field of the first bad value."""
+def validate_catalog(table: pa.Table, path: Path, embedding_dim: int | None) -> None:
+    """Raises DatasetError naming the row and field of the first bad value (ids, embeddings)."""
     for name in ("entity_id", "entity_type"):
         if name not in table.column_names:
             raise DatasetError(f"{path}: missing column '{name}' (string); every catalog row needs one")
@@ -349,11 +349,6 @@ def validate_catalog(table: pa.Table, path: Path, entity_types: tuple[str, ...] 
         if e in seen:
             raise DatasetError(f"{path}: row {row}, field 'entity_id': {e!r} repeats row {seen[e]}; ids must be unique")
         seen[e] = row
-    if entity_types is not None:
-        for row, t in enumerate(table.column("entity_type").to_pylist()):
-            if t not in entity_types:
-                raise DatasetError(f"{path}: row {row}, field 'entity_type': {t!r} is not one of the dataset's "
-                                   f"entity_types {list(entity_types)}; add it to dataset.yaml or fix the row")
     if "content_embedding" in table.column_names:
         col = table.column("content_embedding")
         lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
@@ -367,6 +362,14 @@ def validate_catalog(table: pa.Table, path: Path, entity_types: tuple[str, ...] 
         if not np.isfinite(flat).all():
             r = int(np.flatnonzero(~np.isfinite(flat))[0] // max(dim, 1))
             raise DatasetError(f"{path}: row {r}, field 'content_embedding': a value is not finite")
+
+
+def check_entity_types(table: pa.Table, path: Path, entity_types: tuple[str, ...]) -> None:
+    """Raises DatasetError naming the first catalog row whose entity_type the schema does not declare."""
+    for row, t in enumerate(table.column("entity_type").to_pylist()):
+        if t not in entity_types:
+            raise DatasetError(f"{path}: row {row}, field 'entity_type': {t!r} is not one of the dataset's "
+                               f"entity_types {list(entity_types)}; add it to dataset.yaml or fix the row")
 
 
 def _bool_column(catalog: pa.Table, column: str) -> np.ndarray:
@@ -415,9 +418,9 @@ def load_dataset(root: str | Path) -> Dataset:
         raise DatasetError(f"{schema_path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
         raise DatasetError(f"{schema_path}: expected a mapping at the top level")
-    validate_catalog(catalog, catalog_path, None, data.get("embedding_dim"))
+    validate_catalog(catalog, catalog_path, data.get("embedding_dim"))  # ids first: rows and the schema refer to them
     schema = parse_schema(data, catalog, schema_path)
-    validate_catalog(catalog, catalog_path, schema.entity_types, schema.embedding_dim)
+    check_entity_types(catalog, catalog_path, schema.entity_types)
     known = set(catalog.column("entity_id").to_pylist())
     for r in schema.rows:
         missing = [e for e in r.entities if e not in known]

@@ -157,3 +157,9 @@ def test_rule_tables_are_bit_packed_masks():
     packed = pack_mask(mask)
     assert len(packed) == 4  # 21 bits -> 3 bytes -> 4 base64 characters
     assert unpack_mask(packed, 21).numpy().tolist() == mask.tolist()
+
+
+def test_an_entity_type_the_schema_does_not_declare(data):
+    edit_catalog(data, "entity_type", lambda c: pa.array([("podcast" if i == 9 else v) for i, v in enumerate(c.to_pylist())]))
+    with pytest.raises(DatasetError, match=r"catalog.parquet: row 9, field 'entity_type': 'podcast' is not one of .*add it"):
+        load_dataset(data)
