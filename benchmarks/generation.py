@@ -108,9 +108,10 @@ def measure_all(cases: dict, config, repeats: int) -> dict:
 def forward_floor(model, prompts: list[list[int]], gen_len: int, pad_id: int) -> float:
     """Seconds of the bare model work of a batch: one padded prefill and gen_len KV-cached single-token steps
     (fixed inputs, no sampling, no masks, no generate bookkeeping)."""
-    B, W = len(prompts), max(map(len, prompts))
-    ids = torch.tensor([[pad_id] * (W - len(p)) + p for p in prompts])
-    attn = (ids != pad_id).long()
+    from policies.data import pad_batch
+
+    B = len(prompts)
+    ids, attn = pad_batch(prompts, pad_id, side="left")  # [B, W] each
     with torch.no_grad():
         t = time.perf_counter()
         out = model(input_ids=ids, attention_mask=attn, use_cache=True)

@@ -4,11 +4,9 @@
 
 Each recipe runs at its default model and batch shapes, with fewer steps and evaluation users (memory
 depends on the shapes, not on how many steps run; the sizes used are recorded): make_world at its default
-size; pretrain 50 steps and 100 evaluation users (default 500 steps, 500 users); train_rm 50 steps and 100
-generated users (default 600, 300); dr_grpo 3 steps of the default 32 prompts x 8 samples, one seed, 32
-evaluation users (default 40 steps x 3 seeds, 500 users); num_threads=1 (--threads; the recipes' default 2
-stalls on a shared, loaded machine: pretraining steps took 10.8 s instead of 0.3 s). Outputs go under
---scratch, never runs/.
+size; pretrain 50 steps and 100 evaluation users; train_rm 50 steps and 100 generated users; dr_grpo 3 steps
+of the default prompts x samples, one seed, 32 evaluation users; num_threads=1 (--threads; the recipes'
+default 2 stalls on a shared, loaded machine, docs/benchmarks.md). Outputs go under --scratch, never runs/.
 Reported per recipe: the peak summed PSS of the process tree (Ray and vLLM workers included; shared pages
 split between processes, so this is the footprint), the peak summed RSS (shared pages counted in every
 process), the largest single process, and wall time. The Dr. GRPO run also leaves a start-up timeline

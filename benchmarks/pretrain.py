@@ -19,7 +19,7 @@ import torch
 
 from homepage.dataset import open_dataset
 from policies.build import build_model
-from policies.configs import PretrainConfig
+from policies.config import PretrainConfig
 from policies.data import collate, encode_table, page_token_nll
 from policies.tokenizer import GenPageTokenizer
 

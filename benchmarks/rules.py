@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.cli import write_summary
 from homepage.catalog import TRENDING
-from homepage.recipe_utils import write_summary
 from homepage.world import World, world_contexts
+from policies.data import pad_batch
 from policies.rules import RULES, RuleSet, attach_rules, dataset_ruleset
 from policies.tokenizer import GenPageTokenizer
 
@@ -185,11 +186,8 @@ def main() -> None:
 
 
 def _padded(prompts, pad):
-    T = max(map(len, prompts))
-    ids = torch.full((len(prompts), T), pad)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.tensor(p)
-    return ids, torch.tensor([len(p) for p in prompts])
+    ids, mask = pad_batch(prompts, pad)
+    return ids, mask.sum(-1)
 
 
 if __name__ == "__main__":

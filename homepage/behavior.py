@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.config import option
 from homepage.catalog import CONTINUE_WATCHING, ENTITY_TYPES, KIDS, NEW_RELEASES, ROW_IDS, TRENDING, Catalog
 from homepage.pages import PageBatch
 from homepage.rewards import ABANDON, BINGE, LONG_PLAY, NONE, SHORT_PLAY, RewardConfig, entity_rewards
@@ -32,17 +33,17 @@ from homepage.users import DEVICES, Requests, Users
 class BehaviorParams:
     """World-wide constants of the behaviour model (per-user parameters live in `Users`)."""
 
-    click_bias: float = -2.6  # base logit of playing an examined entity
-    popularity_weight: float = 0.15  # weight of log popularity in appeal (social proof)
-    language_bonus: float = 0.3  # appeal bonus for titles in the user's language
-    new_bonus: float = 0.25  # appeal bonus for new titles
-    resume_bonus: float = 1.2  # appeal bonus for a title the user is partway through
-    completed_penalty: float = 2.0  # appeal penalty for a title the user already finished
-    mature_kids_penalty: float = 5.0  # appeal penalty for a non-kids-safe title on a kids profile
-    satiation_threshold: float = 0.45  # content cosine similarity above which titles satiate each other
-    row_interest_bias: float = 0.6  # base logit of looking at a reached genre row
-    row_interest_weight: float = 0.8  # weight of the user's genre affinity in that logit
-    satisfaction_bias: float = 0.3  # base logit of a played title satisfying the user
+    click_bias: float = option(-2.6, "base logit of playing an examined entity")
+    popularity_weight: float = option(0.15, "weight of log popularity in appeal (social proof)")
+    language_bonus: float = option(0.3, "appeal bonus for titles in the user's language")
+    new_bonus: float = option(0.25, "appeal bonus for new titles")
+    resume_bonus: float = option(1.2, "appeal bonus for a title the user is partway through")
+    completed_penalty: float = option(2.0, "appeal penalty for a title the user already finished")
+    mature_kids_penalty: float = option(5.0, "appeal penalty for a non-kids-safe title on a kids profile")
+    satiation_threshold: float = option(0.45, "content cosine similarity above which titles satiate each other")
+    row_interest_bias: float = option(0.6, "base logit of looking at a reached genre row")
+    row_interest_weight: float = option(0.8, "weight of the user's genre affinity in that logit")
+    satisfaction_bias: float = option(0.3, "base logit of a played title satisfying the user")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.satiation_threshold < 1.0:

@@ -1,104 +1,57 @@
-"""Typed configs from YAML plus `key=value` command-line overrides (dotted keys reach nested dataclasses).
-
-Used by every recipe: `load_config(WorldConfig, "recipes/configs/world.yaml", ["n_users=100"])`.
-Unknown keys and values of the wrong type fail at start with a message that says what to change.
-"""
+"""Typed config of the world recipe (`python recipes/make_world.py`, recipes/configs/world.yaml): the size and
+behaviour of the simulated world that produces the toy dataset directory."""
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from pathlib import Path
-from typing import Any, TypeVar
+from dataclasses import dataclass
 
-import yaml
-
-T = TypeVar("T")
+from common.config import option
+from homepage.behavior import BehaviorParams
+from homepage.logging_policy import LoggingPolicyConfig
+from homepage.rewards import RewardConfig
 
 
-class ConfigError(ValueError):
-    pass
+@dataclass(frozen=True)
+class WorldConfig:
+    """Size and behaviour of the simulated world. Defaults are the toy world that runs on 2 CPU cores."""
+
+    seed: int = option(0, "everything (catalog, users, logs) is a deterministic function of this")
+    n_entities: int = option(400, "catalog size (movies, shows, games)")
+    n_users: int = option(4000, "user profiles")
+    kids_fraction: float = option(0.15, "share of kids profiles")
+    content_dim: int = option(16, "size of the content embedding (stand-in for synopsis/cast embeddings)")
+    latent_dim: int = option(8, "size of the hidden taste space")
+    new_title_days: int = option(30, "titles released within this many days are 'new'")
+    history_min: int = option(6, "shortest viewing history per user (actions)")
+    history_max: int = option(20, "longest viewing history per user (actions); all of it fits the prompt")
+    split_fractions: tuple[float, float, float] = option((0.8, 0.1, 0.1), "train / valid / test users")
+    n_impressions: int = option(24000, "impressions the logging policy serves to build the logs")
+    batch_size: int = option(2000, "impressions simulated per vectorized batch (memory vs speed)")
+    behavior: BehaviorParams = option(factory=BehaviorParams, help="world-wide constants of the behaviour model (how users browse, play and judge)")
+    rewards: RewardConfig = option(factory=RewardConfig, help="reward of each feedback type, written into the dataset's reward table")
+    logging_policy: LoggingPolicyConfig = option(factory=LoggingPolicyConfig, help="the production heuristic that serves the logged pages")
+
+    def __post_init__(self) -> None:
+        checks = {
+            "n_entities": self.n_entities >= 50,
+            "n_users": self.n_users >= 10,
+            "n_impressions": self.n_impressions >= 1,
+            "batch_size": self.batch_size >= 1,
+            "history_min": 1 <= self.history_min <= self.history_max,
+            "kids_fraction": 0.0 <= self.kids_fraction <= 1.0,
+            "split_fractions": len(self.split_fractions) == 3 and abs(sum(self.split_fractions) - 1) < 1e-6,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                f"invalid world config value(s) {bad}: need n_entities >= 50, n_users >= 10, n_impressions >= 1, "
+                "1 <= history_min <= history_max, 0 <= kids_fraction <= 1, split_fractions summing to 1"
+            )
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return from_dict(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], where)
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (inner, *_) = typing.get_args(tp) or (Any,)
-        out = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not value.lstrip("-").isdigit()):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return int(value)
-    if tp is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if tp is str:
-        return str(value)
-    return value
+@dataclass(frozen=True)
+class MakeWorldConfig:
+    """Config of `recipes/make_world.py` (recipes/configs/world.yaml)."""
 
-
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
-    """Builds dataclass `cls` from a (nested) dict, checking names and types."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from e
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted}: {k} is not a section")
-    node[keys[-1]] = value
-
-
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """YAML file (optional) + `key=value` overrides -> validated `cls` instance."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. n_users=100")
-        key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw))
-    return from_dict(cls, data, where=str(path) if path else "config")
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    out_dir: str = option("runs/world", "the dataset directory to write (dataset.yaml, catalog.parquet, logs/, simulator/) and summary.json")
+    world: WorldConfig = option(factory=WorldConfig, help="size, behaviour, rewards, logging policy")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.config import option
 from homepage.catalog import CONTINUE_WATCHING, GENRES, KIDS, KIDS_GENRES, NEW_RELEASES, ROW_IDS, TRENDING, Catalog
 from homepage.pages import PageBatch
 from homepage.users import ACTIONS, Requests, Users
@@ -25,15 +26,15 @@ from homepage.users import ACTIONS, Requests, Users
 class LoggingPolicyConfig:
     """Knobs of the production heuristic."""
 
-    min_rows: int = 4  # rows per page, drawn uniformly in [min_rows, max_rows]
-    max_rows: int = 6
-    min_row_len: int = 5  # entities per row, drawn uniformly in [min_row_len, max_row_len]
-    max_row_len: int = 7
-    temperature: float = 0.6  # scale of Gumbel noise on candidate and row scores
-    explore_fraction: float = 0.15  # share of requests served with hot (exploratory) noise
-    explore_temperature: float = 3.0  # noise scale on exploratory requests
-    cw_top_probability: float = 0.85  # how often Continue Watching is pinned first when present
-    row_len_floor: int = 3  # a row with fewer eligible titles than this is skipped (short rows are allowed)
+    min_rows: int = option(4, "rows per page, drawn uniformly in [min_rows, max_rows]")
+    max_rows: int = option(6, "most rows per page")
+    min_row_len: int = option(5, "entities per row, drawn uniformly in [min_row_len, max_row_len]")
+    max_row_len: int = option(7, "most entities per row")
+    temperature: float = option(0.6, "scale of Gumbel noise on candidate and row scores")
+    explore_fraction: float = option(0.15, "share of requests served with hot (exploratory) noise")
+    explore_temperature: float = option(3.0, "noise scale on exploratory requests")
+    cw_top_probability: float = option(0.85, "how often Continue Watching is pinned first when present")
+    row_len_floor: int = option(3, "a row with fewer eligible titles than this is skipped (short rows are allowed)")
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_rows <= self.max_rows:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.config import option
+
 # Index order is part of the log schema (feedback codes); do not reorder, only append.
 FEEDBACK_TYPES: tuple[str, ...] = ("none", "abandon", "short_play", "long_play", "binge")
 FEEDBACK_INDEX: dict[str, int] = {name: i for i, name in enumerate(FEEDBACK_TYPES)}
@@ -20,11 +22,11 @@ NONE, ABANDON, SHORT_PLAY, LONG_PLAY, BINGE = range(len(FEEDBACK_TYPES))
 class RewardConfig:
     """Reward per feedback type, in reward units. Must satisfy binge > long > short > none = 0 > abandon."""
 
-    binge: float = 4.0  # watched several episodes in one sitting: the strongest satisfaction signal
-    long_play: float = 2.0  # watched most of the title
-    short_play: float = 0.5  # sampled it, then stopped
-    abandon: float = -1.0  # started and quit within a couple of minutes: a bad recommendation
-    thumbs_up: float = 0.5  # added on top of the play reward when the user gave a thumbs-up
+    binge: float = option(4.0, "watched several episodes in one sitting: the strongest satisfaction signal")
+    long_play: float = option(2.0, "watched most of the title")
+    short_play: float = option(0.5, "sampled it, then stopped")
+    abandon: float = option(-1.0, "started and quit within a couple of minutes: a bad recommendation")
+    thumbs_up: float = option(0.5, "added on top of the play reward when the user gave a thumbs-up")
 
     def __post_init__(self) -> None:
         if not (self.binge > self.long_play > self.short_play > 0.0 > self.abandon):

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from homepage.behavior import BehaviorModel, BehaviorParams, Feedback
+from common.config import from_dict
+from homepage.behavior import BehaviorModel, Feedback
 from homepage.catalog import Catalog, make_catalog
-from homepage.config import from_dict
-from homepage.logging_policy import LoggingPolicy, LoggingPolicyConfig
+from homepage.config import WorldConfig
+from homepage.logging_policy import LoggingPolicy
 from homepage.pages import PageBatch
-from homepage.rewards import RewardConfig
 from homepage.users import Requests, Users, make_users, sample_requests
 
 WORLD_FORMAT_VERSION = 1
@@ -34,52 +34,6 @@ DAY_OF_WEEK_EDGES = (1, 2, 3, 4, 5, 6)
 DAYS_AGO_EDGES = (1, 3, 7, 14, 30, 90)
 WATCH_FRACTION_EDGES = (0.05, 0.25, 0.5, 0.9)
 PARTIAL_WATCH = (0.05, 0.9)
-
-
-@dataclass(frozen=True)
-class WorldConfig:
-    """Size and behaviour of the simulated world. Defaults are the toy world that runs on 2 CPU cores."""
-
-    seed: int = 0  # everything (catalog, users, logs) is a deterministic function of this
-    n_entities: int = 400  # catalog size (movies, shows, games)
-    n_users: int = 4000  # user profiles
-    kids_fraction: float = 0.15  # share of kids profiles
-    content_dim: int = 16  # size of the content embedding (stand-in for synopsis/cast embeddings)
-    latent_dim: int = 8  # size of the hidden taste space
-    new_title_days: int = 30  # titles released within this many days are "new"
-    history_min: int = 6  # shortest viewing history per user (actions)
-    history_max: int = 20  # longest viewing history per user (actions); all of it fits the prompt
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / valid / test users
-    n_impressions: int = 24000  # impressions the logging policy serves to build the logs
-    batch_size: int = 2000  # impressions simulated per vectorized batch (memory vs speed)
-    behavior: BehaviorParams = field(default_factory=BehaviorParams)
-    rewards: RewardConfig = field(default_factory=RewardConfig)
-    logging_policy: LoggingPolicyConfig = field(default_factory=LoggingPolicyConfig)
-
-    def __post_init__(self) -> None:
-        checks = {
-            "n_entities": self.n_entities >= 50,
-            "n_users": self.n_users >= 10,
-            "n_impressions": self.n_impressions >= 1,
-            "batch_size": self.batch_size >= 1,
-            "history_min": 1 <= self.history_min <= self.history_max,
-            "kids_fraction": 0.0 <= self.kids_fraction <= 1.0,
-            "split_fractions": len(self.split_fractions) == 3 and abs(sum(self.split_fractions) - 1) < 1e-6,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(
-                f"invalid world config value(s) {bad}: need n_entities >= 50, n_users >= 10, n_impressions >= 1, "
-                "1 <= history_min <= history_max, 0 <= kids_fraction <= 1, split_fractions summing to 1"
-            )
-
-
-@dataclass(frozen=True)
-class MakeWorldConfig:
-    """Config of `recipes/make_world.py` (recipes/configs/world.yaml)."""
-
-    out_dir: str = "runs/world"  # where the world, logs, tokenizer and summary go
-    world: WorldConfig = field(default_factory=WorldConfig)  # size, behaviour, rewards, logging policy
 
 
 @dataclass

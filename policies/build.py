@@ -9,6 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from common.config import option
+
 from policies.modeling_genpage import GenPageConfig, GenPageForCausalLM
 from policies.tokenizer import GenPageTokenizer
 
@@ -18,13 +20,13 @@ class ModelSize:
     """Transformer shape. Defaults: the toy model for 2 CPU cores (head_dim 64: vLLM's CPU attention
     backend rejects smaller heads)."""
 
-    hidden_size: int = 128  # width of the residual stream
-    num_hidden_layers: int = 4  # decoder layers
-    num_attention_heads: int = 2  # heads of size hidden_size / num_attention_heads (keep 64)
-    intermediate_size: int = 384  # gated MLP width
-    max_position_embeddings: int = 256  # longest prompt + page
-    fallback_prob: float = 0.05  # training-time fallback-token replacement rate (paper section 6.2)
-    rope_theta: float = 10000.0
+    hidden_size: int = option(128, "width of the residual stream")
+    num_hidden_layers: int = option(4, "decoder layers")
+    num_attention_heads: int = option(2, "heads of size hidden_size / num_attention_heads (keep 64)")
+    intermediate_size: int = option(384, "gated MLP width")
+    max_position_embeddings: int = option(256, "longest prompt + page")
+    fallback_prob: float = option(0.05, "training-time fallback-token replacement rate (paper section 6.2)")
+    rope_theta: float = option(10000.0, "base of the rotary position embedding's frequencies (the Llama default)")
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -65,21 +66,33 @@ def encode_table(table: pa.Table, tok: GenPageTokenizer, split: str | None = Non
     return PageSequences(prompts, pages, users, np.asarray(rewards, dtype=np.float32), stats), skipped
 
 
+def pad_batch(seqs: Sequence[Sequence], pad_id: int | float, length: int | None = None, dtype: torch.dtype = torch.long,
+              side: Literal["right", "left"] = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences of different lengths (lists or numpy arrays) as one batch, each padded with pad_id after it
+    (side="right": training, scoring, log-probs) or before it ("left": a prompt batch to generate from).
+
+    length: the batch width T (at least the longest sequence); None: the longest sequence.
+    -> (values [B, T] of dtype, attention_mask [B, T] long: 1 on each sequence's own positions)"""
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)  # [B]
+    longest = int(lengths.max()) if len(seqs) else 0
+    T = longest if length is None else length
+    if T < longest:
+        raise ValueError(f"pad_batch: a sequence of {longest} tokens does not fit length={T}")
+    pos = torch.arange(T)[None, :]  # [1, T]
+    mask = pos < lengths[:, None] if side == "right" else pos >= T - lengths[:, None]  # [B, T]
+    out = torch.full((len(seqs), T), pad_id, dtype=dtype)
+    if len(seqs):  # the True positions of mask, row by row, are the sequences' values in order
+        out[mask] = torch.cat([torch.as_tensor(s, dtype=dtype) for s in seqs])
+    return out, mask.long()
+
+
 def collate(prompts: list[list[int]], pages: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch with labels on page tokens only (paper section 5.1: the context is the prompt).
 
     Returns input_ids [B, T], attention_mask [B, T], labels [B, T] (IGNORE_INDEX outside pages).
     """
-    T = max(len(p) + len(g) for p, g in zip(prompts, pages))
-    B = len(prompts)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, T), dtype=torch.long)
-    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    for i, (p, g) in enumerate(zip(prompts, pages)):
-        n = len(p) + len(g)
-        ids[i, :n] = torch.tensor(p + g)
-        mask[i, :n] = 1
-        labels[i, len(p):n] = torch.tensor(g)
+    ids, mask = pad_batch([p + g for p, g in zip(prompts, pages)], pad_id)
+    labels, _ = pad_batch([[IGNORE_INDEX] * len(p) + g for p, g in zip(prompts, pages)], IGNORE_INDEX)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

@@ -28,6 +28,7 @@ from homepage.logs import Context
 from homepage.pages import Page
 from policies.hybrid import (NO_LIMIT, HybridConfig, allowed_fill, control_logits, is_fill_point, select_fill,
                              tokens_to_fill_point)
+from policies.data import pad_batch
 from policies.rules import IncrementalPage, PageState, RuleSet
 from policies.tokenizer import GenPageTokenizer
 
@@ -104,8 +105,7 @@ class PageGenerator:
 
     @property
     def max_page_tokens(self) -> int:
-        s = self.rules.config.shape
-        return s.max_rows * (s.max_row_len + 1) + 1
+        return self.rules.config.shape.max_tokens
 
     # -- public API -------------------------------------------------------------------------------------------
     def prompts(self, contexts: list[Context]) -> list[list[int]]:
@@ -231,13 +231,9 @@ class PageGenerator:
         k, target = hybrid.active_k(rules), hybrid.target_len(rules)
         B, V = len(items), rules.vocab_size
         reqs = [_Request(rules, p, pre, rl) for p, pre, rl in items]
-        seqs = [r.sequence() for r in reqs]
-        W = max(map(len, seqs))
-        ids = torch.tensor([[tok.pad_id] * (W - len(q)) + q for q in seqs])  # [B, W] left-padded
-        attn = (torch.arange(W)[None, :] >= torch.tensor([W - len(q) for q in seqs])[:, None]).long()  # [B, W]
+        ids, attn = pad_batch([r.sequence() for r in reqs], tok.pad_id, side="left")  # [B, W] each
         pos = (attn.cumsum(-1) - 1).clamp(min=0)  # [B, W]
-        P = max(len(r.prompt) for r in reqs)
-        pids = torch.tensor([r.prompt + [rules.page_id] * (P - len(r.prompt)) for r in reqs])
+        pids, _ = pad_batch([r.prompt for r in reqs], rules.page_id)
         resumable, profile_ok = rules.prompt_facts(pids, torch.tensor([len(r.prompt) for r in reqs]))  # [B, V] each
         used = torch.zeros(B, V, dtype=torch.bool)
         for b, r in enumerate(reqs):
@@ -299,12 +295,7 @@ class PageGenerator:
                 break
             # Next pass: each row feeds what it just wrote (1 token, or a filled row), right-padded.
             Wc = max(1, max(len(c) for c in chunks))
-            step_ids = torch.full((B, Wc), tok.pad_id)
-            step_attn = torch.zeros(B, Wc, dtype=torch.long)
-            for b, c in enumerate(chunks):
-                if c and not reqs[b].done:
-                    step_ids[b, :len(c)] = torch.tensor(c)
-                    step_attn[b, :len(c)] = 1
+            step_ids, step_attn = pad_batch([[] if r.done else c for r, c in zip(reqs, chunks)], tok.pad_id, length=Wc)
             step_pos = last_pos[:, None] + 1 + torch.arange(Wc)[None, :]
             attn = torch.cat([attn, step_attn], -1)
             out = model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, past_key_values=cache, use_cache=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from policies.data import pad_batch
 from policies.tokenizer import GenPageTokenizer
 
 MASK_VALUE = -1e9  # large finite negative, not -inf: entropy stays finite (0 * -inf is NaN)
@@ -34,9 +35,8 @@ def generate_pages_hf(model, tok: GenPageTokenizer, prompts: list[list[int]], te
     out = []
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s:s + batch_size]
-        T = max(map(len, chunk))
-        ids = torch.tensor([[tok.pad_id] * (T - len(p)) + p for p in chunk])
-        mask = (torch.arange(T)[None, :] >= torch.tensor([T - len(p) for p in chunk])[:, None]).long()
+        ids, mask = pad_batch(chunk, tok.pad_id, side="left")  # [B, T] each
+        T = ids.shape[1]
         kw = dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0 else dict(do_sample=False)
         if rules is not None:
             kw["logits_processor"] = LogitsProcessorList([RuleMaskProcessor(rules, chunk, T)])

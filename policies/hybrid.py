@@ -39,7 +39,7 @@ class HybridConfig:
 
     fill_k: int | None = None  # titles decoded autoregressively per row before the one-pass fill; None: plain decoding
     fill_row_len: int = 5  # the row length the fill completes a row to (capped by the rules' max_row_len);
-    # 5: what the pretrained model writes autoregressively for 86% of its rows
+    # 5: the length the pretrained model writes most rows with when decoding alone (docs/generation.md)
 
     def __post_init__(self) -> None:
         if self.fill_k is not None and self.fill_k < 0:

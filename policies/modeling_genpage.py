@@ -13,8 +13,8 @@ from transformers' Llama modules so that parameter names match vLLM's Llama load
   embedding still gets a meaningful representation (`add_cold_entities`).
 
 Importing this module registers `GenPageConfig` (model_type "genpage") with AutoConfig,
-`GenPageForCausalLM` with AutoModelForCausalLM, and `GenPageForPageReward` (scalar head read at the
-end-of-page position, for the reward model) with AutoModelForSequenceClassification.
+`GenPageForCausalLM` with AutoModelForCausalLM, and `GenPageForPageReward` (the reward model: a page score
+read off the backbone by the head `config.reward_head` names) with AutoModelForSequenceClassification.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
+
+from policies.reward_heads import get_reward_readout
 
 
 @strict
@@ -50,14 +52,16 @@ class GenPageConfig(LlamaConfig):
         run rows of similar length together, each group cut to its own longest row, in groups of at least
         this many rows (0: one padded batch). Same result per row (attention never reaches padding); less
         compute where lengths vary (contexts of 9..90 tokens plus pages of 10..55).
-    reward_head: how the reward model reads its page score. "entity_sum": one reward per page token (rows,
-        titles, [EOP]: the tokens after the last [PAGE]), summed, the way the reward system builds a page
-        reward from entity rewards (and trainable on them, reward_model.training); "entity_feedback": the same
-        sum, each token's reward being the expected reward of its predicted feedback (a distribution over the
-        log schema's feedback types plus a thumbs-up probability, trainable on the logged feedback); "last":
-        one scalar read at the end-of-page position (the paper's sequence-regression head).
+    reward_head: how the reward model reads its page score, a read-out registered in policies.reward_heads
+        (its training side in reward_model.heads). "entity_feedback" (what recipes/train_rm.py trains by
+        default): the sum over the page tokens (rows, titles, [EOP]: the tokens after the last [PAGE]) of each
+        token's expected reward under its predicted feedback (a distribution over the dataset's feedback types
+        plus a thumbs-up probability, trainable on the logged feedback); "entity_sum": the same sum of a
+        regressed per-token reward (trainable on the logged entity rewards); "last": one scalar read at the
+        end-of-page position (the paper's sequence-regression head). A bare config gets "entity_sum", the
+        per-token head that needs no reward system.
     feedback_rewards: "entity_feedback" head: the reward system's reward of each feedback type, in the order
-        of homepage.rewards.FEEDBACK_TYPES (none, abandon, short_play, long_play, binge).
+        of the dataset's feedback types (reward_model.data.entity_targets reads them off the logs).
     thumbs_up_reward: "entity_feedback" head: the reward a thumbs-up adds.
     """
 
@@ -231,7 +235,7 @@ def _has_cache(past_key_values) -> bool:
 @dataclass
 class PageRewardOutput(SequenceClassifierOutputWithPast):
     """logits [B, 1]: the standardized page score, (page_reward - reward_mean) / reward_std.
-    token_rewards [B, T]: with the "entity_sum" and "entity_feedback" heads, each page token's reward in
+    token_rewards [B, T]: with the "entity_feedback" and "entity_sum" heads, each page token's reward in
     reward units (0 outside the page); the page reward is their sum.
     feedback_logits [B, T, F + 1]: with the "entity_feedback" head, each token's feedback-type logits [..., :F]
     and thumbs-up logit [..., F]."""
@@ -240,73 +244,32 @@ class PageRewardOutput(SequenceClassifierOutputWithPast):
     feedback_logits: torch.Tensor | None = None
 
 
-REWARD_HEADS = ("entity_feedback", "entity_sum", "last")
-PER_TOKEN_HEADS = ("entity_feedback", "entity_sum")
-
-
-def expected_feedback_reward(logits: torch.Tensor, feedback_rewards: torch.Tensor, thumbs_up_reward: float) -> torch.Tensor:
-    """Expected reward of a predicted feedback: sum_f P(f) r_f + P(thumbs-up) r_thumbs.
-    logits [..., F + 1] (F feedback-type logits, then the thumbs-up logit); feedback_rewards [F] -> [...]"""
-    probs = torch.softmax(logits[..., :-1].float(), dim=-1)  # [..., F]
-    return probs @ feedback_rewards.float() + torch.sigmoid(logits[..., -1].float()) * thumbs_up_reward
-
-
 class GenPageForPageReward(_FrozenContentMixin, LlamaPreTrainedModel):
-    """Sequence regression on the same backbone (paper section 5.3). `config.reward_head` picks the read-out:
-    "entity_sum" sums a per-token reward over the page tokens (after the last [PAGE]); "last" reads one
-    scalar at the last non-padding position (the end-of-page token). Either way `logits` is the standardized
-    page score; `config.reward_mean` / `reward_std` (set by the reward-model trainer) map it to reward units."""
+    """Sequence regression on the same backbone (paper section 5.3). `config.reward_head` names the read-out
+    (policies.reward_heads): the reward-model trainer's default, "entity_feedback", scores a page as the sum
+    over its tokens of each title's expected reward under its predicted feedback distribution (and thumbs-up);
+    "entity_sum" sums a regressed per-token reward; "last" reads one scalar at the end-of-page position. Either
+    way `logits` is the standardized page score; `config.reward_mean` / `reward_std` (set by the reward-model
+    trainer) map it to reward units."""
 
     config_class = GenPageConfig
 
     def __init__(self, config: GenPageConfig):
         super().__init__(config)
-        if config.reward_head not in REWARD_HEADS:
-            raise ValueError(f"reward_head must be one of {REWARD_HEADS}, got {config.reward_head!r}")
-        if config.reward_head in PER_TOKEN_HEADS and config.page_token_id is None:
-            raise ValueError(f"the {config.reward_head} reward head needs config.page_token_id (the prompt/page boundary)")
-        outputs = 1
-        if config.reward_head == "entity_feedback":
-            if not config.feedback_rewards:
-                raise ValueError("the entity_feedback reward head needs config.feedback_rewards (the reward of each "
-                                 "feedback type); reward_model.data.entity_targets fits them from the logs")
-            outputs = len(config.feedback_rewards) + 1  # feedback types, then thumbs-up
+        outputs = get_reward_readout(config.reward_head).outputs(config)  # raises on an unknown or incomplete head
         self.model = GenPageModel(config)
         self.score = nn.Linear(config.hidden_size, outputs, bias=True)
         self.post_init()
 
-    def page_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """[B, T] bool: the page tokens, i.e. attended positions after the last [PAGE] token."""
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]  # [1, T]
-        boundary = ((input_ids == self.config.page_token_id).long() * (pos + 1)).amax(-1, keepdim=True)  # [B, 1]
-        page = pos >= boundary  # boundary is the 1-based [PAGE] position: tokens after it
-        return page & attention_mask.bool() if attention_mask is not None else page
-
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs) -> PageRewardOutput:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = out.last_hidden_state  # [B, T, H]
-        token_rewards = feedback_logits = None
-        if self.config.reward_head in PER_TOKEN_HEADS:
-            page = self.page_positions(input_ids, attention_mask)  # [B, T]
-            if self.config.reward_head == "entity_feedback":
-                feedback_logits = self.score(hidden)  # [B, T, F + 1]
-                values = torch.tensor(self.config.feedback_rewards, device=hidden.device)  # [F]
-                token_rewards = expected_feedback_reward(feedback_logits, values, self.config.thumbs_up_reward) * page
-            else:
-                token_rewards = self.score(hidden)[..., 0] * page  # [B, T] reward units
-            std = self.config.reward_std or 1.0
-            logits = ((token_rewards.sum(-1) - self.config.reward_mean) / std)[:, None]  # [B, 1]
-        else:
-            if attention_mask is None:
-                last = torch.full((hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device)
-            else:  # last attended position; works for left and right padding
-                pos = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
-                last = (attention_mask.long() * (pos + 1)).argmax(-1)
-            logits = self.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])  # [B, 1]
+        read = get_reward_readout(self.config.reward_head).read(self.score, hidden, input_ids, attention_mask, self.config)
         loss = None
         if labels is not None:
-            loss = nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
-        return PageRewardOutput(loss=loss, logits=logits, token_rewards=token_rewards, feedback_logits=feedback_logits)
+            loss = nn.functional.mse_loss(read.logits.squeeze(-1).float(), labels.float())
+        return PageRewardOutput(loss=loss, logits=read.logits, token_rewards=read.token_rewards,
+                                feedback_logits=read.feedback_logits)
 
 
 AutoConfig.register("genpage", GenPageConfig, exist_ok=True)

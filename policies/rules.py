@@ -38,17 +38,21 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 
+from common.config import option
+from policies.data import pad_batch
 from policies.tokenizer import GenPageTokenizer
 
 RULES = ("structure", "dedup", "category", "maturity", "pinning", "critical_rows")
-MODES = ("mask", "reward", "off")
+RuleMode = Literal["mask", "reward", "off"]  # hard mask, soft format reward, not enforced
+MODES = typing.get_args(RuleMode)
 ENTITY_RULES = ("dedup", "category", "maturity")  # rules that decide which titles can fill a row
 RULESET_VERSION = 2
 
@@ -57,10 +61,15 @@ RULESET_VERSION = 2
 class PageShape:
     """Structure bounds of a page."""
 
-    min_rows: int = 3  # fewest rows on a page
-    max_rows: int = 6  # most rows on a page
-    min_row_len: int = 3  # fewest titles in a row
-    max_row_len: int = 8  # most titles in a row
+    min_rows: int = option(3, "fewest rows on a page")
+    max_rows: int = option(6, "most rows on a page")
+    min_row_len: int = option(3, "fewest titles in a row")
+    max_row_len: int = option(8, "most titles in a row")
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest page in tokens: every row token, every title, [EOP]."""
+        return self.max_rows * (1 + self.max_row_len) + 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_rows <= self.max_rows:
@@ -73,12 +82,12 @@ class PageShape:
 class RuleModes:
     """Enforcement of each rule: "mask" (hard), "reward" (soft, format reward), or "off"."""
 
-    structure: str = "mask"  # rows of min..max titles, min..max rows, [EOP] at the end
-    dedup: str = "mask"  # no title or row twice
-    category: str = "mask"  # titles match their row's category
-    maturity: str = "mask"  # kids profiles see kids-safe titles only
-    pinning: str = "mask"  # pinned rows at their positions
-    critical_rows: str = "mask"  # critical rows within their first k rows
+    structure: RuleMode = option("mask", "rows of min..max titles, min..max rows, [EOP] at the end")
+    dedup: RuleMode = option("mask", "no title or row twice")
+    category: RuleMode = option("mask", "titles match their row's category")
+    maturity: RuleMode = option("mask", "kids profiles see kids-safe titles only")
+    pinning: RuleMode = option("mask", "pinned rows at their positions")
+    critical_rows: RuleMode = option("mask", "critical rows within their first k rows")
 
     def __post_init__(self) -> None:
         for name in RULES:
@@ -91,11 +100,11 @@ class RuleConfig:
     """The business rules of a deployment (saved with the checkpoint). shape, pinned_rows and critical_rows left
     at None take the dataset's (dataset.yaml `page`, `pinned_rows`, `critical_rows`)."""
 
-    shape: PageShape | None = None  # page structure bounds
-    modes: RuleModes = field(default_factory=RuleModes)  # enforcement per rule
-    pinned_rows: dict | None = None  # row id -> 0-based row position, e.g. {trending_now: 0}
-    critical_rows: dict | None = None  # row id -> must be within the first k rows, e.g. {continue_watching: 2}
-    format_weights: dict = field(default_factory=dict)  # rule -> weight of one violation in the format reward (default 1)
+    shape: PageShape | None = option(None, "page structure bounds")
+    modes: RuleModes = option(factory=RuleModes, help="enforcement per rule")
+    pinned_rows: dict | None = option(None, "row id -> 0-based row position, e.g. {trending_now: 0}")
+    critical_rows: dict | None = option(None, "row id -> must be within the first k rows, e.g. {continue_watching: 2}")
+    format_weights: dict = option(factory=dict, help="rule -> weight of one violation in the format reward (default 1)")
 
     def resolve(self, schema) -> "RuleConfig":
         """Fills what is left at None from a `homepage.dataset.DatasetSchema`."""
@@ -232,7 +241,7 @@ class RuleSet:
     def from_dict(cls, data: dict) -> "RuleSet":
         if data.get("version") != RULESET_VERSION:
             raise ValueError(f"business_rules version {data.get('version')!r} is not {RULESET_VERSION}: rebuild the ruleset")
-        from homepage.config import from_dict
+        from common.config import from_dict
 
         return cls(from_dict(RuleConfig, data["config"], "business_rules.config"), data["tables"])
 
@@ -597,14 +606,9 @@ def _config_to_dict(config: RuleConfig) -> dict:
 def _pack(prompts: list[list[int]], pages: list[list[int]], pad: int):
     """Right-padded prompt+page batch -> ids [B, T], page_start [B], next tokens [B, T-1], valid [B, T-1]
     (position t predicts a page token at t + 1)."""
-    B = len(prompts)
-    T = max(len(p) + len(g) for p, g in zip(prompts, pages))
-    ids = torch.full((B, T), pad, dtype=torch.long)
-    valid = torch.zeros(B, T, dtype=torch.bool)
-    for i, (p, g) in enumerate(zip(prompts, pages)):
-        ids[i, : len(p) + len(g)] = torch.tensor(p + g, dtype=torch.long)
-        valid[i, len(p): len(p) + len(g)] = True
+    ids, mask = pad_batch([p + g for p, g in zip(prompts, pages)], pad)  # [B, T]
     page_start = torch.tensor([len(p) for p in prompts])
+    valid = mask.bool() & (torch.arange(ids.shape[1])[None, :] >= page_start[:, None])  # [B, T] page positions
     return ids, page_start, ids[:, 1:], valid[:, 1:]
 
 
@@ -626,7 +630,7 @@ def _segments(input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> lis
 if __name__ == "__main__":
     import argparse
 
-    from homepage.config import load_config
+    from common.config import load_config
 
     parser = argparse.ArgumentParser(description="Attach business rules to a GenPage checkpoint (written into config.json).")
     parser.add_argument("--model", required=True, help="checkpoint directory")

@@ -34,6 +34,7 @@ TOKENIZER_FORMAT_VERSION = 2
 PAD, BOS, EOP, PAGE, PROFILE, REQUEST, HIST, UNK = "[PAD]", "[BOS]", "[EOP]", "[PAGE]", "[PROFILE]", "[REQUEST]", "[HIST]", "[UNK]"
 SPECIAL_TOKENS = (PAD, BOS, EOP, PAGE, PROFILE, REQUEST, HIST, UNK)
 ROW_FALLBACK = "row:<unk>"
+ENTITY_PREFIX = "ent:"  # entity tokens: catalog titles "ent:<id>" and their fallbacks "ent:<unk...>"
 ENTITY_FALLBACK = "ent:<unk>"
 CATEGORICAL_PREFIX = {"language": "lang", "profile_type": "ptype", "device": "dev", "action": "act"}
 
@@ -44,6 +45,13 @@ CHAT_TEMPLATE = (
 
 # Token kinds, for masks and metrics downstream.
 KIND_SPECIAL, KIND_CONTEXT, KIND_ROW, KIND_ENTITY = 0, 1, 2, 3
+
+
+def is_title_token(token: str) -> bool:
+    """Whether a token's text is a catalog title's ("ent:<id>"), not an entity fallback ("ent:<unk...>"): the
+    check for token text (verl's decoded responses, an HF tokenizer's vocabulary). Same answer as
+    GenPageTokenizer.is_title on the token's id."""
+    return token.startswith(ENTITY_PREFIX) and not token.startswith(ENTITY_PREFIX + "<")
 
 
 def bucket(edges: Sequence[float], x: float) -> int:
@@ -208,6 +216,12 @@ class GenPageTokenizer:
         """Token id of the first catalog entity (after the entity fallbacks); entity i has id first + i."""
         return self.vocab[f"ent:{self.entity_ids[0]}"] if self.entity_ids else len(self.tokens)
 
+    def is_title(self, ids):
+        """Whether token ids are catalog titles (entity fallbacks, other tokens and ids outside the vocabulary are
+        not): an int -> bool; a numpy array or torch tensor -> a bool mask of its shape. The titles are the
+        vocabulary's last ids, first_entity_id onwards, so this is two comparisons."""
+        return (ids >= self.first_entity_id) & (ids < len(self.tokens))
+
     def entity_token(self, entity_id: str, stats: EncodeStats | None = None) -> int:
         tok = self.vocab.get(f"ent:{entity_id}")
         if tok is not None:
@@ -237,6 +251,14 @@ class GenPageTokenizer:
         return tok
 
     # -- encoding ----------------------------------------------------------------------------------------
+    PROMPT_FIXED_TOKENS = 9  # [BOS] [PROFILE] lang ptype [REQUEST] hour dow dev [HIST]
+    HISTORY_ACTION_TOKENS = 4  # title, action, days-ago bucket, watched-share bucket
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The longest prompt `encode_context` writes: a full history, then [PAGE]."""
+        return self.PROMPT_FIXED_TOKENS + self.HISTORY_ACTION_TOKENS * self.max_history + 1
+
     def encode_context(self, ctx: Context, stats: EncodeStats | None = None) -> list[int]:
         """Prompt token ids, ending with the [PAGE] generation prompt."""
         v, cv = self.vocab, self.context_vocab

@@ -15,7 +15,6 @@ Writes out_dir/: data/ (prompt parquets), seed_<s>/ (checkpoints/, metrics/, val
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -24,9 +23,10 @@ import time
 import uuid
 from pathlib import Path
 
-from homepage.recipe_utils import parse_recipe_args, write_summary
-from rl.config import (DrGrpoConfig, RunPaths, compose_verl_config, on_cpu, pretrained_validation, seed_run,
-                       verl_overrides)
+from common.cli import parse_recipe_args, reuse_or_start, write_summary
+from common.config import to_dict
+from rl.config import (DrGrpoConfig, RunPaths, SequenceLengths, compose_verl_config, on_cpu, pretrained_validation,
+                       seed_run, sequence_lengths, verl_overrides)
 from rl.runtime import RunGuard, init_ray
 
 
@@ -47,12 +47,6 @@ def prepare_policy(cfg: DrGrpoConfig, out: Path) -> Path:
         rules = RuleSet.from_pretrained(tmp)
     except ValueError:
         rules = dataset_ruleset(cfg.data_dir, tok=GenPageTokenizer.from_pretrained(tmp))
-    shape = rules.config.shape
-    longest = shape.max_rows * (1 + shape.max_row_len) + 1  # every row token, every title, [EOP]
-    if longest > cfg.max_page_tokens:
-        raise SystemExit(f"the dataset's pages can hold {longest} tokens ({shape.max_rows} rows of up to "
-                         f"{shape.max_row_len} titles), more than max_page_tokens={cfg.max_page_tokens}: set "
-                         f"max_page_tokens={longest}")
     spec = rules.to_dict()
     spec["config"]["modes"].update({rule: "reward" for rule in cfg.reward_rules})
     attach_rules(tmp, RuleSet.from_dict(spec))
@@ -60,7 +54,20 @@ def prepare_policy(cfg: DrGrpoConfig, out: Path) -> Path:
     return init
 
 
-def write_prompts(cfg: DrGrpoConfig, out: Path, init: Path) -> None:
+def policy_lengths(cfg: DrGrpoConfig, init: Path) -> SequenceLengths:
+    """The prompt and page budgets from the policy checkpoint (its page shape and tokenizer), checked against
+    any configured in cfg."""
+    from policies.rules import RuleSet
+    from policies.tokenizer import GenPageTokenizer
+
+    shape = RuleSet.from_pretrained(init).config.shape
+    try:
+        return sequence_lengths(cfg, shape, GenPageTokenizer.from_pretrained(init).max_prompt_tokens)
+    except ValueError as e:
+        raise SystemExit(f"config error: {e}") from None
+
+
+def write_prompts(cfg: DrGrpoConfig, out: Path, init: Path, lengths: SequenceLengths) -> None:
     """Training prompts: logged contexts of train-split users (drawn with replacement, enough for every step);
     held-out: test-split logged contexts, with their logged page (the logging policy's row of the table)."""
     import numpy as np
@@ -98,14 +105,14 @@ def write_prompts(cfg: DrGrpoConfig, out: Path, init: Path) -> None:
         row["extra_info"]["logged_page"] = tok.encode_page(imp.page)
         row["extra_info"]["other_page"] = tok.encode_page(other) if other is not None else []
     longest = max(len(r["prompt"][0]["content"].split()) + 1 for r in train + heldout)  # + [PAGE]
-    if longest > cfg.max_prompt_tokens:  # verl would cut prompts from the left: [BOS], profile and request first
-        raise SystemExit(f"a prompt has {longest} tokens, more than max_prompt_tokens={cfg.max_prompt_tokens}: "
-                         f"set max_prompt_tokens={longest}")
+    if longest > lengths.prompt:  # verl would cut prompts from the left: [BOS], profile and request first
+        raise SystemExit(f"a prompt has {longest} tokens, more than the budget of {lengths.prompt}: set "
+                         f"max_prompt_tokens={longest}")
     write_prompt_parquet(data / "valid.parquet", heldout)
     write_prompt_parquet(data / "train.parquet", train)
 
 
-def run_seeds(cfg: DrGrpoConfig, init: Path, seeds: list[int], guard: RunGuard) -> None:
+def run_seeds(cfg: DrGrpoConfig, init: Path, lengths: SequenceLengths, seeds: list[int], guard: RunGuard) -> None:
     """One verl session training `seeds` in turn (each resumed from its latest checkpoint if it has one),
     then each seed's final HF weights as seed_<s>/model."""
     import ray
@@ -140,7 +147,8 @@ def run_seeds(cfg: DrGrpoConfig, init: Path, seeds: list[int], guard: RunGuard) 
         env.update(cpu_env())
     os.environ.update(env)
     first = RunPaths(out, seeds[0])
-    overrides = verl_overrides(cfg, init, first, seeds[0], on_cpu(), validate_before=runs[0]["config"]["trainer.val_before_train"])
+    overrides = verl_overrides(cfg, init, first, seeds[0], on_cpu(), lengths,
+                               validate_before=runs[0]["config"]["trainer.val_before_train"])
     overrides += [f"+ray_kwargs.ray_init.runtime_env.env_vars.{k}='{v}'" for k, v in env.items()]
     config = compose_verl_config(overrides)
     with open_dict(config):
@@ -183,16 +191,13 @@ def main() -> None:
         if not need.exists():
             raise SystemExit(f"{need} is missing: run `{how}` first, or point {field}=... at an existing directory")
     out = Path(cfg.out_dir)
-    if args.force and out.exists():
-        shutil.rmtree(out)
-    if (out / "summary.json").exists():
-        print(f"[dr_grpo] reusing {out} (pass --force to rerun)")
+    if reuse_or_start(out, args.force, "dr_grpo", "summary.json"):
         return
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with RunGuard() as guard:
         init = prepare_policy(cfg, out)
-        write_prompts(cfg, out, init)
+        lengths = policy_lengths(cfg, init)
+        write_prompts(cfg, out, init, lengths)
         pending = []
         for seed in cfg.seeds:
             paths = RunPaths(out, seed)
@@ -203,14 +208,15 @@ def main() -> None:
             else:
                 pending.append(seed)
         if pending:
-            run_seeds(cfg, init, pending, guard)
+            run_seeds(cfg, init, lengths, pending, guard)
     shutil.rmtree(out / "model", ignore_errors=True)
     shutil.copytree(RunPaths(out, cfg.seeds[0]).model, out / "model")  # the RL policy (first seed)
     from rl.evaluation import evaluate_run
 
     summary = evaluate_run(cfg, out, init)
     summary["wall_s"] = time.perf_counter() - t0
-    summary["config"] = dataclasses.asdict(cfg)
+    summary["config"] = to_dict(cfg)
+    summary["sequence_lengths"] = lengths._asdict()
     write_summary(out / "summary.json", summary)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}, indent=2))
 

@@ -21,10 +21,11 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from common.cli import parse_recipe_args, write_summary
 from homepage.dataset import write_dataset
 from homepage.logs import batch_to_table, read_logs
-from homepage.recipe_utils import parse_recipe_args, write_summary
-from homepage.world import SIMULATOR_DIR, MakeWorldConfig, World, batch_from_table, catalog_table, dataset_schema
+from homepage.config import MakeWorldConfig
+from homepage.world import SIMULATOR_DIR, World, batch_from_table, catalog_table, dataset_schema
 
 
 def main() -> None:

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common.cli import parse_recipe_args, reuse_or_start, write_summary
 from homepage.dataset import DatasetError, open_dataset
 from homepage.environment import load_environment
 from homepage.logs import LogSchemaError, sample_impressions
-from homepage.recipe_utils import parse_recipe_args, write_summary
 from policies.evaluation import pages_from_tokens
 from policies.tokenizer import GenPageTokenizer, check_tokenizer_matches
 from reward_model.config import RewardModelConfig
@@ -33,6 +32,7 @@ from reward_model.data import (RewardNormalization, check_disjoint_users, check_
                                split_logs)
 from reward_model.evaluation import (BagOfEntitiesRidge, EvalSet, evaluate, logged_eval_set, results_table,
                                      scatter_plot)
+from reward_model.heads import get_reward_head
 from reward_model.pipeline import InitRun, train_inits
 
 
@@ -85,12 +85,8 @@ def main() -> None:
     torch.set_num_threads(cfg.num_threads)
     pretrained = check_inputs(cfg)
     out = Path(cfg.out_dir)
-    if args.force and out.exists():
-        shutil.rmtree(out)
-    if (out / "summary.json").exists() and (out / "model" / "config.json").exists():
-        print(f"[train_rm] reusing {out} (pass --force to retrain)")
+    if reuse_or_start(out, args.force, "train_rm", "summary.json", "model/config.json"):
         return
-    out.mkdir(parents=True, exist_ok=True)
 
     # -- data: every logged impression, train users for training, valid users held out -------------------------
     tok = GenPageTokenizer.from_pretrained(pretrained)
@@ -114,7 +110,7 @@ def main() -> None:
     check_disjoint_users(train, valid)
     norm = RewardNormalization.fit(train.page_reward)
     targets = None  # each title's logged outcome, and the reward system read off the logs
-    if cfg.reward_head == "entity_feedback" or (cfg.reward_head == "entity_sum" and cfg.entity_loss_weight > 0):
+    if get_reward_head(cfg.reward_head).needs_entity_targets(cfg.entity_loss_weight):
         try:
             targets = entity_targets(train_table, logs, feedback_types)
         except ValueError as e:

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from policies.data import PageSequences, encode_table
+from policies.data import PageSequences, encode_table, pad_batch
 from policies.tokenizer import GenPageTokenizer
 
 
@@ -51,20 +51,15 @@ def check_disjoint_users(train: PageSequences, valid: PageSequences) -> None:
 
 
 def with_eop(page: list[int], eop_id: int) -> list[int]:
-    """The head reads the end-of-page position, so every scored page ends with [EOP]."""
+    """Every scored page ends with [EOP], as in training: the per-token heads give it a reward of its own, the
+    "last" head reads its position."""
     return page if page and page[-1] == eop_id else [*page, eop_id]
 
 
 def collate_pages(prompts: list[list[int]], pages: list[list[int]], pad_id: int, eop_id: int) -> dict[str, torch.Tensor]:
     """Right-padded (context + page) batch: input_ids [B, T], attention_mask [B, T]. Pages get [EOP]
     appended when it is missing."""
-    seqs = [p + with_eop(g, eop_id) for p, g in zip(prompts, pages)]
-    T = max(map(len, seqs))
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
+    ids, mask = pad_batch([p + with_eop(g, eop_id) for p, g in zip(prompts, pages)], pad_id)
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -163,10 +158,8 @@ def entity_targets(table: pa.Table, source, feedback_types: tuple[str, ...]) -> 
 def collate_token_targets(prompts: list[list[int]], token_targets: list[np.ndarray], T: int) -> torch.Tensor:
     """Per-token targets placed at their page positions of a right-padded batch of width T, NaN elsewhere
     (prompt, row tokens, [EOP], padding).  -> [B, T]"""
-    out = torch.full((len(prompts), T), float("nan"))
-    for i, (p, t) in enumerate(zip(prompts, token_targets)):
-        out[i, len(p):len(p) + len(t)] = torch.from_numpy(t)
-    return out
+    placed = [np.concatenate([np.full(len(p), np.nan, np.float32), t]) for p, t in zip(prompts, token_targets)]
+    return pad_batch(placed, float("nan"), length=T, dtype=torch.float32)[0]
 
 
 def check_page_rewards(table: pa.Table, path) -> None:

@@ -1,10 +1,10 @@
 """The reward-model recipe's training stage: each initialization (pretrained, and the random-backbone ablation)
 trained, saved with its tokenizer and evaluated, one after the other or at once in child processes.
 
-On a 2-core machine two processes of one thread each train 1.2x faster together than one process of two
-threads trains them in turn (the model's matrix products are too small to keep two threads busy): measured
-0.345 s per step each, at once, vs 0.20 s per step in turn. Both runs see the same data in the same order,
-as they would in turn; only the floating-point summation order of the thread count differs.
+Two processes of one thread each can train faster together than one process of two threads trains them in
+turn: the model's matrix products are too small to keep two threads busy (timings in
+docs/experiments/reward_model.md). Both runs see the same data in the same order, as they would in turn; only
+the floating-point summation order of the thread count differs.
 """
 
 from __future__ import annotations

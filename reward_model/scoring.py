@@ -4,8 +4,8 @@
     rewards = scorer.score(prompts, pages)  # np.ndarray [N]
 
 Prompts are the tokenizer's context ids (ending with [PAGE]); pages are page token ids, with or without the
-final [EOP] (appended when missing: the head reads the end-of-page position). The normalization the model
-was trained with (`config.reward_mean`, `config.reward_std`) is undone, so scores are page rewards.
+final [EOP] (appended when missing: pages are scored as they were trained, [EOP] included). The normalization
+the model was trained with (`config.reward_mean`, `config.reward_std`) is undone, so scores are page rewards.
 """
 
 from __future__ import annotations

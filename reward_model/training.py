@@ -1,6 +1,8 @@
-"""Training the page-level reward model (paper section 5.3): GenPage's backbone with a scalar head read at
-the end-of-page token, regressed on the standardized page reward (sum of entity rewards), from the
-pretrained checkpoint or, for the ablation (paper Table 1), from a random backbone of the same shape."""
+"""Training the page-level reward model (paper section 5.3): GenPage's backbone with a reward head
+(reward_model.heads; by default "entity_feedback": the page score is the sum over the page tokens of each
+title's expected reward under its predicted feedback distribution and thumbs-up), regressed on the standardized
+page reward (sum of entity rewards) plus the head's per-title loss, from the pretrained checkpoint or, for the
+ablation (paper Table 1), from a random backbone of the same shape."""
 
 from __future__ import annotations
 
@@ -12,16 +14,16 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
+from common.training import cosine_lr, init_wandb, latest_checkpoint, load_trainer_state, save_checkpoint
 from policies.data import PageSequences
 from policies.modeling_genpage import GenPageForPageReward
-from policies.training import cosine_lr, init_wandb, latest_checkpoint, load_trainer_state, save_checkpoint
 from reward_model.config import RewardModelConfig
-from reward_model.data import EntityTargets, RewardNormalization, collate_pages, collate_token_targets
+from reward_model.data import EntityTargets, RewardNormalization, collate_pages
+from reward_model.heads import get_reward_head, token_reward_mse
 
-HEAD_PREFIX = "score."  # the scalar head's parameters; everything else trainable is the backbone
+HEAD_PREFIX = "score."  # the reward head's parameters; everything else trainable is the backbone
 
 
 def _from_pretrained(pretrained_dir: str | Path, seed: int, **head: object) -> GenPageForPageReward:
@@ -69,41 +71,21 @@ def build_reward_model(pretrained_dir: str | Path, init: str, norm: RewardNormal
                        reward_head: str = "entity_sum", mean_page_tokens: float = 1.0,
                        shrink: float = 1.0, targets: EntityTargets | None = None) -> GenPageForPageReward:
     """A reward model whose config carries the target normalization and the head (saved with every
-    checkpoint). The entity_sum head starts at the mean reward spread evenly over a mean-length page; the
-    entity_feedback head takes the reward system from `targets` (required) and starts at the logged base
-    rates of each feedback type and of a thumbs-up. shrink < 1: the pretrained initialization's layers are
-    shrunk and perturbed (shrink_perturb); the random initialization is left as it is."""
+    checkpoint), its score layer started by the head (reward_model.heads: entity_sum at the mean reward spread
+    evenly over a mean-length page; entity_feedback, which takes the reward system from `targets`, at the
+    logged base rates of each feedback type and of a thumbs-up). shrink < 1: the pretrained initialization's
+    layers are shrunk and perturbed (shrink_perturb); the random initialization is left as it is."""
     if init not in INITIALIZERS:
         raise ValueError(f"unknown reward-model initialization {init!r}; known: {sorted(INITIALIZERS)}")
-    head: dict[str, object] = {"reward_head": reward_head}
-    if reward_head == "entity_feedback":
-        if targets is None:
-            raise ValueError("the entity_feedback head needs the logged feedback (data.entity_targets)")
-        head.update(feedback_rewards=targets.feedback_rewards, thumbs_up_reward=targets.thumbs_up_reward)
-    model = INITIALIZERS[init](pretrained_dir, seed, **head)
+    head = get_reward_head(reward_head)
+    model = INITIALIZERS[init](pretrained_dir, seed, reward_head=reward_head, **head.config_fields(targets))
     if init == "pretrained":
         shrink_perturb(model, shrink, seed)
     model.config.architectures = ["GenPageForPageReward"]
     model.config.reward_mean, model.config.reward_std = norm.mean, norm.std
     with torch.no_grad():
-        if reward_head == "entity_sum":
-            model.score.bias.fill_(norm.mean / max(mean_page_tokens, 1.0))
-        elif reward_head == "entity_feedback":
-            rates, thumbs = targets.base_rates()
-            eps = 1e-6  # a type never logged starts (and, untrained, stays) near probability 0
-            logit_thumbs = np.log(thumbs + eps) - np.log(1.0 - thumbs + eps)
-            model.score.bias.copy_(torch.tensor([*np.log(rates + eps), logit_thumbs], dtype=model.score.bias.dtype))
+        head.init_score(model.score, norm, targets, mean_page_tokens)
     return model
-
-
-def feedback_nll(logits: torch.Tensor, feedback: torch.Tensor, thumbs: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood of the logged feedback of each title: cross-entropy of its feedback type
-    plus the binary cross-entropy of its thumbs-up. Tokens whose feedback is NaN (row tokens, [EOP], the
-    prompt, padding) are left out.  logits [B, T, F + 1]; feedback, thumbs [B, T] -> scalar"""
-    has = ~torch.isnan(feedback)  # [B, T]
-    z = logits.float()[has]  # [N, F + 1]
-    return (nn.functional.cross_entropy(z[:, :-1], feedback[has].long())
-            + nn.functional.binary_cross_entropy_with_logits(z[:, -1], thumbs[has].float()))
 
 
 def reward_mse(pred: torch.Tensor, target: torch.Tensor, token_pred: torch.Tensor | None = None,
@@ -117,8 +99,7 @@ def reward_mse(pred: torch.Tensor, target: torch.Tensor, token_pred: torch.Tenso
     metrics = {"rm/train_loss": page_loss.item(), "rm/train_bias": err.mean().item()}
     if entity_weight == 0 or token_pred is None:
         return page_loss, metrics
-    has = ~torch.isnan(token_target)
-    entity_loss = (((token_pred.float()[has] - token_target[has]) / entity_scale) ** 2).mean()
+    entity_loss = token_reward_mse(token_pred, token_target, entity_scale)
     metrics["rm/train_entity_loss"] = entity_loss.item()
     return page_loss + entity_weight * entity_loss, metrics
 
@@ -187,10 +168,10 @@ def fit(init: str, cfg: RewardModelConfig, train: PageSequences, valid: PageSequ
     """Trains one reward model with checkpoints in ckpt_dir; a killed run resumes from the last one.
 
     train/valid page_reward are in reward units; the loss is on (reward - mean) / std (norm).
-    targets: the logged outcome of each page token of the train impressions (data.entity_targets), needed by
-    the entity_feedback head (its reward system and, with cfg.entity_loss_weight > 0, the feedback its
-    per-title outputs are trained on) and by the entity_sum head when cfg.entity_loss_weight > 0 (its
-    per-title rewards regress the logged entity rewards)."""
+    targets: the logged outcome of each page token of the train impressions (data.entity_targets), where the
+    head needs them (`needs_entity_targets`: entity_feedback for its reward system and, with
+    cfg.entity_loss_weight > 0, the feedback its per-title outputs are trained on; entity_sum when
+    cfg.entity_loss_weight > 0, its per-title rewards regressing the logged entity rewards)."""
     from transformers import AutoModelForSequenceClassification
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -202,15 +183,13 @@ def fit(init: str, cfg: RewardModelConfig, train: PageSequences, valid: PageSequ
         model = build_reward_model(cfg.pretrained_dir, init, norm, cfg.seed, cfg.reward_head, mean_tokens,
                                    cfg.shrink_perturb, targets)
     model.train()
-    entity_scale = 1.0
-    head_kind = model.config.reward_head
-    use_entities = cfg.entity_loss_weight > 0 and head_kind in ("entity_sum", "entity_feedback")
-    if use_entities:
+    reward_head = get_reward_head(model.config.reward_head)
+    entity_loss = None  # the head's per-title loss, weighted by cfg.entity_loss_weight
+    if cfg.entity_loss_weight > 0 and reward_head.needs_entity_targets(cfg.entity_loss_weight):
         if targets is None:
             raise ValueError("entity_loss_weight > 0 needs the logged outcome of each title of the train impressions "
                              "(data.entity_targets)")
-        if head_kind == "entity_sum":  # entity rewards in units of their spread
-            entity_scale = float(np.nanstd(np.concatenate(targets.reward))) or 1.0
+        entity_loss = reward_head.entity_loss(targets)
     head = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith(HEAD_PREFIX)]
     backbone = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(HEAD_PREFIX)]
     peak = [cfg.backbone_lr, cfg.lr]
@@ -248,17 +227,11 @@ def fit(init: str, cfg: RewardModelConfig, train: PageSequences, valid: PageSequ
         prompts, T = [train.prompts[i] for i in idx], batch["input_ids"].shape[1]
         t0 = time.perf_counter()
         out = model(**batch)
-        if use_entities and head_kind == "entity_sum":
-            token_target = collate_token_targets(prompts, [targets.reward[i] for i in idx], T)  # [B, T] NaN off titles
-            loss, metrics = reward_mse(out.logits[:, 0], target_train[idx], out.token_rewards, token_target,
-                                       cfg.entity_loss_weight, entity_scale)
-        else:
-            loss, metrics = reward_mse(out.logits[:, 0], target_train[idx])
-        if use_entities and head_kind == "entity_feedback":
-            nll = feedback_nll(out.feedback_logits, collate_token_targets(prompts, [targets.feedback[i] for i in idx], T),
-                               collate_token_targets(prompts, [targets.thumbs[i] for i in idx], T))
-            metrics["rm/train_feedback_nll"] = nll.item()
-            loss = loss + cfg.entity_loss_weight * nll
+        loss, metrics = reward_mse(out.logits[:, 0], target_train[idx])
+        if entity_loss is not None:
+            extra, extra_metrics = entity_loss(out, idx, prompts, T)
+            metrics.update(extra_metrics)
+            loss = loss + cfg.entity_loss_weight * extra
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(backbone + head, cfg.grad_clip)

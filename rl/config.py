@@ -11,10 +11,15 @@ the sampled length).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, NamedTuple
 
-KL_ESTIMATORS = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")  # verl core_algos.kl_penalty
+from common.config import WandbMode, option
+
+KlEstimator = Literal["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"]  # verl core_algos.kl_penalty
+KL_ESTIMATORS = typing.get_args(KlEstimator)
 LOSS_MODE = "genpage_vanilla"  # the on-policy loss rl/policy_loss.py registers with verl under this name
 FP32 = "{param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}"  # verl FSDP engine mixed_precision
 
@@ -23,36 +28,36 @@ FP32 = "{param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}"  # verl FSDP eng
 class DrGrpoConfig:
     """`python recipes/dr_grpo.py` (recipes/configs/dr_grpo.yaml). Toy defaults for 2 CPU cores."""
 
-    data_dir: str = "runs/world"  # dataset directory (docs/dataset.md): logged contexts are the prompts
-    environment: str = "auto"  # ground truth for true_* figures: auto (the dataset's own, if any), "" (none), or a dotted path
-    policy_dir: str = "runs/pretrain/model"  # pretrained GenPage HF directory: initializes policy and reference
-    rm_dir: str = "runs/rm/model"  # reward model directory from recipes/train_rm.py (reward_model.scoring)
-    out_dir: str = "runs/dr_grpo"  # run directory: data, checkpoints, wandb, metrics, plots, model, summary
-    seeds: tuple[int, ...] = (0, 1, 2)  # one RL run per seed; the summary reports the mean over seeds
-    steps: int = 12  # optimizer steps (one rollout batch each); default world, 3 seeds at lr 4e-4: 13 steps gave +14.2% held-out true reward, 14 +13.5%; 20 at 3e-4 +16%
-    prompts_per_step: int = 16  # user contexts per step (verl data.train_batch_size)
-    group_size: int = 8  # pages sampled per context; Dr. GRPO's advantage baseline is the group mean
-    lr: float = 4e-4  # actor AdamW learning rate (constant)
-    kl_coef: float = 0.02  # weight of the KL-to-reference loss (actor.kl_loss_coef)
-    kl_estimator: str = "low_var_kl"  # KL estimator of the loss: low_var_kl (k3), kl (k1), mse (k2), abs
-    format_weight: float = 1.0  # reward = RM score + format_weight * format score (<= 0 per violation)
-    reward_rules: tuple[str, ...] = ()  # rules scored by the format reward instead of masked (e.g. [dedup]); the rest stay masks
-    temperature: float = 1.0  # sampling temperature of the rollouts
-    max_page_tokens: int = 55  # longest page in tokens (6 rows x (1 + 8 titles) + [EOP]); Dr. GRPO's loss constant
-    max_prompt_tokens: int = 96  # longest prompt in tokens (9 + 4 per history action + [PAGE]; the default world's 20 actions: 90)
-    mask_logits: bool = True  # business-rule masks in vLLM (logits processor) and in the trainer's log-probs
-    old_log_probs: str = "rollout"  # PPO ratio's old policy: "rollout" = vLLM's log-probs of the sampled pages (verl's rollout_correction.bypass_mode; same fp32 weights and masks, so no second forward pass; rollout_probs_diff_max then comes from the update's forward, rl/policy_loss.py), "recompute" = verl's old-log-prob pass
-    ppo_epochs: int = 1  # passes over each rollout batch
-    mini_batches: int = 1  # optimizer steps per rollout batch (prompts_per_step must divide by it)
-    grad_clip: float = 1.0  # max gradient norm
-    save_freq: int = 10  # steps between verl checkpoints (resume from the latest with resume_mode=auto)
-    eval_users: int = 500  # held-out (test-split) logged contexts for the final evaluation
-    prompt_source: str = "logged"  # training prompts: "logged" (contexts of train-split users in the logs) or "environment" (fresh contexts the environment samples)
-    eval_temperature: float = 1.0  # sampling temperature of the evaluation pages (the trained policy samples)
-    num_threads: int = 2  # torch threads per process; verl's phases (rollout, log-probs, update) mostly take turns: 2 is 15% faster per step on an idle 2-core machine (8.0 vs 9.4 s), use 1 on a shared one
-    wandb_project: str = "genpage"  # wandb project
-    wandb_mode: str = "offline"  # offline (default, no account), online or disabled
-    extra_verl_overrides: tuple[str, ...] = field(default_factory=tuple)  # raw Hydra overrides for verl, last wins
+    data_dir: str = option("runs/world", "dataset directory (docs/dataset.md): logged contexts are the prompts")
+    environment: str = option("auto", "ground truth for true_* figures: auto (the dataset's own, if any), '' (none), or a dotted path")
+    policy_dir: str = option("runs/pretrain/model", "pretrained GenPage HF directory: initializes policy and reference")
+    rm_dir: str = option("runs/rm/model", "reward model directory from recipes/train_rm.py (reward_model.scoring)")
+    out_dir: str = option("runs/dr_grpo", "run directory: data, checkpoints, wandb, metrics, plots, model, summary")
+    seeds: tuple[int, ...] = option((0, 1, 2), "one RL run per seed; the summary reports the mean over seeds")
+    steps: int = option(12, "optimizer steps (one rollout batch each); the default keeps `make demo` near 15 minutes on 2 cores (the step and lr sweep: docs/experiments/dr_grpo.md)")
+    prompts_per_step: int = option(16, "user contexts per step (verl data.train_batch_size)")
+    group_size: int = option(8, "pages sampled per context; Dr. GRPO's advantage baseline is the group mean")
+    lr: float = option(4e-4, "actor AdamW learning rate (constant)")
+    kl_coef: float = option(0.02, "weight of the KL-to-reference loss (actor.kl_loss_coef)")
+    kl_estimator: KlEstimator = option("low_var_kl", "KL estimator of the loss (verl kl_penalty): low_var_kl (k3), kl (k1), mse (k2), abs")
+    format_weight: float = option(1.0, "reward = RM score + format_weight * format score (<= 0 per violation)")
+    reward_rules: tuple[str, ...] = option((), "rules scored by the format reward instead of masked (e.g. [dedup]); the rest stay masks")
+    temperature: float = option(1.0, "sampling temperature of the rollouts")
+    max_page_tokens: int | None = option(None, "longest page in tokens, also Dr. GRPO's loss constant (loss_scale_factor); None: the policy checkpoint's page shape (max_rows x (1 + max_row_len) + [EOP]); a number must be at least that")
+    max_prompt_tokens: int | None = option(None, "longest prompt in tokens; None: the policy tokenizer's longest (9 + 4 per history action up to max_history + [PAGE]); a number must be at least that")
+    mask_logits: bool = option(True, "business-rule masks in vLLM (logits processor) and in the trainer's log-probs")
+    old_log_probs: Literal["rollout", "recompute"] = option("rollout", "PPO ratio's old policy: 'rollout' = vLLM's log-probs of the sampled pages (verl's rollout_correction.bypass_mode; same fp32 weights and masks, so no second forward pass; rollout_probs_diff_max then comes from the update's forward, rl/policy_loss.py), 'recompute' = verl's old-log-prob pass")
+    ppo_epochs: int = option(1, "passes over each rollout batch")
+    mini_batches: int = option(1, "optimizer steps per rollout batch (prompts_per_step must divide by it)")
+    grad_clip: float = option(1.0, "max gradient norm")
+    save_freq: int = option(10, "steps between verl checkpoints (resume from the latest with resume_mode=auto)")
+    eval_users: int = option(500, "held-out (test-split) logged contexts for the final evaluation")
+    prompt_source: Literal["logged", "environment"] = option("logged", "training prompts: 'logged' (contexts of train-split users in the logs) or 'environment' (fresh contexts the environment samples)")
+    eval_temperature: float = option(1.0, "sampling temperature of the evaluation pages (the trained policy samples)")
+    num_threads: int = option(2, "torch threads per process; verl's phases (rollout, log-probs, update) mostly take turns, so each may use every core of an idle machine (use 1 on a shared one; timings: docs/experiments/dr_grpo.md)")
+    wandb_project: str = option("genpage", "wandb project")
+    wandb_mode: WandbMode = option("offline", "offline (no account needed), online, or disabled")
+    extra_verl_overrides: tuple[str, ...] = option((), "raw Hydra overrides for verl, applied last (they win)")
 
     def __post_init__(self) -> None:
         problems = []
@@ -66,24 +71,36 @@ class DrGrpoConfig:
             problems.append(f"prompts_per_step ({self.prompts_per_step}) must be a multiple of mini_batches ({self.mini_batches})")
         if self.lr <= 0 or self.kl_coef < 0 or self.format_weight < 0:
             problems.append("lr must be > 0, kl_coef and format_weight >= 0")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            problems.append(f"kl_estimator {self.kl_estimator!r} unknown; known: {', '.join(KL_ESTIMATORS)}")
         from policies.rules import RULES
 
         if set(self.reward_rules) - set(RULES):
             problems.append(f"reward_rules {sorted(set(self.reward_rules) - set(RULES))} unknown; rules: {', '.join(RULES)}")
-        if self.max_page_tokens < 2 or self.max_prompt_tokens < 2:
-            problems.append("max_page_tokens and max_prompt_tokens must be >= 2")
+        if any(n is not None and n < 2 for n in (self.max_page_tokens, self.max_prompt_tokens)):
+            problems.append("max_page_tokens and max_prompt_tokens must be >= 2 (or None: from the policy checkpoint)")
         if self.temperature <= 0:
             problems.append("temperature must be > 0 (rollouts sample)")
-        if self.prompt_source not in ("logged", "environment"):
-            problems.append(f"prompt_source must be 'logged' or 'environment', got {self.prompt_source!r}")
-        if self.wandb_mode not in ("offline", "online", "disabled"):
-            problems.append(f"wandb_mode must be offline, online or disabled, got {self.wandb_mode!r}")
-        if self.old_log_probs not in ("rollout", "recompute"):
-            problems.append(f"old_log_probs must be 'rollout' or 'recompute', got {self.old_log_probs!r}")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+class SequenceLengths(NamedTuple):
+    """verl's and vLLM's sequence budgets, in tokens; `page` is also Dr. GRPO's loss constant."""
+
+    prompt: int  # longest prompt ([PAGE] included): verl data.max_prompt_length
+    page: int  # longest page ([EOP] included): data.max_response_length and actor.loss_scale_factor
+
+
+def sequence_lengths(cfg: DrGrpoConfig, shape, max_prompt_tokens: int) -> SequenceLengths:
+    """The budgets from their source, the policy checkpoint: its rules' page shape (`policies.rules.PageShape`)
+    and its tokenizer's longest prompt. A configured number may raise a budget, never cut one (verl would cut
+    prompts from the left and pages short, and the loss constant must bound every page)."""
+    page = shape.max_tokens
+    for name, need, have in (("max_page_tokens", page, cfg.max_page_tokens),
+                             ("max_prompt_tokens", max_prompt_tokens, cfg.max_prompt_tokens)):
+        if have is not None and have < need:
+            raise ValueError(f"{name}={have} is less than the policy checkpoint's {need} ({shape} / its tokenizer's "
+                             f"longest prompt): leave {name} unset (null) or set it to at least {need}")
+    return SequenceLengths(cfg.max_prompt_tokens or max_prompt_tokens, cfg.max_page_tokens or page)
 
 
 @dataclass(frozen=True)
@@ -122,10 +139,11 @@ def on_cpu() -> bool:
 
 
 def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, seed: int, cpu: bool,
-                   validate_before: bool = True) -> list[str]:
+                   lengths: SequenceLengths, validate_before: bool = True) -> list[str]:
     """Hydra overrides of verl's ppo_trainer.yaml for one seed's run.
 
     policy_dir: the checkpoint policy and reference start from (the pretrained one, rules attached);
+    lengths: the prompt and page budgets (`sequence_lengths`);
     validate_before: evaluate it on the held-out prompts before the first step (False when resuming, since the
     resumed policy is no longer the pretrained one, and when another seed of the run has validated it)."""
     abs_ = lambda p: str(Path(p).resolve())  # noqa: E731  (Ray workers do not share the driver's cwd)
@@ -135,8 +153,8 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
         f"data.train_files={abs_(paths.data / 'train.parquet')}",
         f"data.val_files={abs_(paths.data / 'valid.parquet')}",
         f"data.train_batch_size={cfg.prompts_per_step}",
-        f"data.max_prompt_length={cfg.max_prompt_tokens}",
-        f"data.max_response_length={cfg.max_page_tokens}",
+        f"data.max_prompt_length={lengths.prompt}",
+        f"data.max_response_length={lengths.page}",
         "data.truncation=left",
         "data.filter_overlong_prompts=False",
         "data.dataloader_num_workers=0",
@@ -157,7 +175,7 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
         "algorithm.norm_adv_by_std_in_grpo=False",
         "algorithm.use_kl_in_reward=False",
         "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum-norm",
-        f"actor_rollout_ref.actor.loss_scale_factor={cfg.max_page_tokens}",
+        f"actor_rollout_ref.actor.loss_scale_factor={lengths.page}",
         "actor_rollout_ref.actor.use_kl_loss=True",
         f"actor_rollout_ref.actor.kl_loss_coef={cfg.kl_coef}",
         f"actor_rollout_ref.actor.kl_loss_type={cfg.kl_estimator}",
@@ -179,7 +197,7 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
         f"actor_rollout_ref.actor.data_loader_seed={seed}",
         f"actor_rollout_ref.actor.fsdp_config.seed={seed}",
         # fp32 end to end: without an explicit mixed_precision verl's FSDP engine computes in bf16 (autocast),
-        # and the trainer's log-probs then differ from vLLM's fp32 ones (rollout_probs_diff_max ~1e-2).
+        # and the trainer's log-probs then differ from vLLM's fp32 ones (rollout_probs_diff_max: docs/experiments/dr_grpo.md).
         "actor_rollout_ref.actor.fsdp_config.model_dtype=fp32",
         "actor_rollout_ref.ref.fsdp_config.model_dtype=fp32",
         f"+actor_rollout_ref.actor.fsdp_config.mixed_precision={FP32}",
@@ -195,8 +213,8 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
         "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
         f"actor_rollout_ref.rollout.seed={seed}",
         f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={n_rollouts}",
-        f"actor_rollout_ref.rollout.max_model_len={cfg.max_prompt_tokens + cfg.max_page_tokens + 8}",
-        f"actor_rollout_ref.rollout.max_num_batched_tokens={max(4096, cfg.max_prompt_tokens + cfg.max_page_tokens + 8)}",
+        f"actor_rollout_ref.rollout.max_model_len={lengths.prompt + lengths.page + 8}",
+        f"actor_rollout_ref.rollout.max_num_batched_tokens={max(4096, lengths.prompt + lengths.page + 8)}",
         "actor_rollout_ref.rollout.agent.num_workers=1",
         # -- reward: our manager (RM + format reward; ground truth only logged) --------------------------
         "reward.num_workers=1",
@@ -256,7 +274,7 @@ def pretrained_validation(out: str | Path, seeds) -> tuple[int, Path] | None:
 
     The pretrained policy is validated once per run, before the first step of the first seed that starts from
     it: every seed starts from the same policy, and its held-out true reward varies little with the sampling
-    seed (the true reward is an expectation: three validations of 500 users, one per seed, had a std of 0.3%)."""
+    seed (the true reward is an expectation over each page's outcomes; docs/experiments/dr_grpo.md)."""
     for seed in seeds:
         path = RunPaths(Path(out), seed).run / "validation" / "0.jsonl"
         if path.exists():

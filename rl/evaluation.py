@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from policies.tokenizer import is_title_token
 from rl import page_metrics as pm
 from rl.config import DrGrpoConfig, RunPaths, pretrained_validation
 
@@ -49,7 +50,7 @@ def read_validation(path: Path) -> dict[str, np.ndarray]:
 
 def text_coverage(page_texts, n_entities: int) -> float:
     """Catalog coverage of pages given as token text (fallback tokens `ent:<...>` excluded)."""
-    shown = {t for text in page_texts for t in str(text).split() if t.startswith("ent:") and not t.startswith("ent:<")}
+    shown = {t for text in page_texts for t in str(text).split() if is_title_token(t)}
     return len(shown) / max(n_entities, 1)
 
 

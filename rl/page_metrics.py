@@ -11,6 +11,8 @@ from typing import Iterable
 
 import numpy as np
 
+from policies.tokenizer import ENTITY_PREFIX, is_title_token
+
 # Per-step metric names (logged by the trainer hook in rl/trainer.py; one definition for every consumer).
 RM_REWARD = "rollout/rm_reward"  # reward model score of the sampled pages
 FORMAT_REWARD = "rollout/format_reward"  # format score (<= 0), before its weight
@@ -33,11 +35,11 @@ EXTRA_VIOLATIONS_PREFIX = "violations/"
 
 
 def token_entity_index(token_names: list[str], entity_index: dict[str, int]) -> np.ndarray:
-    """[V] catalog index of each entity token ("ent:<id>"), -1 for other tokens and unknown titles."""
+    """[V] catalog index of each title token ("ent:<id>"), -1 for other tokens and titles not in entity_index."""
     out = np.full(len(token_names), -1, dtype=np.int64)
     for t, name in enumerate(token_names):
-        if name.startswith("ent:"):
-            out[t] = entity_index.get(name[4:], -1)
+        if is_title_token(name):
+            out[t] = entity_index.get(name[len(ENTITY_PREFIX):], -1)
     return out
 
 

@@ -3,14 +3,15 @@
 With `old_log_probs=rollout` (rl.config) verl skips its old-log-prob pass (`algorithm.rollout_correction.
 bypass_mode`): the log-probs vLLM returned with the sampled pages are the PPO ratio's denominator. That is the
 same quantity the pass would recompute, because sampler and trainer run the same fp32 weights with the same
-rule masks (they agree to ~1e-6). The check that they agree, `training/rollout_probs_diff_max`, which verl
+rule masks (up to float rounding). The check that they agree, `training/rollout_probs_diff_max`, which verl
 computes in the skipped pass, moves here: the update's forward computes the trainer's log-probs anyway, before
 any optimizer step of the batch.
 
 Registered with verl's policy-loss registry; the actor workers import this module through
 `actor_rollout_ref.model.external_lib` and select the loss with `actor.policy_loss.loss_mode`. (verl 0.9.1's
 bypass also sets `loss_mode=bypass_mode` on the driver's config, which the engine workers, configured at start,
-never see; they run the loss named here. Checked in a run: no `rollout_corr/*` metrics, `actor/ppo_kl` 0.)
+never see; they run the loss named here: a run shows no `rollout_corr/*` metrics and `actor/ppo_kl` 0, see
+docs/experiments/dr_grpo.md.)
 """
 
 from __future__ import annotations

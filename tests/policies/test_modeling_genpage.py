@@ -79,8 +79,8 @@ def test_fallback_replacement_only_in_training_and_only_for_entities_and_rows(mo
     assert (is_swapped | is_known).all()
     assert 0.35 < is_swapped.float().mean() < 0.65  # fallback_prob = 0.5
     assert torch.isclose(emb[400:], ctx, atol=1e-6).all()  # context tokens never replaced
-    with torch.no_grad():
-        torch.testing.assert_close(model.model.embed(x), model.model.embed(x))  # eval: deterministic
+    with torch.no_grad():  # eval: no replacement, all 400 copies of the title embed as the title itself
+        assert torch.isclose(model.model.embed(x)[0, :400], known, atol=1e-6).all()
 
 
 def test_add_cold_entities_uses_fallback_id_and_own_content(model):
@@ -157,3 +157,85 @@ def test_length_buckets_give_the_padded_batch_results_and_gradients():
     assert m.model.length_buckets(mask, {"use_cache": True}) is None
     assert m.model.length_buckets(mask[:20], {}) is None  # fewer than two groups of 16 rows
     assert m.model.length_buckets(torch.ones_like(mask), {}) is None  # nothing to save
+
+
+def _readout_case():
+    """One right-padded sequence [BOS] [PAGE] a b [PAD]: the page is positions 2 and 3; hidden [1, 5, 2]."""
+    ids = torch.tensor([[TOK.bos_id, TOK.page_id, 20, 21, TOK.pad_id]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    config = GenPageConfig(vocab_size=len(TOK), hidden_size=64, num_attention_heads=1, page_token_id=TOK.page_id,
+                           reward_mean=1.0, reward_std=2.0, feedback_rewards=[0.0, 2.0], thumbs_up_reward=1.0)
+    return ids, mask, config
+
+
+def linear(weight, bias):
+    layer = torch.nn.Linear(len(weight[0]), len(weight))
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(weight))
+        layer.bias.copy_(torch.tensor(bias))
+    return layer
+
+
+def test_entity_sum_readout_by_hand():
+    from policies.reward_heads import get_reward_readout
+
+    ids, mask, config = _readout_case()
+    hidden = torch.tensor([[[0.0, 1.0], [1.0, 1.0], [2.0, 1.0], [3.0, 1.0], [4.0, 1.0]]])  # h_t = (t, 1)
+    head = get_reward_readout("entity_sum")
+    assert head.outputs(config) == 1
+    with torch.no_grad():
+        out = head.read(linear([[1.0, 0.0]], [0.5]), hidden, ids, mask, config)  # reward_t = t + 0.5
+    # page positions 2, 3: 2.5 + 3.5 = 6; standardized (6 - 1) / 2 = 2.5
+    torch.testing.assert_close(out.token_rewards, torch.tensor([[0.0, 0.0, 2.5, 3.5, 0.0]]))
+    torch.testing.assert_close(out.logits, torch.tensor([[2.5]]))
+    assert out.feedback_logits is None
+
+
+def test_entity_feedback_readout_by_hand():
+    import math
+
+    from policies.reward_heads import get_reward_readout
+
+    ids, mask, config = _readout_case()
+    ln3 = math.log(3.0)
+    hidden = torch.tensor([[[5.0, 5.0], [5.0, 5.0], [ln3, 0.0], [0.0, ln3], [5.0, 5.0]]])
+    head = get_reward_readout("entity_feedback")
+    assert head.outputs(config) == 3  # two feedback types, then the thumbs-up
+    score = linear([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], [0.0, 0.0, 0.0])  # logits (0, h_0, h_1)
+    with torch.no_grad():
+        out = head.read(score, hidden, ids, mask, config)
+    # position 2: P(type 1) = 3/4 -> 0.75 * 2.0, thumbs-up 1/2 -> 0.5 * 1.0: 2.0
+    # position 3: P(type 1) = 1/2 -> 1.0, thumbs-up 3/4 -> 0.75: 1.75; page 3.75, standardized (3.75 - 1) / 2
+    torch.testing.assert_close(out.token_rewards, torch.tensor([[0.0, 0.0, 2.0, 1.75, 0.0]]))
+    torch.testing.assert_close(out.logits, torch.tensor([[1.375]]))
+    torch.testing.assert_close(out.feedback_logits, score(hidden).detach())  # every position, page or not
+    with pytest.raises(ValueError, match="needs config.feedback_rewards"):
+        head.outputs(GenPageConfig(vocab_size=10, hidden_size=64, num_attention_heads=1, page_token_id=3))
+
+
+def test_last_readout_by_hand_for_right_left_and_no_padding():
+    from policies.reward_heads import get_reward_readout
+
+    ids, mask, config = _readout_case()
+    hidden = torch.tensor([[[0.0, 1.0], [1.0, 1.0], [2.0, 1.0], [3.0, 1.0], [4.0, 1.0]]])
+    head, score = get_reward_readout("last"), linear([[1.0, 0.0]], [0.5])  # h_t -> t + 0.5
+    with torch.no_grad():
+        right = head.read(score, hidden, ids, mask, config)  # last attended position 3
+        left = head.read(score, hidden, ids, mask.flip(-1), config)  # [0, 1, 1, 1, 1]: position 4
+        unmasked = head.read(score, hidden, ids, None, config)
+    torch.testing.assert_close(right.logits, torch.tensor([[3.5]]))  # a scalar, not standardized again
+    torch.testing.assert_close(left.logits, torch.tensor([[4.5]]))
+    torch.testing.assert_close(unmasked.logits, torch.tensor([[4.5]]))
+    assert right.token_rewards is None and right.feedback_logits is None
+
+
+def test_an_unknown_reward_head_lists_the_known_ones():
+    from policies.reward_heads import get_reward_readout
+
+    known = r"known: \['entity_feedback', 'entity_sum', 'last'\]"
+    with pytest.raises(ValueError, match=known):
+        get_reward_readout("scalar")
+    with pytest.raises(ValueError, match=known):
+        GenPageForPageReward(GenPageConfig(vocab_size=10, hidden_size=64, num_attention_heads=1, reward_head="scalar"))
+    with pytest.raises(ValueError, match="needs config.page_token_id"):
+        GenPageForPageReward(GenPageConfig(vocab_size=10, hidden_size=64, num_attention_heads=1, reward_head="entity_sum"))

@@ -65,6 +65,9 @@ def test_history_is_truncated_to_most_recent_and_counted():
     ids = TOK.encode_context(context(history_len=8), stats)
     assert stats.truncated_history_actions == 3
     assert TOK.tokens[ids[9]] == f"ent:{ENTITIES[3]}"  # oldest kept is the 4th
+    # a full history is the longest prompt: 9 fixed tokens + 4 per action (max_history 5) + [PAGE] = 30
+    assert len(ids) == TOK.max_prompt_tokens == 30
+    assert len(TOK.encode_context(context(history_len=2))) < TOK.max_prompt_tokens
 
 
 def test_unknown_ids_map_to_fallbacks_and_are_counted():
@@ -146,3 +149,20 @@ def test_the_toy_vocabulary_is_what_the_toy_dataset_gives(small_world, tmp_path)
     pq.write_table(batch_to_table(next(small_world.iter_logs(50)), small_world), data.root / "logs" / "part-00000.parquet")
     dataset, table, _ = open_dataset(data.root)
     assert GenPageTokenizer.from_dataset(dataset, table).same_vocabulary(world_tokenizer(small_world)) is None
+
+
+def test_is_title_marks_catalog_titles_only_on_ints_arrays_and_tensors():
+    import numpy as np
+    import torch
+
+    from policies.tokenizer import is_title_token
+
+    by_text = np.array([is_title_token(t) for t in TOK.tokens])  # [V] from the token text
+    assert by_text.sum() == len(ENTITIES)  # the 4 entity fallbacks (ent:<unk...>) are not titles
+    ids = np.arange(-2, len(TOK) + 2)  # ids outside the vocabulary too
+    expected = np.r_[False, False, by_text, False, False]
+    np.testing.assert_array_equal(TOK.is_title(ids), expected)
+    assert torch.equal(TOK.is_title(torch.from_numpy(ids).view(2, -1)), torch.from_numpy(expected).view(2, -1))
+    title, fallback = TOK.vocab[f"ent:{ENTITIES[7]}"], TOK.vocab["ent:<unk_show>"]
+    assert TOK.is_title(title) is True and TOK.is_title(fallback) is False and TOK.is_title(TOK.eop_id) is False
+    assert not is_title_token("ent:<unk>") and not is_title_token("row:kids") and is_title_token(f"ent:{ENTITIES[0]}")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from policies.build import ModelSize, build_model
-from policies.modeling_genpage import expected_feedback_reward
+from policies.reward_heads import expected_feedback_reward
 from reward_model.data import EntityTargets, RewardNormalization, collate_pages
 from reward_model.scoring import PageRewardScorer
 from reward_model.training import build_reward_model, predict, reward_mse

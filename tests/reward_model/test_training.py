@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from reward_model.training import WeightAverage, feedback_nll
+from reward_model.heads import feedback_nll
+from reward_model.training import WeightAverage
 
 
 def test_weight_average_by_hand_and_swap_restores_live_weights():

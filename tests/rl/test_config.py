@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from homepage.config import ConfigError, load_config
-from rl.config import DrGrpoConfig, RunPaths, pretrained_validation, seed_run, verl_overrides
+from common.config import ConfigError, load_config
+from policies.rules import PageShape
+from rl.config import (DrGrpoConfig, RunPaths, SequenceLengths, pretrained_validation, seed_run, sequence_lengths,
+                       verl_overrides)
 
 ROOT = Path(__file__).parents[2]
 
@@ -29,14 +31,28 @@ def test_bad_values_say_how_to_fix(override, hint):
 def test_overrides_cpu_only_settings_and_masks(tmp_path):
     cfg = DrGrpoConfig(mask_logits=True, kl_coef=0.05, group_size=4)
     paths = RunPaths(tmp_path, seed=1)
-    gpu = verl_overrides(cfg, "m", paths, seed=1, cpu=False)
-    cpu = verl_overrides(cfg, "m", paths, seed=1, cpu=True)
+    lengths = SequenceLengths(prompt=90, page=55)
+    gpu = verl_overrides(cfg, "m", paths, seed=1, cpu=False, lengths=lengths)
+    cpu = verl_overrides(cfg, "m", paths, seed=1, cpu=True, lengths=lengths)
     assert "+actor_rollout_ref.model.override_config.mask_logits=True" in gpu
     assert "actor_rollout_ref.actor.kl_loss_coef=0.05" in gpu and "actor_rollout_ref.rollout.n=4" in gpu
     assert not any("fsdp2" in o or "ray_init.num_gpus" in o or "sleep_mode" in o for o in gpu)  # GPU: verl's defaults
     assert "actor_rollout_ref.actor.strategy=fsdp2" in cpu and "+ray_kwargs.ray_init.num_gpus=1" in cpu
     assert f"trainer.default_local_dir={(tmp_path / 'seed_1' / 'checkpoints').resolve()}" in gpu
     assert "trainer.resume_mode=auto" in gpu
+    assert "data.max_prompt_length=90" in gpu and "actor_rollout_ref.actor.loss_scale_factor=55" in gpu
+    assert "actor_rollout_ref.rollout.max_model_len=153" in gpu  # 90 + 55 + 8 spare
+
+
+def test_sequence_lengths_come_from_the_checkpoint_and_may_only_grow():
+    """6 rows x (1 row token + 8 titles) + [EOP] = 55; the prompt budget is the tokenizer's longest prompt."""
+    shape = PageShape(min_rows=3, max_rows=6, min_row_len=3, max_row_len=8)
+    assert sequence_lengths(DrGrpoConfig(), shape, 90) == SequenceLengths(prompt=90, page=55)
+    assert sequence_lengths(DrGrpoConfig(max_page_tokens=64, max_prompt_tokens=100), shape, 90) == (100, 64)
+    with pytest.raises(ValueError, match="max_page_tokens=54 is less than .* 55"):
+        sequence_lengths(DrGrpoConfig(max_page_tokens=54), shape, 90)
+    with pytest.raises(ValueError, match="max_prompt_tokens=80 .* at least 90"):
+        sequence_lengths(DrGrpoConfig(max_prompt_tokens=80), shape, 90)
 
 
 def test_pretrained_policy_validated_once_per_run(tmp_path):

@@ -7,14 +7,16 @@ import torch
 
 pytest.importorskip("verl")
 
-from rl.config import DrGrpoConfig, RunPaths, compose_verl_config, verl_overrides  # noqa: E402
+from rl.config import DrGrpoConfig, RunPaths, SequenceLengths, compose_verl_config, verl_overrides  # noqa: E402
+
+LENGTHS = SequenceLengths(prompt=90, page=55)  # the default world's: 6 rows x (1 + 8 titles) + [EOP]
 
 
 @pytest.fixture(scope="module")
 def verl_cfg(tmp_path_factory):
-    cfg = DrGrpoConfig(max_page_tokens=55)
     paths = RunPaths(tmp_path_factory.mktemp("run"), seed=0)
-    return compose_verl_config(verl_overrides(cfg, "runs/pretrain/model", paths, seed=0, cpu=True))
+    return compose_verl_config(verl_overrides(DrGrpoConfig(), "runs/pretrain/model", paths, seed=0, cpu=True,
+                                              lengths=LENGTHS))
 
 
 def test_config_selects_dr_grpo(verl_cfg):
@@ -33,7 +35,8 @@ def test_config_selects_dr_grpo(verl_cfg):
 
 def test_recompute_keeps_verls_old_log_prob_pass(tmp_path):
     cfg = DrGrpoConfig(old_log_probs="recompute")
-    c = compose_verl_config(verl_overrides(cfg, "runs/pretrain/model", RunPaths(tmp_path, 0), seed=0, cpu=True))
+    c = compose_verl_config(verl_overrides(cfg, "runs/pretrain/model", RunPaths(tmp_path, 0), seed=0, cpu=True,
+                                           lengths=LENGTHS))
     assert c.algorithm.rollout_correction.bypass_mode is False
     assert c.actor_rollout_ref.actor.policy_loss.loss_mode == "vanilla"
 

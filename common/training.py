@@ -1,4 +1,4 @@
-"""Training utilities shared by the pretraining and reward-model recipes: checkpoints with resume, the
+"""Training utilities every training stage shares: checkpoints with resume, the
 learning-rate schedule, wandb setup (offline by default)."""
 
 from __future__ import annotations
