@@ -5,17 +5,27 @@ verl resolves its platform once per process (`verl.plugin.platform.get_platform`
 workers, reward workers) first imports the modules listed in `VERL_USE_EXTERNAL_MODULES`; the recipe sets
 both (`cpu_env()`), so this module registers the "cpu" platform and applies the CPU shims (`rl.cpu_shims`)
 in each of them. On a GPU machine the env is not set and nothing here runs.
+
+Written against verl 0.9.1 (`verl/plugin/platform/platform_base.py`: the methods `PlatformCPU` overrides, and the
+`VERL_USE_EXTERNAL_MODULES` import in `verl/__init__.py`). Retire when verl ships a CPU platform of its own;
+`CPU_PLATFORM` says the same for `rl.cpu_shims.apply_all`'s version check, and its canary is asserted in
+tests/rl/test_cpu_shims.py. This module patches nothing of verl's; it only registers a class and installs one
+narrow warnings filter (`quiet_optional_engine_warnings`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import types
+import warnings
 from typing import Any, Optional
 
 import torch
 from verl.plugin.platform import PlatformBase, PlatformRegistry
+
+from rl.cpu_shims import VERL, UpstreamPin
 
 PLATFORM_NAME = "cpu"
 
@@ -191,7 +201,36 @@ class PlatformCPU(PlatformBase):
         return None
 
 
+def verl_ships_no_cpu_platform() -> bool:
+    """Canary: no platform verl registers itself is named "cpu", and verl has no `platform_cpu` module."""
+    builtin_cpu = any(name == PLATFORM_NAME and PlatformRegistry.get(name).__module__.startswith("verl.")
+                      for name in PlatformRegistry.registered_names())
+    return not builtin_cpu and importlib.util.find_spec("verl.plugin.platform.platform_cpu") is None
+
+
+CPU_PLATFORM = UpstreamPin(
+    name="rl.cpu_platform.PlatformCPU",
+    written_against={"verl": VERL},
+    retire_when="verl ships a CPU platform of its own (a built-in 'cpu' entry in PlatformRegistry); then drop this "
+                "module and the VERL_USE_EXTERNAL_MODULES entry of cpu_env(), keeping the shims' import",
+    canary=verl_ships_no_cpu_platform,
+)
+
+# verl's engine registry tries every optional training backend at import and warns for each one that is not
+# installed, in every process that imports it (task runner, each FSDP worker, the vLLM server...). GenPage uses
+# verl's FSDP engine (`strategy=fsdp2`), which is always there; the others are separate installs it never asks
+# for, and a config that named one would still fail with verl's own error when the engine is looked up.
+OPTIONAL_ENGINES = ("torchtitan", "veomni", "automodel", "mindspeed", "megatron")
+
+
+def quiet_optional_engine_warnings() -> None:
+    """Ignores exactly verl's "<engine> engine is not available" UserWarnings for `OPTIONAL_ENGINES`."""
+    warnings.filterwarnings("ignore", message=rf"({'|'.join(OPTIONAL_ENGINES)}) engine is not available: ",
+                            category=UserWarning, module=r"verl\.workers\.engine")
+
+
 if os.environ.get("VERL_PLATFORM", "").strip().lower() == PLATFORM_NAME:
     from rl import cpu_shims
 
-    cpu_shims.apply_all()
+    quiet_optional_engine_warnings()
+    cpu_shims.apply_all(also=(CPU_PLATFORM,))

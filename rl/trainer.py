@@ -11,7 +11,8 @@ algorithm changes.
 
 `GenPageTaskRunner` is verl's `TaskRunner.run` (verl/trainer/main_ppo_v0.py, 0.9.1) with the trainer class
 swapped, plus a loop over seeds that reuses the workers; `verl.trainer.main_ppo.run_ppo(config,
-GenPageTaskRunner)` runs it.
+GenPageTaskRunner)` runs it. The copy is pinned to verl 0.9.1 (`TASK_RUNNER_COPY`, checked in
+tests/rl/test_cpu_shims.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import ray
 from verl.trainer.main_ppo_v0 import BaseTaskRunner
 from verl.trainer.ppo.ray_trainer import RayPPOTrainer
 
+from policies.tokenizer import is_title_token
 from rl import page_metrics as pm
+from rl.cpu_shims import VERL, UpstreamPin, warn_if_versions_differ
 
 
 def step_page_metrics(batch, entity_token: np.ndarray) -> dict[str, float]:
@@ -62,7 +65,7 @@ class GenPagePPOTrainer(RayPPOTrainer):
         actor_output = super()._update_actor(batch)
         if self._entity_token is None:
             names = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
-            self._entity_token = np.array([n.startswith("ent:") and not n.startswith("ent:<") for n in names])
+            self._entity_token = np.array([is_title_token(n) for n in names])
         metrics = actor_output.meta_info["metrics"]
         metrics.update(step_page_metrics(batch, self._entity_token))
         metrics.update(old_log_prob_pass_metrics(metrics))
@@ -88,13 +91,53 @@ def _finish_tracking() -> None:
         wandb.teardown()
 
 
+def verl_task_runner_builds_its_own_trainer() -> bool:
+    """Canary: verl's `TaskRunner.run` still takes only the config and constructs `RayPPOTrainer` itself, so
+    swapping the trainer class still means copying the method."""
+    import inspect
+
+    from verl.trainer.main_ppo_v0 import TaskRunner
+
+    run = TaskRunner.__ray_actor_class__.run
+    params = [p for p in inspect.signature(run).parameters if not p.startswith("_ray")]  # Ray adds _ray_trace_ctx
+    return params == ["self", "config"] and "RayPPOTrainer(" in inspect.getsource(run)
+
+
+def verl_task_runner_source_sha256() -> str:
+    """sha256 of the source of verl's installed `TaskRunner.run`: equal to `COPIED_RUN_SHA256` while the copy below
+    still follows it."""
+    import hashlib
+    import inspect
+
+    from verl.trainer.main_ppo_v0 import TaskRunner
+
+    return hashlib.sha256(inspect.getsource(TaskRunner.__ray_actor_class__.run).encode()).hexdigest()
+
+
+COPIED_RUN_SHA256 = "95ebfb4a9286d46aef2897e244e0f6ca9bdee241c94b0c5c032960ff4b9bfe82"  # verl 0.9.1's TaskRunner.run
+
+TASK_RUNNER_COPY = UpstreamPin(
+    name="rl.trainer.GenPageTaskRunner.run",
+    written_against={"verl": VERL},
+    retire_when="verl's TaskRunner.run takes the trainer class (or splits its worker and dataset set-up from "
+                "building the trainer), so GenPageTaskRunner can call it instead of repeating it",
+    canary=verl_task_runner_builds_its_own_trainer,
+)
+
+
 @ray.remote
 class GenPageTaskRunner(BaseTaskRunner):
     """verl's TaskRunner (main_ppo_v0.py) building `GenPagePPOTrainer`, and training several seeds in one
     session when `config.genpage.seed_runs` lists them (`rl.config.seed_run`): workers, vLLM server and reward
     workers start once; each seed starts from the pretrained policy (an initial checkpoint saved before any
     training, with a fresh optimizer) or resumes from its own latest checkpoint, with its own data order,
-    checkpoint directory, validation dumps, metrics file and wandb run."""
+    checkpoint directory, validation dumps, metrics file and wandb run.
+
+    `run` up to `trainer.init_workers()` is a copy of verl 0.9.1's `TaskRunner.run` (its source hash is
+    `COPIED_RUN_SHA256`), less its config print-out, its `add_ref_policy_worker` call (a no-op in 0.9.1) and
+    its `*_max_samples` (GenPage sets none: -1, all rows). Retire the copy when
+    verl's `TaskRunner.run` takes the trainer class (or splits its set-up from building the trainer); the seed
+    loop stays. On another verl version `run` warns (`TASK_RUNNER_COPY`)."""
 
     def run(self, config):
         import os
@@ -106,6 +149,7 @@ class GenPageTaskRunner(BaseTaskRunner):
         from verl.utils.dataset.rl_dataset import collate_fn
         from verl.workers.config import HFModelConfig
 
+        warn_if_versions_differ((TASK_RUNNER_COPY,))
         OmegaConf.resolve(config)
         _, ray_worker_group_cls = self.add_actor_rollout_worker(config)
         self.add_critic_worker(config)
