@@ -6,7 +6,7 @@ VLLM_EXTRA ?= cpu
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(VLLM_EXTRA)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests -q
+
+# The development tier: everything but the tests that start a vLLM engine, Ray / a verl run or a recipe subprocess
+# (the pytest markers engine, ray and recipe in pyproject.toml); a couple of minutes here.
+test-fast: setup
+	$(PY) -m pytest tests -q -m "not engine and not ray and not recipe"
 
 # Every benchmark, one after another (they must run alone: they time a 2-core machine), then the docs table.
 bench: setup

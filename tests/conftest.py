@@ -1,11 +1,9 @@
 import dataclasses
 
-import numpy as np
 import pytest
 
-from homepage.world import World, WorldConfig
-
-SMALL = WorldConfig(seed=3, n_entities=120, n_users=200, n_impressions=600, batch_size=256)
+from homepage.world import World
+from tests.toy import SMALL
 
 
 @pytest.fixture(scope="session")
@@ -20,16 +18,14 @@ def controlled_world() -> World:
     return World.generate(dataclasses.replace(SMALL, seed=11))
 
 
-def neutralize(world: World, user: int, entities: np.ndarray) -> None:
-    """Makes `entities` equally liked by `user`: same hidden factors, quality, popularity, language;
-    not new, not watched. Content embeddings are left for the test to set."""
-    c, u = world.catalog, world.users
-    c.latent[entities] = c.latent[entities[0]]
-    c.quality[entities] = 0.5
-    c.popularity[entities] = 1.0
-    c.language[entities] = u.language[user]
-    c.release_day[entities] = -1000
-    c.maturity[entities] = 0
-    u.resume[user, entities] = False
-    u.completed[user, entities] = False
-    u.profile_type[user] = 0
+# Fixtures that start a vLLM engine (tests/policies/conftest.py): a test that uses one, directly or through
+# another fixture, is an `engine` test even when its body looks cheap; the fast tier deselects those.
+ENGINE_FIXTURES = {"generation_llm"}
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [item.nodeid for item in items
+                if ENGINE_FIXTURES & set(item.fixturenames) and item.get_closest_marker("engine") is None]
+    if unmarked:
+        raise pytest.UsageError("these tests use a fixture that starts a vLLM engine; mark them "
+                                "@pytest.mark.engine:\n  " + "\n  ".join(unmarked))

@@ -1,4 +1,5 @@
-"""The toy world's vocabularies and dataset directory, for tests that build tokenizers and rulesets by hand."""
+"""The toy world's vocabularies and dataset directory, for tests that build tokenizers and rulesets by hand; and
+the config of the small world the tests share (tests/conftest.py's `small_world`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import numpy as np
 
 from homepage.catalog import ENTITY_TYPES, LANGUAGES, ROW_IDS
 from homepage.users import ACTIONS, DEVICES, PROFILE_TYPES
-from homepage.world import DAY_OF_WEEK_EDGES, DAYS_AGO_EDGES, HOUR_EDGES, PARTIAL_WATCH, WATCH_FRACTION_EDGES
+from homepage.world import (DAY_OF_WEEK_EDGES, DAYS_AGO_EDGES, HOUR_EDGES, PARTIAL_WATCH, WATCH_FRACTION_EDGES,
+                            WorldConfig)
 from policies.tokenizer import ContextVocab, GenPageTokenizer
+
+# small but complete (all rows populated): the world of the `small_world` and `controlled_world` fixtures
+SMALL = WorldConfig(seed=3, n_entities=120, n_users=200, n_impressions=600, batch_size=256)
 
 # what ContextVocab.from_schema gives for the toy dataset (world.dataset_schema)
 TOY_VOCAB = ContextVocab(LANGUAGES, PROFILE_TYPES, DEVICES, ACTIONS, HOUR_EDGES, DAY_OF_WEEK_EDGES, DAYS_AGO_EDGES,

@@ -176,6 +176,19 @@ def write(root: str | Path, n_titles: int = 1500, n_users: int = 3000, n_impress
     return root
 
 
+class FamilySafeShare:
+    """A stand-in ground truth, plugged by dotted path (`tests.datasets.music:FamilySafeShare`; the dataset
+    declares none): a page's "true reward" is its number of family-safe titles."""
+
+    def __init__(self, dataset):
+        ids = dataset.entity_ids
+        safe = dataset.catalog.column("family_safe").to_pylist()
+        self.safe = {e for e, s in zip(ids, safe) if s}
+
+    def true_page_reward(self, contexts, pages):
+        return np.array([sum(e in self.safe for e in p.entity_ids) for p in pages], dtype=np.float64)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir")

@@ -5,7 +5,7 @@ import numpy as np
 from homepage.catalog import ROW_IDS, genre_row_id
 from homepage.pages import PageBatch
 from homepage.users import Requests
-from tests.conftest import neutralize
+from homepage.world import World
 
 
 def one_request(hour=20, dow=2, device=0) -> Requests:
@@ -24,6 +24,21 @@ def page(rows: list[tuple[str, list[int]]], L: int = 8) -> PageBatch:
 def orthonormal(n: int, d: int, seed: int = 0) -> np.ndarray:
     q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))
     return q[:n].astype(np.float32)
+
+
+def neutralize(world: World, user: int, entities: np.ndarray) -> None:
+    """Makes `entities` equally liked by `user`: same hidden factors, quality, popularity, language;
+    not new, not watched. Content embeddings are left for the test to set."""
+    c, u = world.catalog, world.users
+    c.latent[entities] = c.latent[entities[0]]
+    c.quality[entities] = 0.5
+    c.popularity[entities] = 1.0
+    c.language[entities] = u.language[user]
+    c.release_day[entities] = -1000
+    c.maturity[entities] = 0
+    u.resume[user, entities] = False
+    u.completed[user, entities] = False
+    u.profile_type[user] = 0
 
 
 def equal_distinct_titles(world, user: int, ents: np.ndarray) -> None:

@@ -141,7 +141,7 @@ def test_environments_load_by_dotted_path_or_not_at_all(source):
     ds = load_dataset(source)
     assert ds.schema.environment is None
     assert load_environment("", ds) is None and load_environment("auto", ds) is None  # the dataset declares none
-    env = load_environment("tests.recipes.test_foreign_dataset:FamilySafeShare", ds)
+    env = load_environment("tests.datasets.music:FamilySafeShare", ds)
     assert env.true_page_reward([], []).shape == (0,)
     with pytest.raises(ValueError, match="cannot be imported"):
         load_environment("tests.nowhere:Truth", ds)

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from homepage.rewards import ABANDON, BINGE, FEEDBACK_TYPES, LONG_PLAY, NONE, SHORT_PLAY, RewardConfig, entity_rewards, page_reward
+from homepage.rewards import (ABANDON, BINGE, FEEDBACK_INDEX, FEEDBACK_TYPES, LONG_PLAY, NONE, SHORT_PLAY, RewardConfig,
+                              entity_rewards, page_reward)
 
 
 def test_reward_ordering_binge_long_short_none_abandon():
@@ -29,6 +30,13 @@ def test_misordered_reward_config_is_rejected_with_fix():
         RewardConfig(thumbs_up=-1)
 
 
-def test_feedback_codes_are_stable():
-    # The log schema stores names, but code order is used by the simulator; appending only.
-    assert FEEDBACK_TYPES[:5] == ("none", "abandon", "short_play", "long_play", "binge")
+def test_each_feedback_code_indexes_the_reward_of_its_name():
+    """The logs store feedback names; the simulator and `feedback_values` use codes (positions in FEEDBACK_TYPES):
+    a reordered FEEDBACK_TYPES, code constants or value table would pay one feedback type another's reward."""
+    cfg = RewardConfig(binge=5.0, long_play=3.0, short_play=1.0, abandon=-2.0)
+    by_name = {"none": 0.0, "abandon": -2.0, "short_play": 1.0, "long_play": 3.0, "binge": 5.0}  # the config above
+    assert set(FEEDBACK_TYPES) == set(by_name)
+    codes = np.array([FEEDBACK_INDEX[name] for name in by_name])
+    np.testing.assert_array_equal(cfg.feedback_values()[codes], list(by_name.values()))
+    np.testing.assert_array_equal(entity_rewards(codes, np.zeros(5, dtype=bool), cfg), list(by_name.values()))
+    assert [FEEDBACK_TYPES[c] for c in (NONE, ABANDON, SHORT_PLAY, LONG_PLAY, BINGE)] == list(by_name)

@@ -3,10 +3,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from homepage.catalog import CONTINUE_WATCHING, GENRES, KIDS, NEW_RELEASES, ROW_IDS, TRENDING
+from homepage.catalog import CONTINUE_WATCHING, GENRES, KIDS, MATURITY, NEW_RELEASES, ROW_IDS, TRENDING, Catalog
 from homepage.logs import batch_to_table
 from homepage.world import World, WorldConfig, batch_from_table
-from tests.conftest import SMALL
+from tests.toy import SMALL
 
 
 def test_generation_is_deterministic_under_a_seed(small_world):
@@ -113,8 +113,34 @@ def test_world_config_rejects_bad_values():
         dataclasses.replace(SMALL.logging_policy, min_rows=5, max_rows=2)
 
 
-def test_genre_rows_exist_for_every_genre():
-    assert [r for r in ROW_IDS if r.startswith("genre_")] == [f"genre_{g}" for g in GENRES]
+def test_row_eligibility_of_a_hand_made_catalog_follows_each_rows_category():
+    """Rows looked up by name (ROW_IDS.index), so a genre row reading another genre's column, or a special row
+    reading the wrong flag, fails here."""
+    n, g = 3, len(GENRES)
+    genres = np.zeros((n, g), dtype=bool)
+    genres[0, [GENRES.index("comedy"), GENRES.index("family")]] = True
+    genres[1, GENRES.index("horror")] = True
+    genres[2, GENRES.index("drama")] = True
+    c = Catalog(entity_ids=["movie_0", "movie_1", "show_2"], entity_type=np.array([0, 0, 1], np.int8), genres=genres,
+                maturity=np.array([MATURITY.index("kids"), MATURITY.index("mature"), MATURITY.index("teen")], np.int8),
+                release_day=np.array([-5, -100, -29], np.int32), popularity=np.ones(n, np.float32),
+                language=np.zeros(n, np.int8), runtime_min=np.full(n, 90.0, np.float32),
+                content_emb=np.eye(n, dtype=np.float32), latent=np.zeros((n, 2), np.float32),
+                quality=np.zeros(n, np.float32), trending=np.array([True, False, False]), new_title_days=30)
+    elig = c.row_static_eligibility()
+    assert elig.shape == (len(ROW_IDS), 3)
+    row = lambda row_id: elig[ROW_IDS.index(row_id)].tolist()
+    # genre rows: each title's own genres (title 0 is comedy and family, 1 horror, 2 drama)
+    assert row("genre_comedy") == row("genre_family") == [True, False, False]
+    assert row("genre_horror") == [False, True, False] and row("genre_drama") == [False, False, True]
+    assert row("genre_action") == [False, False, False]
+    # special rows: new = released within 30 days (-5 and -29 yes, -100 no); kids = maturity "kids" only;
+    # Continue Watching is narrowed per user later, so every title here
+    assert row(NEW_RELEASES) == [True, False, True] and row(KIDS) == [True, False, False]
+    assert row(TRENDING) == [True, False, False] and row(CONTINUE_WATCHING) == [True, True, True]
+    row_genre = c.row_genre()
+    assert row_genre[ROW_IDS.index("genre_horror")] == GENRES.index("horror") == 4
+    assert [row_genre[ROW_IDS.index(r)] for r in (CONTINUE_WATCHING, TRENDING, NEW_RELEASES, KIDS)] == [-1] * 4
 
 
 def test_batch_from_table_refuses_ids_outside_the_world(small_world):

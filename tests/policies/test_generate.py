@@ -1,7 +1,8 @@
 """The page generation API on an untrained tiny GenPage: hybrid row decoding with k >= row length is plain
 decoding (greedy, vLLM and HF); a fill is the top allowed titles at the fill point and costs k + 2 decode
 steps per row; hybrid, sampled and paginated pages never break a mask rule; the HF loop is HF `generate`;
-the CLI prints readable pages. One vLLM engine for the module (~30 s to start)."""
+the CLI prints readable pages. The vLLM backend runs on the session's `generation_llm` (tests/policies/conftest.py);
+the tests that use it are `engine` tests."""
 
 import subprocess
 import sys
@@ -13,22 +14,23 @@ import torch
 from policies.generate import PageGenerator
 from policies.hf_generation import generate_pages_hf
 from policies.hybrid import NO_LIMIT, HybridConfig, control_logits
-from tests.policies.test_rules import SHAPE
-from tests.policies.test_vllm_rules import sample_prompts, tiny_checkpoint
+from tests.policies.helpers import SHAPE, sample_prompts
+from tests.toy import world_dataset
+
+# The vLLM cases run on the session's engine; the first engine test of a session also starts it.
+VLLM = [pytest.mark.engine, pytest.mark.timeout(60)]
+BACKENDS = [pytest.param("vllm", marks=VLLM), "hf"]
 
 
 @pytest.fixture(scope="module")
-def setup(small_world, tmp_path_factory):
-    model_dir, model, tok, rules = tiny_checkpoint(small_world, tmp_path_factory.mktemp("generate"))
+def setup(small_world, tiny_genpage):
+    model_dir, model, tok, rules = tiny_genpage
     return model_dir, model, tok, rules, sample_prompts(small_world, tok)
 
 
 @pytest.fixture(scope="module")
-def vllm_gen(setup):
-    model_dir = setup[0]
-    gen = PageGenerator(model_dir, backend="vllm", seed=0)
-    yield gen
-    del gen.llm
+def vllm_gen(setup, generation_llm):
+    return PageGenerator(setup[0], backend="vllm", seed=0, llm=generation_llm)
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +80,8 @@ def test_hf_loop_is_hf_generate_and_hybrid_with_k_at_row_length_is_plain(setup, 
     assert pages_of(hf_gen.decode(prompts, hybrid=HybridConfig(fill_k=SHAPE.max_row_len))) == want
 
 
+@pytest.mark.engine
+@pytest.mark.timeout(60)
 def test_vllm_hybrid_with_k_at_row_length_is_plain_vllm_decoding(setup, vllm_gen):
     from policies import vllm_engine
 
@@ -124,6 +128,8 @@ def test_hf_hybrid_fills_rows_with_the_best_allowed_titles(setup, hf_gen, k):
     check_fills(model, rules, prompts, results, k, SHAPE.max_row_len)
 
 
+@pytest.mark.engine
+@pytest.mark.timeout(60)
 def test_vllm_hybrid_fills_rows_with_the_best_allowed_titles(setup, vllm_gen):
     _, model, _, rules, prompts = setup
     k, target = 1, 4
@@ -132,7 +138,7 @@ def test_vllm_hybrid_fills_rows_with_the_best_allowed_titles(setup, vllm_gen):
     check_fills(model, rules, prompts, results, k, target, tol=1e-4)  # vLLM vs HF logits: ~1e-5 apart
 
 
-@pytest.mark.parametrize("backend", ["vllm", "hf"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_sampled_hybrid_pages_obey_the_rules_and_vary(setup, request, backend):
     _, _, tok, rules, prompts = setup
     gen = request.getfixturevalue(f"{backend}_gen")
@@ -143,7 +149,7 @@ def test_sampled_hybrid_pages_obey_the_rules_and_vary(setup, request, backend):
     assert sum(len({tuple(r.page_ids) for r in res}) > 1 for res in results) > len(prompts) // 2
 
 
-@pytest.mark.parametrize("backend", ["vllm", "hf"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_one_row_at_a_time_with_row_limits_rebuilds_the_plain_page(setup, request, backend):
     """Greedy: a chunk stops exactly where the model would open another row, so continuing chunk by chunk
     from the same prompt writes the plain page."""
@@ -161,6 +167,8 @@ def test_one_row_at_a_time_with_row_limits_rebuilds_the_plain_page(setup, reques
     assert pages == want
 
 
+@pytest.mark.engine
+@pytest.mark.timeout(60)
 def test_generate_returns_structured_pages(small_world, setup, vllm_gen):
     from homepage.world import world_contexts
 
@@ -181,7 +189,6 @@ def test_cli_prints_readable_pages(small_world, setup, tmp_path):
     import pyarrow.parquet as pq
 
     from homepage.logs import batch_to_table
-    from tests.toy import world_dataset
 
     model_dir = setup[0]
     data = tmp_path / "data"  # the world as a dataset directory, with logs to take held-out contexts from

@@ -12,8 +12,7 @@ from policies.generate import PageGenerator
 from policies.hybrid import HybridConfig
 from homepage.world import SimulatorEnvironment, session_actions, world_contexts
 from policies.pagination import paginate
-from tests.policies.test_generate import tiny_checkpoint
-from tests.policies.test_rules import SHAPE
+from tests.policies.helpers import SHAPE, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from homepage.catalog import CONTINUE_WATCHING, GENRES, KIDS, MATURITY, NEW_RELEASES, TRENDING
-from homepage.world import world_contexts
 from policies.hybrid import allowed_fill
-from policies.rules import MODES, RULES, PageShape, RuleConfig, RuleModes, RuleSet, build_ruleset
+from policies.rules import MODES, RULES, RuleConfig, RuleModes, RuleSet, build_ruleset
 from policies.rules_reference import reference_allowed, reference_rule_masks
+from tests.policies.helpers import CONFIG, SHAPE, prompt_of, walk
 from tests.toy import world_dataset, world_tokenizer
-
-SHAPE = PageShape(min_rows=2, max_rows=4, min_row_len=3, max_row_len=5)
-CONFIG = RuleConfig(shape=SHAPE, pinned_rows={TRENDING: 0}, critical_rows={CONTINUE_WATCHING: 3})
 
 
 @pytest.fixture(scope="module")
@@ -28,25 +25,6 @@ def setup(small_world, tmp_path_factory):
     tok = world_tokenizer(small_world)
     rules = build_ruleset(tok, world_dataset(small_world, path), CONFIG)
     return small_world, tok, rules, path
-
-
-def prompt_of(world, tok, user: int, seed: int = 0) -> list[int]:
-    req = world.sample_requests(np.random.default_rng(seed), np.array([user]))
-    return tok.encode_context(world_contexts(world, np.array([user]), req)[0])
-
-
-def walk(rules, tok, prompt, rng, max_len=60, noise=0.0):
-    """Writes a page choosing among allowed tokens (or, with probability `noise`, any token)."""
-    page = []
-    for _ in range(max_len):
-        allowed = rules.allowed_step([prompt], [page])[0].numpy()
-        assert allowed.any(), f"dead end after {page}"
-        pool = np.arange(len(tok)) if rng.random() < noise else np.flatnonzero(allowed)
-        t = int(rng.choice(pool))
-        page.append(t)
-        if t == tok.eop_id:
-            break
-    return page
 
 
 def check_page(world, tok, user: int, page: list[int]) -> list[str]:

@@ -7,6 +7,9 @@ import torch
 from policies.build import ModelSize, build_model
 from tests.toy import toy_tokenizer
 
+# One engine for the module, on its own 2-layer checkpoint; the first test's timeout includes starting it.
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(60)]
+
 ENTITIES = [f"{t}_{i:04d}" for i, t in enumerate(["movie", "show", "game"] * 20)]
 
 

@@ -1,50 +1,25 @@
 """The rule mask in vLLM (the logits processor from the `vllm.logits_processors` entry point) on an untrained
 GenPage: no mask-rule violation in sampled or greedy pages, the same pages unmasked do violate, and vLLM's
-sampling log-probs equal the HF log-probs with the mask replayed in forward."""
+sampling log-probs equal the HF log-probs with the mask replayed in forward. The engine is the session's
+`generation_llm` (PageGenerator's engine: the hybrid processor beside the entry-point one acts only on requests
+that ask for it)."""
 
 
 import numpy as np
 import pytest
 import torch
 
-from policies.build import ModelSize, build_model
 from policies.rules import build_ruleset
-from tests.policies.test_rules import CONFIG, prompt_of
-from homepage.catalog import ENTITY_TYPES
-from tests.toy import toy_tokenizer, world_dataset, world_tokenizer
-
-
-def tiny_checkpoint(world, directory, max_history: int = 20):
-    """An untrained 1-layer GenPage with the test rules (2-4 rows of 3-5 titles, trending pinned first,
-    Continue Watching within 3 rows) saved with its tokenizer."""
-    c = world.catalog
-    tok = toy_tokenizer(c.entity_ids, max_history, [ENTITY_TYPES[t] for t in c.entity_type])
-    rules = build_ruleset(tok, world_dataset(world, directory / "data"), CONFIG)
-    rng = np.random.default_rng(0)
-    content = {e: rng.normal(size=8).astype(np.float32) for e in c.entity_ids}
-    model = build_model(tok, content, ModelSize(hidden_size=128, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128)).eval()
-    model.config.business_rules = rules.to_dict()
-    model.save_pretrained(directory / "model")
-    tok.save_pretrained(directory / "model")
-    return directory / "model", model, tok, rules
-
-
-def sample_prompts(world, tok):
-    users = np.concatenate([np.flatnonzero(world.users.profile_type == 1)[:6], np.arange(18)])  # kids profiles too
-    return [prompt_of(world, tok, int(u), seed=i) for i, u in enumerate(users)]
+from tests.policies.helpers import CONFIG, prompt_of, walk
+from tests.toy import world_dataset, world_tokenizer
 
 
 @pytest.fixture(scope="module")
-def setup(small_world, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("vllm_rules")
-    model_dir, model, tok, rules = tiny_checkpoint(small_world, tmp, max_history=small_world.config.history_max)
+def setup(small_world, tiny_genpage, generation_llm):
+    _, model, tok, rules = tiny_genpage
     users = np.concatenate([np.flatnonzero(small_world.users.profile_type == 1)[:8], np.arange(24)])  # kids profiles too
     prompts = [prompt_of(small_world, tok, int(u), seed=i) for i, u in enumerate(users)]
-    from policies import vllm_engine
-
-    llm = vllm_engine.make_llm(model_dir, seed=0, logprobs_mode="processed_logprobs")
-    yield model, tok, rules, prompts, llm
-    del llm
+    return model, tok, rules, prompts, generation_llm
 
 
 def sample(llm, tok, prompts, temperature, n, masked=True):
@@ -56,6 +31,8 @@ def sample(llm, tok, prompts, temperature, n, masked=True):
     return [p for p, o in zip(prompts, out) for _ in o], [s["token_ids"] for o in out for s in o], [s["logprobs"] for o in out for s in o]
 
 
+@pytest.mark.engine
+@pytest.mark.timeout(60)  # the first engine test of a session also starts the engine
 def test_masked_vllm_pages_never_break_a_mask_rule_and_unmasked_ones_do(setup):
     _, tok, rules, prompts, llm = setup
     for temperature, n in ((1.0, 4), (0.0, 1)):
@@ -68,6 +45,8 @@ def test_masked_vllm_pages_never_break_a_mask_rule_and_unmasked_ones_do(setup):
     assert rules.violations(ps, pages)["total"].sum() > 0  # an untrained model breaks the rules without masks
 
 
+@pytest.mark.engine
+@pytest.mark.timeout(60)
 def test_masked_vllm_sampling_logprobs_equal_hf_with_mask_replay(setup):
     model, tok, _, prompts, llm = setup
     ps, pages, lps = sample(llm, tok, prompts[:16], 1.0, 2)
@@ -94,7 +73,6 @@ def test_processor_follows_vllms_persistent_batch_through_adds_moves_swaps_and_r
 
     from policies.modeling_genpage import GenPageConfig
     from policies.vllm_rules import OPT_OUT_KEY, GenPageRulesLogitsProcessor
-    from tests.policies.test_rules import walk
 
     tok = world_tokenizer(small_world)
     import tempfile

@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tests.datasets import music
+
+pytestmark = pytest.mark.recipe
 
 ROOT = Path(__file__).parents[2]
 TINY_MODEL = ["model.hidden_size=64", "model.num_hidden_layers=1", "model.num_attention_heads=1",
@@ -22,18 +23,6 @@ TINY_RM = ["steps=30", "batch_size=16", "eval_sequences=100", "score_batch_size=
            "eval_interval=30", "checkpoint_interval=30", "scratch_ablation=false", "eval_backend=hf"]
 TINY_RL = ["steps=2", "seeds=[0]", "prompts_per_step=4", "group_size=4", "eval_users=8", "save_freq=2", "lr=0.01",
            "wandb_mode=disabled"]
-
-
-class FamilySafeShare:
-    """A stand-in ground truth plugged by dotted path: a page's "true reward" is its number of family-safe titles."""
-
-    def __init__(self, dataset):
-        ids = dataset.entity_ids
-        safe = dataset.catalog.column("family_safe").to_pylist()
-        self.safe = {e for e, s in zip(ids, safe) if s}
-
-    def true_page_reward(self, contexts, pages):
-        return np.array([sum(e in self.safe for e in p.entity_ids) for p in pages], dtype=np.float64)
 
 
 def run(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -58,7 +47,6 @@ def summary(path: Path) -> dict:
     return json.loads((path / "summary.json").read_text())
 
 
-@pytest.mark.slow
 def test_pretrain_and_reward_model_report_what_the_logs_allow(stages):
     data, root = stages
     pt = summary(root / "pt")
@@ -73,11 +61,10 @@ def test_pretrain_and_reward_model_report_what_the_logs_allow(stages):
     assert rm["environment"] is None and "gt_pearson_logged" not in rm and rm["mse"] > 0
 
 
-@pytest.mark.slow
 def test_a_plugged_environment_produces_the_true_figures(stages, tmp_path):
     data, root = stages
     run("pretrain.py", f"data_dir={data}", f"out_dir={tmp_path / 'pt'}", *TINY_MODEL,
-        "environment=tests.recipes.test_foreign_dataset:FamilySafeShare")
+        "environment=tests.datasets.music:FamilySafeShare")
     pt = summary(tmp_path / "pt")
     assert pt["environment"] == "FamilySafeShare"
     # the logged pages of the held-out contexts, scored by the plugged environment
@@ -85,13 +72,14 @@ def test_a_plugged_environment_produces_the_true_figures(stages, tmp_path):
     from homepage.logs import sample_impressions
 
     dataset, table, _ = open_dataset(data)
-    env = FamilySafeShare(dataset)
+    env = music.FamilySafeShare(dataset)
     held = sample_impressions(table, "test", 24, seed=0)
     assert pt["true_reward_logging"] == pytest.approx(env.true_page_reward(None, [i.page for i in held]).mean())
     assert pt["true_reward_pretrained_masked_greedy"] > 0
 
 
-@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(180)  # a verl run
 def test_dr_grpo_and_generation_run_on_the_dataset_alone(stages, tmp_path):
     data, root = stages
     out = tmp_path / "rl"

@@ -8,6 +8,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+pytestmark = pytest.mark.recipe
+
 ROOT = Path(__file__).parents[2]
 TINY = ["world.n_entities=80", "world.n_users=60", "world.n_impressions=900", "world.batch_size=300"]
 KEYS = {"impressions", "users", "entities", "rows", "gen_impressions_per_s", "ground_truth_pages_per_s"}
@@ -61,5 +63,5 @@ def test_changed_config_is_refused_without_force(world_dir):
 
 def test_bad_config_value_fails_at_start_with_the_fix(tmp_path):
     proc = run(tmp_path / "w", "world.n_users=lots", check=False)
-    assert proc.returncode == 2 and "world.n_users: expected an integer" in proc.stderr
+    assert proc.returncode == 2 and "world.n_users: expected int, got 'lots'" in proc.stderr
     assert not (tmp_path / "w").exists()

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.recipe
+
 ROOT = Path(__file__).parents[2]
 TINY_WORLD = ["world.n_entities=60", "world.n_users=80", "world.n_impressions=1200", "world.batch_size=400"]
 TINY_MODEL = [
@@ -96,4 +98,4 @@ def test_missing_world_says_which_command_makes_it(tmp_path):
 
 def test_bad_config_fails_at_start(world_dir, tmp_path):
     proc = pretrain(world_dir, tmp_path / "pt", "eval_backend=tpu")
-    assert proc.returncode == 2 and "eval_backend must be 'vllm' or 'hf'" in proc.stderr
+    assert proc.returncode == 2 and "eval_backend: 'tpu' is not one of 'vllm', 'hf'" in proc.stderr

@@ -13,6 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+pytestmark = pytest.mark.recipe
+
 ROOT = Path(__file__).parents[2]
 TINY_WORLD = ["world.n_entities=60", "world.n_users=150", "world.n_impressions=2000", "world.batch_size=500"]
 TINY_RM = ["batch_size=16", "eval_sequences=200", "score_batch_size=64", "num_threads=1", "wandb_mode=offline",
