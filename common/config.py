@@ -41,6 +41,20 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any =
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """The fields every training stage's config shares (each stage's config extends it): the dataset directory,
+    its ground truth, threads and wandb. They come first in `--help`."""
+
+    data_dir: str = option("runs/world", "dataset directory (docs/dataset.md): catalog, schema and logs; "
+                           "recipes/make_world.py writes the toy one")
+    environment: str = option("auto", "ground truth for the true_* / gt_* figures: auto (the dataset's own, if it "
+                              "declares one), '' (none: offline metrics only), or a dotted path module:Class")
+    num_threads: int = option(2, "torch intra-op threads per process")
+    wandb_project: str = option("genpage", "wandb project name")
+    wandb_mode: WandbMode = option("offline", "offline (no account needed), online, or disabled")
+
+
 # -- the OmegaConf schema of a dataclass ------------------------------------------------------------------------
 
 def _optional_inner(tp: Any) -> Any | None:

@@ -5,17 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from common.config import WandbMode, option
+from common.config import StageConfig, option
 from policies.build import ModelSize
 from policies.rules import RuleConfig
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(StageConfig):
     """`python recipes/pretrain.py` (recipes/configs/pretrain.yaml)."""
 
-    data_dir: str = option("runs/world", "dataset directory (docs/dataset.md); recipes/make_world.py writes the toy one")
-    environment: str = option("auto", "ground truth for true_* figures: auto (the dataset's own, if any), '' (none), or a dotted path")
     out_dir: str = option("runs/pretrain", "checkpoints/, model/ (final HF directory), summary.json, wandb/")
     model: ModelSize = option(factory=ModelSize, help="transformer shape and fallback rate")
     rules: RuleConfig = option(factory=RuleConfig, help="business rules saved with the model (policies/rules.py)")
@@ -33,9 +31,6 @@ class PretrainConfig:
     eval_users: int = option(500, "held-out (test-split) logged contexts the policy generates pages for")
     eval_backend: Literal["vllm", "hf"] = option("vllm", "what generates the evaluation pages: vllm (the serving engine; also checks HF/vLLM log-prob parity) or hf (transformers generate)")
     max_new_tokens: int = option(64, "longest generated page")
-    num_threads: int = option(2, "torch intra-op threads")
-    wandb_project: str = option("genpage", "wandb project name")
-    wandb_mode: WandbMode = option("offline", "offline (no account needed), online, or disabled")
 
     def __post_init__(self) -> None:
         problems = []

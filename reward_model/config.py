@@ -5,19 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from common.config import WandbMode, option
+from common.config import StageConfig, option
 
 # The heads reward_model.heads registers (tests/reward_model/test_heads.py checks the two lists agree).
 RewardHeadName = Literal["entity_feedback", "entity_sum", "last"]
 
 
 @dataclass(frozen=True)
-class RewardModelConfig:
+class RewardModelConfig(StageConfig):
     """`python recipes/train_rm.py` (recipes/configs/train_rm.yaml)."""
 
     pretrained_dir: str = option("runs/pretrain/model", "GenPage checkpoint (with its tokenizer) from recipes/pretrain.py")
-    data_dir: str = option("runs/world", "dataset directory (docs/dataset.md): catalog, schema and the logs trained on")
-    environment: str = option("auto", "ground truth for gt_* figures: auto (the dataset's own, if any), '' (none), or a dotted path")
     out_dir: str = option("runs/rm", "model/, scratch/model/, checkpoints/, summary.json, results.md, plot, wandb/")
     steps: int = option(1200, "optimizer steps of each training run")
     batch_size: int = option(32, "impressions (context + page) per step")
@@ -41,9 +39,6 @@ class RewardModelConfig:
     max_new_tokens: int = option(64, "longest generated page")
     score_batch_size: int = option(128, "sequences per forward pass when scoring")
     seed: int = option(0, "head and scratch initialization, batch order, evaluation users")
-    num_threads: int = option(2, "torch intra-op threads")
-    wandb_project: str = option("genpage", "wandb project name")
-    wandb_mode: WandbMode = option("offline", "offline (no account needed), online, or disabled")
 
     def __post_init__(self) -> None:
         problems = []

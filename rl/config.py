@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from common.config import WandbMode, option
+from common.config import StageConfig, option
 
 KlEstimator = Literal["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3"]  # verl core_algos.kl_penalty
 KL_ESTIMATORS = typing.get_args(KlEstimator)
@@ -25,11 +25,9 @@ FP32 = "{param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}"  # verl FSDP eng
 
 
 @dataclass(frozen=True)
-class DrGrpoConfig:
+class DrGrpoConfig(StageConfig):
     """`python recipes/dr_grpo.py` (recipes/configs/dr_grpo.yaml). Toy defaults for 2 CPU cores."""
 
-    data_dir: str = option("runs/world", "dataset directory (docs/dataset.md): logged contexts are the prompts")
-    environment: str = option("auto", "ground truth for true_* figures: auto (the dataset's own, if any), '' (none), or a dotted path")
     policy_dir: str = option("runs/pretrain/model", "pretrained GenPage HF directory: initializes policy and reference")
     rm_dir: str = option("runs/rm/model", "reward model directory from recipes/train_rm.py (reward_model.scoring)")
     out_dir: str = option("runs/dr_grpo", "run directory: data, checkpoints, wandb, metrics, plots, model, summary")
@@ -55,8 +53,6 @@ class DrGrpoConfig:
     prompt_source: Literal["logged", "environment"] = option("logged", "training prompts: 'logged' (contexts of train-split users in the logs) or 'environment' (fresh contexts the environment samples)")
     eval_temperature: float = option(1.0, "sampling temperature of the evaluation pages (the trained policy samples)")
     num_threads: int = option(2, "torch threads per process; verl's phases (rollout, log-probs, update) mostly take turns, so each may use every core of an idle machine (use 1 on a shared one; timings: docs/experiments/dr_grpo.md)")
-    wandb_project: str = option("genpage", "wandb project")
-    wandb_mode: WandbMode = option("offline", "offline (no account needed), online, or disabled")
     extra_verl_overrides: tuple[str, ...] = option((), "raw Hydra overrides for verl, applied last (they win)")
 
     def __post_init__(self) -> None:

@@ -173,7 +173,11 @@ RELOAD_SCRIPT = textwrap.dedent('''
         quiet = llm.collective_rpc(reload, args=(out + "/state.pt", True))[0]
         after = vllm_engine.sequence_logprobs(llm, seqs)[0]
         print("RESULT " + json.dumps({"control": control, "quiet": quiet,
-                                      "logprob_diff": float(np.abs(np.array(before) - np.array(after)).max())}))
+                                      "logprob_diff": float(np.abs(np.array(before) - np.array(after)).max())}),
+              flush=True)
+        # An explicit shutdown: left to interpreter exit, the engine's teardown can abort the process
+        # ("terminate called without an active exception", exit -6) after the result is printed.
+        llm.llm_engine.engine_core.shutdown()
 ''')
 
 
