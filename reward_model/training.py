@@ -21,7 +21,7 @@ from policies.data import PageSequences
 from policies.modeling_genpage import GenPageForPageReward
 from reward_model.config import RewardModelConfig
 from reward_model.data import EntityTargets, RewardNormalization, collate_pages
-from reward_model.heads import get_reward_head, token_reward_mse
+from reward_model.heads import get_reward_head
 
 HEAD_PREFIX = "score."  # the reward head's parameters; everything else trainable is the backbone
 
@@ -88,20 +88,12 @@ def build_reward_model(pretrained_dir: str | Path, init: str, norm: RewardNormal
     return model
 
 
-def reward_mse(pred: torch.Tensor, target: torch.Tensor, token_pred: torch.Tensor | None = None,
-               token_target: torch.Tensor | None = None, entity_weight: float = 0.0,
-               entity_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """MSE on standardized page rewards, plus (entity_weight > 0) the auxiliary MSE of the per-token rewards
-    on the tokens whose target is not NaN (the page's titles), in units of entity_scale.
-    pred, target [B]; token_pred, token_target [B, T] (reward units) -> (scalar loss, metrics)"""
+def reward_mse(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """MSE on standardized page rewards (a head's per-title loss is added by `fit`, reward_model.heads).
+    pred, target [B] -> (scalar loss, metrics)"""
     err = pred.float() - target.float()
     page_loss = (err ** 2).mean()
-    metrics = {"rm/train_loss": page_loss.item(), "rm/train_bias": err.mean().item()}
-    if entity_weight == 0 or token_pred is None:
-        return page_loss, metrics
-    entity_loss = token_reward_mse(token_pred, token_target, entity_scale)
-    metrics["rm/train_entity_loss"] = entity_loss.item()
-    return page_loss + entity_weight * entity_loss, metrics
+    return page_loss, {"rm/train_loss": page_loss.item(), "rm/train_bias": err.mean().item()}
 
 
 def predict(model, prompts: list[list[int]], pages: list[list[int]], pad_id: int, eop_id: int,

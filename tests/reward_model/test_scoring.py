@@ -7,6 +7,7 @@ import torch
 from policies.build import ModelSize, build_model
 from policies.reward_heads import expected_feedback_reward
 from reward_model.data import EntityTargets, RewardNormalization, collate_pages
+from reward_model.heads import token_reward_mse
 from reward_model.scoring import PageRewardScorer
 from reward_model.training import build_reward_model, predict, reward_mse
 from tests.toy import toy_tokenizer
@@ -154,9 +155,9 @@ def test_reward_loss_by_hand():
     nan = float("nan")
     token_pred = torch.tensor([[0.0, 2.0, 4.0], [1.0, 1.0, 1.0]])
     token_target = torch.tensor([[nan, 0.0, 2.0], [nan, nan, 3.0]])  # errors 2, 2, -2 over entity_scale 2
-    loss, metrics = reward_mse(pred, target, token_pred, token_target, entity_weight=0.5, entity_scale=2.0)
-    assert metrics["rm/train_entity_loss"] == pytest.approx(1.0)
-    assert loss.item() == pytest.approx(2.5 + 0.5 * 1.0)
+    entity_loss = token_reward_mse(token_pred, token_target, scale=2.0)
+    assert entity_loss.item() == pytest.approx(1.0)
+    assert (loss + 0.5 * entity_loss).item() == pytest.approx(2.5 + 0.5 * 1.0)  # what fit adds at weight 0.5
 
 
 @pytest.mark.parametrize("head", ["entity_feedback", "entity_sum", "last"])
