@@ -94,55 +94,35 @@ def _schema(cls: type) -> type:
     """A mirror dataclass of `cls` that OmegaConf accepts: same fields and defaults (as plain data), schema
     types. The real class is built afterwards (`_build`), so its own validation runs."""
     hints = typing.get_type_hints(cls)
-    fields = [(f.name, _schema_type(hints[f.name]), dataclasses.field(default_factory=functools.partial(_schema_default, f)))
+    fields = [(f.name, _schema_type(hints[f.name]), dataclasses.field(default_factory=lambda f=f: _plain(_field_default(f), schema=True)))
               for f in dataclasses.fields(cls) if f.init]
     return dataclasses.make_dataclass(cls.__name__, fields)  # named as cls: OmegaConf's messages name it
 
 
-def _schema_default(f: dataclasses.Field) -> Any:
-    """The default of real field `f` as a value of its schema field (nested configs as schema instances)."""
+def _field_default(f: dataclasses.Field) -> Any:
+    """The default value of field `f` (its factory called), MISSING where it has none."""
     if f.default is not dataclasses.MISSING:
-        return _as_schema(f.default)
+        return f.default
     if f.default_factory is not dataclasses.MISSING:
-        return _as_schema(f.default_factory())
+        return f.default_factory()
     return MISSING
 
 
-def _as_schema(value: Any) -> Any:
+def _plain(value: Any, schema: bool = False) -> Any:
+    """A value as OmegaConf data: tuples as lists, nested configs as dicts or (schema) as schema instances."""
     if dataclasses.is_dataclass(value):
-        return _schema(type(value))(**{f.name: _as_schema(getattr(value, f.name))
-                                       for f in dataclasses.fields(value) if f.init})
+        fields = {f.name: _plain(getattr(value, f.name), schema) for f in dataclasses.fields(value) if f.init}
+        return _schema(type(value))(**fields) if schema else fields
     if isinstance(value, (tuple, list)):
-        return [_as_schema(v) for v in value]
+        return [_plain(v, schema) for v in value]
     if isinstance(value, dict):
-        return {k: _as_schema(v) for k, v in value.items()}
-    return value
-
-
-def _plain(value: Any) -> Any:
-    """A default value as OmegaConf data (dataclasses as dicts, tuples as lists)."""
-    if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: _plain(v, schema) for k, v in value.items()}
     return value
 
 
 def _defaults(cls: type) -> dict[str, Any]:
-    """Each field's default (MISSING where it has none), nested dataclasses expanded."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = _plain(f.default)
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = _plain(f.default_factory())
-        else:
-            out[f.name] = MISSING
-    return out
+    """Each field's default as plain data (MISSING where it has none)."""
+    return {f.name: _plain(_field_default(f)) for f in dataclasses.fields(cls) if f.init}
 
 
 # -- building the real dataclass --------------------------------------------------------------------------------
