@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from homepage.logs import batch_to_table
-from homepage.world import World, WorldConfig
+from homepage.config import WorldConfig
+from homepage.world import World
 
 
 def main() -> None:

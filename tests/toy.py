@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from homepage.catalog import ENTITY_TYPES, LANGUAGES, ROW_IDS
+from homepage.config import WorldConfig
 from homepage.users import ACTIONS, DEVICES, PROFILE_TYPES
-from homepage.world import (DAY_OF_WEEK_EDGES, DAYS_AGO_EDGES, HOUR_EDGES, PARTIAL_WATCH, WATCH_FRACTION_EDGES,
-                            WorldConfig)
+from homepage.world import DAY_OF_WEEK_EDGES, DAYS_AGO_EDGES, HOUR_EDGES, PARTIAL_WATCH, WATCH_FRACTION_EDGES
 from policies.tokenizer import ContextVocab, GenPageTokenizer
 
 # small but complete (all rows populated): the world of the `small_world` and `controlled_world` fixtures

@@ -5,7 +5,8 @@ import pytest
 
 from homepage.catalog import CONTINUE_WATCHING, GENRES, KIDS, MATURITY, NEW_RELEASES, ROW_IDS, TRENDING, Catalog
 from homepage.logs import batch_to_table
-from homepage.world import World, WorldConfig, batch_from_table
+from homepage.config import WorldConfig
+from homepage.world import World, batch_from_table
 from tests.toy import SMALL
 
 

@@ -1,5 +1,5 @@
 """The expensive objects the policy tests share, built once per session: the tiny GenPage checkpoint and the
-vLLM engine on it (~30 s to start here)."""
+vLLM engine on it (an engine start is the costliest thing a policy test does)."""
 
 import pytest
 
