@@ -29,6 +29,7 @@ class ConfigError(ValueError):
 
 
 WandbMode = Literal["offline", "online", "disabled"]  # wandb.init(mode=...): offline needs no account
+OnBadRows = Literal["error", "quarantine"]  # what the log reader does with a row that fails validation
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None) -> Any:
@@ -53,6 +54,11 @@ class StageConfig:
     num_threads: int = option(2, "torch intra-op threads per process")
     wandb_project: str = option("genpage", "wandb project name")
     wandb_mode: WandbMode = option("offline", "offline (no account needed), online, or disabled")
+    on_bad_rows: OnBadRows = option("error", "a log row that fails validation: 'error' stops at the first one (naming "
+                                    "file, row and field); 'quarantine' sets bad rows aside in out_dir/"
+                                    "quarantine.parquet, counts them by reason in summary.json and goes on")
+    max_bad_fraction: float = option(0.01, "quarantine mode: stop when more than this share of the rows is bad "
+                                     "(a producer bug, not a few bad rows)")
 
 
 # -- the OmegaConf schema of a dataclass ------------------------------------------------------------------------

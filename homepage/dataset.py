@@ -29,6 +29,7 @@ DATASET_VERSION = 1
 SCHEMA_FILE = "dataset.yaml"
 CATALOG_FILE = "catalog.parquet"
 LOGS_DIR = "logs"
+QUARANTINE_FILE = "quarantine.parquet"  # bad log rows a stage set aside, in its output directory
 ROW_KINDS = ("attribute", "boolean", "recency", "history", "list", "all")
 CATEGORICAL_CONTEXT = ("language", "profile_type", "device")  # string columns of the logs
 NUMERIC_CONTEXT = ("hour", "day_of_week")  # integer columns of the logs, bucketized
@@ -479,13 +480,23 @@ def write_dataset(root: str | Path, schema: dict, catalog: pa.Table) -> Dataset:
     return load_dataset(root)
 
 
-def open_dataset(root: str | Path):
-    """(Dataset, validated log table, LogReport) of a dataset directory: what every stage starts from."""
+def open_dataset(root: str | Path, on_bad_rows: str = "error", max_bad_fraction: float = 0.0,
+                 quarantine_path: str | Path | None = None):
+    """(Dataset, validated log table, LogReport) of a dataset directory: what every stage starts from. Bad log
+    rows stop it (error) or are set aside into quarantine_path (quarantine; homepage/validation.py)."""
     from homepage.logs import read_logs
 
     dataset = load_dataset(root)
     if not dataset.logs.exists():
         raise DatasetError(f"{dataset.logs} is missing: put the impression logs there as Parquet (docs/log_schema.md)")
-    table, report = read_logs(dataset.logs, dataset.schema, known_entity_ids=frozenset(dataset.entity_ids))
+    table, report = read_logs(dataset.logs, dataset.schema, known_entity_ids=frozenset(dataset.entity_ids),
+                              on_bad_rows=on_bad_rows, max_bad_fraction=max_bad_fraction,
+                              quarantine_path=quarantine_path)
     return dataset, table, report
+
+
+def open_stage_dataset(cfg, out: str | Path):
+    """open_dataset for a stage config (`common.config.StageConfig`): its data_dir and bad-row policy, the
+    quarantine file in the stage's output directory."""
+    return open_dataset(cfg.data_dir, cfg.on_bad_rows, cfg.max_bad_fraction, Path(out) / QUARANTINE_FILE)
 

@@ -15,7 +15,6 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from homepage.pages import Page, Row
@@ -103,13 +102,32 @@ class LogReport:
     """What a reader saw besides valid rows: nothing is skipped silently."""
 
     path: str
-    rows: int = 0
+    rows: int = 0  # impressions kept
     filled: dict[str, int] = field(default_factory=dict)  # optional column -> rows derived because absent
     unknown_entities: int = 0  # entity ids (page and history) not in `known_entity_ids`; kept, mapped to fallbacks
     rows_with_unknown: int = 0  # impressions holding at least one such id
+    rows_read: int = 0  # impressions in the files, kept or quarantined
+    quarantine: object = None  # homepage.validation.Quarantine: the rows set aside (quarantine mode)
+    quarantine_file: str | None = None  # where they were written
+
+    @property
+    def quarantined(self) -> int:
+        return len(self.quarantine) if self.quarantine is not None else 0
+
+    def bad_row_reasons(self) -> dict[str, int]:
+        """'field: reason' -> quarantined rows."""
+        return self.quarantine.by_reason() if self.quarantined else {}
+
+    def bad_rows(self) -> dict:
+        """What summary.json records about the rows set aside."""
+        return {"rows_read": self.rows_read or self.rows, "quarantined": self.quarantined,
+                "by_reason": self.bad_row_reasons(), "file": self.quarantine_file}
 
     def summary(self) -> str:
         text = f"{self.path}: {self.rows} impressions"
+        if self.quarantined:
+            text += (f"; {self.quarantined} bad rows quarantined" + (f" to {self.quarantine_file}" if
+                     self.quarantine_file else "") + f" ({self.bad_row_reasons()})")
         if self.unknown_entities:
             text += (f"; {self.unknown_entities} unknown entity ids in {self.rows_with_unknown} impressions "
                      "(kept, mapped to fallback tokens)")
@@ -213,211 +231,59 @@ class LogWriter:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Reading and validation
+# Reading (the checks are in homepage/validation.py)
 # ----------------------------------------------------------------------------------------------------------
-def _first_bad(mask: pa.Array | np.ndarray) -> int:
-    arr = mask.to_numpy(zero_copy_only=False) if isinstance(mask, (pa.Array, pa.ChunkedArray)) else mask
-    return int(np.flatnonzero(arr)[0])
-
-
-def _check_enum(path: Path, table: pa.Table, name: str, allowed: tuple[str, ...], depth: int, key: str = "") -> None:
-    col = table.column(name)
-    values = col
-    for _ in range(depth):
-        values = pc.list_flatten(values)
-    bad = pc.invert(pc.is_in(values, value_set=pa.array(allowed)))
-    if pc.any(bad).as_py():
-        value = values[_first_bad(bad)].as_py()
-        row = _row_of_flat_value(table, name, depth, _first_bad(bad))
-        raise LogSchemaError(
-            f"{path}: row {row}, field '{name}': value {value!r} is not one of {list(allowed)[:30]}. "
-            + (f"Map it to one of them, or add it to '{key}' in dataset.yaml (docs/dataset.md)." if key else
-               "Map it to one of the allowed values (see docs/log_schema.md).")
-        )
-
-
-def _row_of_flat_value(table: pa.Table, name: str, depth: int, flat_index):
-    """Row number(s) of the flat_index-th leaf value(s) of a (nested) list column (int or int array)."""
-    col = table.column(name).combine_chunks()
-    idx = flat_index
-    levels = []
-    arr = col
-    for _ in range(depth):
-        levels.append(arr)
-        arr = arr.flatten()
-    for level in reversed(levels):
-        offsets = level.offsets.to_numpy() - level.offsets[0].as_py()
-        idx = np.searchsorted(offsets, idx, side="right") - 1
-    return int(idx) if np.ndim(idx) == 0 else idx
-
-
-def _list_lengths(col: pa.ChunkedArray) -> np.ndarray:
-    return pc.list_value_length(col).to_numpy(zero_copy_only=False)
-
-
-def validate_table(table: pa.Table, path: str | Path = "<table>", schema=None) -> LogReport:
-    """Checks a log table row by row against LOG_SCHEMA and, when given, the dataset's schema
-    (`homepage.dataset.DatasetSchema`: closed context vocabularies, action and feedback types, row ids, the
-    reward system); raises LogSchemaError on the first bad row/field."""
-    path = Path(path)
-    report = LogReport(str(path), rows=table.num_rows)
-    names = set(table.column_names)
-    for f in LOG_SCHEMA:
-        if f.name not in names and f.name not in OPTIONAL_FIELDS:
-            raise LogSchemaError(
-                f"{path}: missing required field '{f.name}' (type {f.type}). Every impression needs it; "
-                "see docs/log_schema.md."
-            )
-        if f.name in names and not table.schema.field(f.name).type.equals(f.type):
-            have = table.schema.field(f.name).type
-            try:
-                table = table.set_column(table.column_names.index(f.name), f.name, table.column(f.name).cast(f.type))
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                raise LogSchemaError(
-                    f"{path}: field '{f.name}' has type {have}, expected {f.type}; convert the column before writing"
-                ) from None
-        if f.name in names and not f.nullable and table.column(f.name).null_count:
-            row = _first_bad(pc.is_null(table.column(f.name)))
-            raise LogSchemaError(f"{path}: row {row}, field '{f.name}': missing value (null); every row needs one")
-    extra = sorted(names - {f.name for f in LOG_SCHEMA})
-    if extra:
-        raise LogSchemaError(f"{path}: unknown field(s) {extra}; remove them or check the spelling (docs/log_schema.md)")
-
-    # Scalars.
-    for name, lo, hi in (("hour", 0, 23), ("day_of_week", 0, 6)):
-        v = table.column(name).to_numpy()
-        bad = (v < lo) | (v > hi)
-        if bad.any():
-            r = _first_bad(bad)
-            raise LogSchemaError(f"{path}: row {r}, field '{name}': {int(v[r])} is outside {lo}..{hi}")
-    if "split" in names:
-        _check_enum(path, table, "split", SPLITS, 0)
-    if schema is not None:
-        for name, vocab in schema.context.items():
-            if vocab.closed:
-                _check_enum(path, table, name, vocab.values, 0, "context." + name)
-        if schema.actions.closed:
-            _check_enum(path, table, "history_actions", schema.actions.values, 1, "history.actions")
-        _check_enum(path, table, "feedback", schema.rewards.feedback_types, 2, "rewards.feedback")
-        _check_enum(path, table, "page_row_ids", schema.row_ids, 1, "rows")
-
-    # History lists are parallel.
-    h_len = _list_lengths(table.column("history_entity_ids"))
-    for name in HISTORY_FIELDS[1:]:
-        bad = _list_lengths(table.column(name)) != h_len
-        if bad.any():
-            r = _first_bad(bad)
-            raise LogSchemaError(
-                f"{path}: row {r}, field '{name}': {int(_list_lengths(table.column(name))[r])} values but "
-                f"history_entity_ids has {int(h_len[r])}; history lists must be parallel"
-            )
-    # Page structure: at least one row, no empty row, slot fields aligned with page_entity_ids.
-    n_rows = _list_lengths(table.column("page_row_ids"))
-    if (n_rows == 0).any():
-        r = _first_bad(n_rows == 0)
-        raise LogSchemaError(f"{path}: row {r}, field 'page_row_ids': a page needs at least one row")
-    if (_list_lengths(table.column("page_entity_ids")) != n_rows).any():
-        r = _first_bad(_list_lengths(table.column("page_entity_ids")) != n_rows)
-        raise LogSchemaError(
-            f"{path}: row {r}, field 'page_entity_ids': {int(_list_lengths(table.column('page_entity_ids'))[r])} "
-            f"rows of entities but page_row_ids names {int(n_rows[r])} rows"
-        )
-    ent_inner = pc.list_value_length(pc.list_flatten(table.column("page_entity_ids"))).to_numpy(zero_copy_only=False)
-    if (ent_inner == 0).any():
-        r = _row_of_flat_value(table, "page_entity_ids", 1, _first_bad(ent_inner == 0))
-        raise LogSchemaError(f"{path}: row {r}, field 'page_entity_ids': a row of the page has no entities")
-    for name in SLOT_FIELDS:
-        if name not in names:
-            continue
-        col = table.column(name)
-        outer_bad = _list_lengths(col) != n_rows
-        if outer_bad.any():
-            r = _first_bad(outer_bad)
-        else:  # same rows per page, so the per-row lengths line up one to one
-            inner_bad = pc.list_value_length(pc.list_flatten(col)).to_numpy(zero_copy_only=False) != ent_inner
-            r = _row_of_flat_value(table, name, 1, _first_bad(inner_bad)) if inner_bad.any() else -1
-        if r >= 0:
-            raise LogSchemaError(
-                f"{path}: row {r}, field '{name}': its [row][column] shape differs from page_entity_ids; "
-                "give one value per shown entity"
-            )
-    # Rewards: entity rewards must add up to the page reward.
-    flat_rewards = pc.list_flatten(pc.list_flatten(table.column("entity_rewards"))).to_numpy(zero_copy_only=False)
-    if not np.isfinite(flat_rewards).all():
-        r = _row_of_flat_value(table, "entity_rewards", 2, _first_bad(~np.isfinite(flat_rewards)))
-        raise LogSchemaError(f"{path}: row {r}, field 'entity_rewards': non-finite reward")
-    per_page = _list_lengths(table.column("entity_rewards"))  # rows per page
-    slots_per_page = np.add.reduceat(ent_inner, np.concatenate([[0], np.cumsum(per_page)[:-1]])) if len(per_page) else per_page
-    sums = np.add.reduceat(flat_rewards, np.concatenate([[0], np.cumsum(slots_per_page)[:-1]])) if len(per_page) else per_page
-    page_reward = table.column("page_reward").to_numpy()
-    bad = np.abs(sums - page_reward) > PAGE_REWARD_TOLERANCE * np.maximum(1.0, np.abs(page_reward))
-    if bad.any():
-        r = _first_bad(bad)
-        raise LogSchemaError(
-            f"{path}: row {r}, field 'page_reward': {float(page_reward[r]):.4f} but entity_rewards sum to "
-            f"{float(sums[r]):.4f}; page reward must be the sum of entity rewards (paper section 3)"
-        )
-    if schema is not None:
-        rewards = schema.rewards
-        flat_fb = pc.list_flatten(pc.list_flatten(table.column("feedback")))
-        codes = pc.index_in(flat_fb, value_set=pa.array(rewards.feedback_types)).to_numpy(zero_copy_only=False)
-        thumbs = pc.list_flatten(pc.list_flatten(table.column("thumbs_up"))).to_numpy(zero_copy_only=False)
-        expect = rewards.values()[codes.astype(np.int64)] + rewards.thumbs_up * thumbs.astype(np.float64)
-        bad = np.abs(expect - flat_rewards) > 1e-4
-        if bad.any():
-            r = _row_of_flat_value(table, "entity_rewards", 2, _first_bad(bad))
-            raise LogSchemaError(
-                f"{path}: row {r}, field 'entity_rewards': does not follow the reward system for its feedback "
-                f"(expected {float(expect[_first_bad(bad)])}, found {float(flat_rewards[_first_bad(bad)])}); the "
-                "reward table in dataset.yaml ('rewards') must be the one the logs were scored with"
-            )
-    return report
-
-
-def count_unknown_entities(table: pa.Table, known_entity_ids: set[str] | frozenset[str]) -> tuple[int, int]:
-    """(unknown entity ids, impressions holding one) over page and history entity ids."""
-    known = pa.array(sorted(known_entity_ids), pa.string())
-    total, rows = 0, np.zeros(table.num_rows, dtype=bool)
-    for depth, name in ((2, "page_entity_ids"), (1, "history_entity_ids")):
-        flat = table.column(name)
-        for _ in range(depth):
-            flat = pc.list_flatten(flat)
-        unknown = pc.invert(pc.is_in(flat, value_set=known)).to_numpy(zero_copy_only=False)
-        total += int(unknown.sum())
-        if unknown.any():
-            rows[_row_of_flat_value(table, name, depth, np.flatnonzero(unknown))] = True
-    return total, int(rows.sum())
-
-
 def read_logs(
-    path: str | Path, schema=None, known_entity_ids: set[str] | frozenset[str] | None = None
+    path: str | Path, schema=None, known_entity_ids: set[str] | frozenset[str] | None = None,
+    on_bad_rows: str = "error", max_bad_fraction: float = 0.0, quarantine_path: str | Path | None = None,
 ) -> tuple[pa.Table, LogReport]:
     """Reads and validates a log file (or a directory of Parquet files). Returns the table and a report.
 
     schema: the dataset's `DatasetSchema`; when given, values, row ids and rewards are checked against it.
     known_entity_ids: when given, ids outside it are counted in the report (and kept).
+    on_bad_rows: "error" stops at the first bad row; "quarantine" sets bad rows aside (written to
+    quarantine_path when given, counted by reason in the report) and stops only when more than max_bad_fraction
+    of all rows are bad.
     """
+    from homepage.validation import ON_BAD_ROWS, Quarantine, count_unknown_entities, validate_table
+
+    if on_bad_rows not in ON_BAD_ROWS:
+        raise ValueError(f"on_bad_rows must be one of {list(ON_BAD_ROWS)}, got {on_bad_rows!r}")
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such log file; generate one with `python recipes/make_world.py`")
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files:
         raise FileNotFoundError(f"{path}: directory holds no .parquet files")
-    tables = []
+    tables, quarantine, seen_ids, rows_read = [], Quarantine(), {}, 0
     for f in files:
         try:
             pf = pq.ParquetFile(f)
-        except Exception as e:  # pyarrow raises several types for a corrupt file
-            raise LogSchemaError(f"{f}: not a readable Parquet file ({e})") from e
-        meta = pf.schema_arrow.metadata or {}
-        version = meta.get(SCHEMA_VERSION_KEY, SCHEMA_VERSION.encode()).decode()
-        if version != SCHEMA_VERSION:
-            raise LogSchemaError(f"{f}: schema version {version!r}; this reader understands {SCHEMA_VERSION!r}")
-        part = pf.read()
-        validate_table(part, f, schema)  # errors name the part file and the row within it
-        tables.append(part)
+            meta = pf.schema_arrow.metadata or {}
+            version = meta.get(SCHEMA_VERSION_KEY, SCHEMA_VERSION.encode()).decode()
+            if version != SCHEMA_VERSION:
+                raise LogSchemaError(f"{f}: schema version {version!r}; this reader understands {SCHEMA_VERSION!r}")
+            part = pf.read()
+        except LogSchemaError:
+            raise
+        except Exception as e:  # pyarrow raises several types for a corrupt or truncated file
+            raise LogSchemaError(f"{f}: not a readable Parquet file ({type(e).__name__}: {e})") from e
+        rows_read += part.num_rows
+        # errors name the part file and the row within it
+        tables.append(validate_table(part, f, schema, on_bad_rows, quarantine, seen_ids))
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-    report = LogReport(str(path), rows=table.num_rows)
+    report = LogReport(str(path), rows=table.num_rows, rows_read=rows_read, quarantine=quarantine)
+    if len(quarantine):
+        if quarantine_path is not None:
+            report.quarantine_file = str(quarantine.write(quarantine_path))
+        if len(quarantine) > max_bad_fraction * rows_read:
+            raise LogSchemaError(
+                f"{path}: {len(quarantine)} of {rows_read} rows ({len(quarantine) / rows_read:.2%}) are bad, more "
+                f"than max_bad_fraction={max_bad_fraction:g}; by reason: {report.bad_row_reasons()}"
+                + (f"; the rows are in {report.quarantine_file}" if report.quarantine_file else "")
+                + ". Fix them at the source, or raise max_bad_fraction to train on the rest")
     if "split" not in table.column_names:
         splits = [split_of_user(u) for u in table.column("user_id").to_pylist()]
         table = table.append_column("split", pa.array(splits, pa.string()))

@@ -72,7 +72,7 @@ def write_prompts(cfg: DrGrpoConfig, out: Path, init: Path, lengths: SequenceLen
     held-out: test-split logged contexts, with their logged page (the logging policy's row of the table)."""
     import numpy as np
 
-    from homepage.dataset import open_dataset
+    from homepage.dataset import open_stage_dataset
     from homepage.logs import iter_impressions, other_page_of_user, sample_impressions
     from policies.tokenizer import GenPageTokenizer, check_tokenizer_matches
     from rl.data import prompt_rows, write_prompt_parquet
@@ -80,7 +80,8 @@ def write_prompts(cfg: DrGrpoConfig, out: Path, init: Path, lengths: SequenceLen
     data = out / "data"
     if (data / "train.parquet").exists() and (data / "valid.parquet").exists():
         return
-    dataset, table, _ = open_dataset(cfg.data_dir)
+    dataset, table, report = open_stage_dataset(cfg, out)
+    print(f"[data] {report.summary()}")
     tok = GenPageTokenizer.from_pretrained(init)
     check_tokenizer_matches(tok, dataset, table, f"the policy {cfg.policy_dir}")
     n_train = cfg.steps * cfg.prompts_per_step
@@ -110,6 +111,7 @@ def write_prompts(cfg: DrGrpoConfig, out: Path, init: Path, lengths: SequenceLen
                          f"max_prompt_tokens={longest}")
     write_prompt_parquet(data / "valid.parquet", heldout)
     write_prompt_parquet(data / "train.parquet", train)
+    (data / "bad_rows.json").write_text(json.dumps(report.bad_rows()))  # for summary.json, across resumes
 
 
 def run_seeds(cfg: DrGrpoConfig, init: Path, lengths: SequenceLengths, seeds: list[int], guard: RunGuard) -> None:
@@ -217,6 +219,8 @@ def main() -> None:
     summary["wall_s"] = time.perf_counter() - t0
     summary["config"] = to_dict(cfg)
     summary["sequence_lengths"] = lengths._asdict()
+    bad_rows = out / "data" / "bad_rows.json"
+    summary["bad_rows"] = json.loads(bad_rows.read_text()) if bad_rows.exists() else None
     write_summary(out / "summary.json", summary)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (dict, list))}, indent=2))
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from common.cli import parse_recipe_args, reuse_or_start, write_summary
 from common.config import to_dict
 from common.training import cosine_lr, init_wandb, latest_checkpoint, load_trainer_state, save_checkpoint
-from homepage.dataset import DatasetError, open_dataset
+from homepage.dataset import DatasetError, open_stage_dataset
 from homepage.environment import load_environment
 from policies.build import build_model
 from policies.cold_start import cold_start_report
@@ -44,7 +44,7 @@ def main() -> None:
 
     # -- data -------------------------------------------------------------------------------------------------
     try:
-        dataset, table, report = open_dataset(cfg.data_dir)
+        dataset, table, report = open_stage_dataset(cfg, out)
         env = load_environment(cfg.environment, dataset)
         tok = GenPageTokenizer.from_dataset(dataset, table)
         rules = build_ruleset(tok, dataset, cfg.rules)  # saved in config.json: every process loads the same rules
@@ -138,6 +138,7 @@ def main() -> None:
         "cold_start": cold_report,
         "loss_history": history,
         "left_out": {"train": skipped_train, "valid": skipped_valid},
+        "bad_rows": report.bad_rows(),
         "config": to_dict(cfg),
     }
     write_summary(out / "summary.json", summary)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from common.cli import parse_recipe_args, reuse_or_start, write_summary
-from homepage.dataset import DatasetError, open_dataset
+from homepage.dataset import DatasetError, open_stage_dataset
 from homepage.environment import load_environment
 from homepage.logs import LogSchemaError, sample_impressions
 from policies.evaluation import pages_from_tokens
@@ -91,7 +91,7 @@ def main() -> None:
     # -- data: every logged impression, train users for training, valid users held out -------------------------
     tok = GenPageTokenizer.from_pretrained(pretrained)
     try:
-        dataset, table, report = open_dataset(cfg.data_dir)
+        dataset, table, report = open_stage_dataset(cfg, out)
         logs = dataset.logs
         check_page_rewards(table, logs)
         check_tokenizer_matches(tok, dataset, table, f"the pretrained checkpoint {pretrained}")
@@ -160,7 +160,7 @@ def main() -> None:
         "generated_true_mean": float(np.mean(generated["true"])) if generated else None,
         "feedback_rewards": dict(zip(feedback_types, targets.feedback_rewards)) if targets else None,
         "thumbs_up_reward": targets.thumbs_up_reward if targets else None,
-        "logs": str(logs), "environment": type(env).__name__ if env else None, "config": dataclasses.asdict(cfg),
+        "bad_rows": report.bad_rows(), "logs": str(logs), "environment": type(env).__name__ if env else None, "config": dataclasses.asdict(cfg),
     })
     write_summary(out / "summary.json", summary)
     (out / "results.md").write_text(

@@ -124,7 +124,7 @@ def entity_targets(table: pa.Table, source, feedback_types: tuple[str, ...]) -> 
     Where two parts never occur apart (say, thumbs-ups only on long plays), their split is the least-norm
     one; the rewards of every logged combination are still reproduced exactly. feedback_types: the dataset's, in
     its reward table's order (the head's outputs)."""
-    from homepage.logs import _row_of_flat_value
+    from homepage.validation import row_of_leaf
 
     feedback_types = tuple(feedback_types)
     feedback_index = {name: i for i, name in enumerate(feedback_types)}
@@ -144,7 +144,7 @@ def entity_targets(table: pa.Table, source, feedback_types: tuple[str, ...]) -> 
     residual = np.abs(X @ coef - y)
     if len(y) and residual.max() > REWARD_SYSTEM_TOLERANCE:
         worst = int(residual.argmax())
-        row = _row_of_flat_value(table, "entity_rewards", 2, worst)  # the impression holding that title
+        row = row_of_leaf(table, "entity_rewards", 2, worst)  # the impression holding that title
         raise ValueError(
             f"{source}: the entity rewards are not a function of (feedback, thumbs_up): impression_id "
             f"{table.column('impression_id')[row].as_py()} has an entity reward {y[worst]:.4f} where its feedback "

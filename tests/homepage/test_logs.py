@@ -5,36 +5,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from homepage.logs import LOG_SCHEMA, LogSchemaError, LogWriter, batch_to_table, iter_impressions, read_logs
-from tests.toy import world_dataset
+from homepage.logs import LOG_SCHEMA, LogSchemaError, LogWriter, iter_impressions, read_logs
+from tests.homepage.helpers import set_cell, write_log
 
 SCHEMA = {}  # the toy dataset's schema, set once by the `dataset_schema` fixture
 
 
 @pytest.fixture(scope="module", autouse=True)
-def dataset_schema(small_world, tmp_path_factory):
-    SCHEMA["toy"] = world_dataset(small_world, tmp_path_factory.mktemp("data")).schema
-    return SCHEMA["toy"]
+def dataset_schema(toy_schema):
+    SCHEMA["toy"] = toy_schema
 
 
-@pytest.fixture(scope="module")
-def table(small_world) -> pa.Table:
-    return batch_to_table(next(small_world.iter_logs(50)), small_world)
+@pytest.fixture
+def table(log_table):
+    return log_table
 
 
 def write(tmp_path, table, name="logs.parquet", metadata=True):
-    path = tmp_path / name
-    if metadata:  # malformed tables too: what a buggy producer could write
-        pq.write_table(table.replace_schema_metadata(LOG_SCHEMA.metadata), path)
-    else:
-        pq.write_table(table.replace_schema_metadata(None), path)
-    return path
-
-
-def set_cell(table: pa.Table, field: str, row: int, value) -> pa.Table:
-    values = table.column(field).to_pylist()
-    values[row] = value
-    return table.set_column(table.column_names.index(field), field, pa.array(values, table.schema.field(field).type))
+    return write_log(tmp_path / name, table, metadata)
 
 
 def test_write_read_round_trip(tmp_path, table, small_world):
