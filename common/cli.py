@@ -7,13 +7,16 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
 from common.config import ConfigError, config_help, load_config
+from common.processes import start_reaper
 
 T = TypeVar("T")
 
@@ -40,20 +43,64 @@ def parse_recipe_args(cls: type[T], default_config: str | Path, description: str
 
 
 def write_summary(path: str | Path, summary: dict[str, Any]) -> None:
-    """A stage's headline figures as sorted, indented JSON (summary.json)."""
+    """A stage's headline figures as sorted, indented JSON (summary.json), written to a temporary name and
+    renamed: a reader (or a rerun deciding whether to reuse the stage) never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+LOCK_FILE = ".lock"
+_held_locks: dict[Path, Any] = {}  # directory -> open lock file, held for the life of the process
+
+
+def lock_output_dir(out: str | Path, stage: str) -> None:
+    """Holds an exclusive lock on out/.lock until this process exits: a second run pointed at the same output
+    directory stops with a clear error instead of interleaving its checkpoints with this one's. The kernel
+    releases the lock when the process dies, kill -9 included, so there is never a stale lock to delete."""
+    import fcntl
+
+    out = Path(out).resolve()
+    if out in _held_locks:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise SystemExit(f"[{stage}] {out} is in use by another run ({holder}): wait for it to finish or stop it, "
+                         "or set out_dir=... to a directory of its own") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}, {stage}\n")
+    f.flush()
+    if not _held_locks:
+        atexit.register(lambda: [lock.close() for lock in _held_locks.values()])
+    _held_locks[out] = f
 
 
 def reuse_or_start(out: str | Path, force: bool, stage: str, *done: str) -> bool:
     """The stage's output directory: True when its finished outputs (`done`, paths under `out`) exist and can
-    be reused; otherwise (or with --force, after deleting `out`) creates `out` and returns False."""
+    be reused; otherwise (or with --force, after emptying `out`) takes the directory's lock, starts the reaper
+    that stops this run's processes should it be killed outright (common/processes.py), and returns False."""
     out = Path(out)
-    if force and out.exists():
-        shutil.rmtree(out)
-    if done and all((out / d).exists() for d in done):
+    if done and not force and all((out / d).exists() for d in done):
         print(f"[{stage}] reusing {out} (pass --force to recompute)")
         return True
-    out.mkdir(parents=True, exist_ok=True)
+    lock_output_dir(out, stage)
+    if force:
+        clear_output_dir(out)
+    start_reaper()
     return False
+
+
+def clear_output_dir(out: str | Path) -> None:
+    """Deletes everything in `out` but its lock (--force)."""
+    for p in Path(out).iterdir():
+        if p.name != LOCK_FILE:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from common.cli import parse_recipe_args, write_summary
+from common.cli import clear_output_dir, lock_output_dir, parse_recipe_args, write_summary
 from homepage.dataset import write_dataset
 from homepage.logs import batch_to_table, read_logs
 from homepage.config import MakeWorldConfig
@@ -34,8 +33,9 @@ def main() -> None:
     logs_dir = out / "logs"
 
     # -- the world (reused when it exists with the same config) ------------------------------------------
-    if args.force and out.exists():
-        shutil.rmtree(out)
+    lock_output_dir(out, "make_world")  # a second run on the same directory stops here
+    if args.force:
+        clear_output_dir(out)
     if (out / SIMULATOR_DIR / "world.json").exists():
         world = World.load(out / SIMULATOR_DIR)
         if world.config != cfg.world:

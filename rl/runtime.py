@@ -9,38 +9,9 @@ and verl's weight-transfer buckets stay behind when their owners are killed, hun
 
 from __future__ import annotations
 
-import os
 import signal
-import time
-from pathlib import Path
 
-SHM_DIR = Path("/dev/shm")
-SHM_GLOBS = ("psm_*", "verl_weights_*")  # vLLM's message queues; verl's weight-transfer buckets (2 GiB, sparse)
-
-
-def _mapped_shm_paths() -> set[str]:
-    """Shared-memory files mapped or held open by any live process (readable /proc entries only)."""
-    held: set[str] = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            for line in (proc / "maps").read_text().splitlines():
-                if "/dev/shm/" in line:
-                    held.add(line.split(None, 5)[-1].split(" (deleted)")[0])
-            for fd in (proc / "fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith("/dev/shm/"):
-                    held.add(target)
-        except (OSError, PermissionError):
-            continue
-    return held
-
-
-def leftover_shm(before: set[str]) -> list[Path]:
-    """psm_* segments created since `before` (a set of paths) that no live process uses."""
-    held = _mapped_shm_paths()
-    return [p for g in SHM_GLOBS for p in SHM_DIR.glob(g) if str(p) not in before and str(p) not in held]
+from common.processes import remove_leftover_shm, shm_segments, start_reaper, terminate_children
 
 
 class RunGuard:
@@ -49,10 +20,12 @@ class RunGuard:
     def __init__(self, log=print):
         self.log = log
         self._before: set[str] = set()
+        self._reaper = None
         self._old_handlers: dict[int, object] = {}
 
     def __enter__(self) -> "RunGuard":
-        self._before = {str(p) for g in SHM_GLOBS for p in SHM_DIR.glob(g)}
+        self._before = shm_segments()
+        self._reaper = start_reaper()  # the same cleanup, should this process be killed outright
         self.install_signal_handlers()
         return self
 
@@ -85,20 +58,10 @@ class RunGuard:
                 ray.shutdown()
         except Exception as e:  # keep cleaning up
             self.log(f"[cleanup] ray.shutdown failed: {e}")
-        stopped = terminate_children()
+        stopped = terminate_children(keep=frozenset({self._reaper.pid} if self._reaper else ()))
         if stopped:
             self.log(f"[cleanup] stopped {stopped} leftover process(es)")
-        removed = 0
-        for _ in range(3):  # processes release their mappings as they exit
-            for p in leftover_shm(self._before):
-                try:
-                    p.unlink()
-                    removed += 1
-                except FileNotFoundError:
-                    pass
-            if not leftover_shm(self._before):
-                break
-            time.sleep(1.0)
+        removed = remove_leftover_shm(self._before)
         if removed:
             self.log(f"[cleanup] removed {removed} leftover shared-memory file(s) of this run")
 
@@ -113,22 +76,3 @@ def init_ray(config) -> None:
     ray_init = config.ray_kwargs.get("ray_init", {})
     runtime_env = OmegaConf.merge(get_ppo_ray_runtime_env(config), ray_init.get("runtime_env", {}))
     ray.init(**OmegaConf.to_container(OmegaConf.create({**ray_init, "runtime_env": runtime_env})))
-
-
-def terminate_children(timeout_s: float = 10.0) -> int:
-    """SIGTERM, then SIGKILL after `timeout_s`, to every descendant of this process. -> how many there were."""
-    import psutil
-
-    children = psutil.Process().children(recursive=True)
-    for c in children:
-        try:
-            c.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(children, timeout=timeout_s)
-    for c in alive:
-        try:
-            c.kill()
-        except psutil.NoSuchProcess:
-            pass
-    return len(children)

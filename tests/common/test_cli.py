@@ -31,7 +31,8 @@ def test_overrides_reach_the_config_and_bad_ones_exit_2(tmp_path, capsys):
     assert e.value.code == 2 and "'z' is not one of 'a', 'b'" in capsys.readouterr().err
 
 
-def test_reuse_or_start(tmp_path, capsys):
+def test_reuse_or_start(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("common.cli.start_reaper", lambda: None)  # not a reaper of the test session
     out = tmp_path / "stage"
     assert reuse_or_start(out, False, "stage", "summary.json") is False and out.is_dir()
     write_summary(out / "summary.json", {"b": 1, "a": [1, 2]})
@@ -43,6 +44,42 @@ def test_reuse_or_start(tmp_path, capsys):
     assert "[stage] reusing" in capsys.readouterr().out
     assert reuse_or_start(out, True, "stage", "summary.json") is False  # --force: started afresh
     assert out.is_dir() and not (out / "summary.json").exists()
+    assert [p.name for p in out.iterdir()] == [".lock"]  # held by this process until it exits
+
+
+def test_summary_is_replaced_whole(tmp_path):
+    write_summary(tmp_path / "summary.json", {"a": 1})
+    write_summary(tmp_path / "summary.json", {"a": 2})
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary file left
+
+
+LOCK_HOLDER = """
+import sys, time
+from common.cli import lock_output_dir
+lock_output_dir(sys.argv[1], "pretrain")
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_on_the_same_output_directory_is_refused_until_the_first_dies(tmp_path):
+    import signal
+
+    from common.cli import lock_output_dir
+
+    out = tmp_path / "runs" / "pretrain"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match=rf"\[train_rm\] .*pretrain is in use by another run \(pid {holder.pid}, "
+                                             r"pretrain\): wait for it"):
+            lock_output_dir(out, "train_rm")
+    finally:
+        holder.send_signal(signal.SIGKILL)  # the kernel drops the lock with its holder: nothing stale to delete
+        holder.wait()
+    lock_output_dir(out, "train_rm")
+    assert "train_rm" in (out / ".lock").read_text()
 
 
 def test_common_imports_no_other_project_package():
