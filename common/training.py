@@ -30,16 +30,15 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, extra: dict, keep: int = 2) -> Path:
-    """Model via save_pretrained, then optimizer/RNG state; the state file marks the checkpoint complete."""
+    """Model via save_pretrained, then optimizer/RNG state, into a hidden temporary directory renamed to step_<n>
+    once complete: a kill during the write leaves only the temporary directory, which no resume picks (and the
+    next save replaces)."""
     path = ckpt_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = ckpt_dir / f".tmp_{CHECKPOINT_PREFIX}{step}"
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
-    state = {
-        "step": step, "optimizer": optimizer.state_dict(), "extra": extra,
-        "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
-    }
+    state = {"step": step, "optimizer": optimizer.state_dict(), "extra": extra, **rng_state()}
     torch.save(state, tmp / TRAINER_STATE)
     if path.exists():
         shutil.rmtree(path)
@@ -50,12 +49,25 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, extra: dict, ke
     return path
 
 
+def rng_state() -> dict:
+    """torch, numpy and Python RNG states as tensors, lists and numbers only: loadable with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch_rng": torch.get_rng_state(),
+            "numpy_rng": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python_rng": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
+
+
 def load_trainer_state(path: Path, optimizer) -> tuple[int, dict]:
-    state = torch.load(path / TRAINER_STATE, weights_only=False)
+    """Restores optimizer and RNG states of a checkpoint. weights_only=True: a checkpoint is data, never code."""
+    state = torch.load(path / TRAINER_STATE, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
-    np.random.set_state(state["numpy_rng"])
-    random.setstate(state["python_rng"])
+    n = state["numpy_rng"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python_rng"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
     return state["step"], state["extra"]
 
 

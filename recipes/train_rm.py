@@ -76,7 +76,9 @@ def generated_pages(cfg: RewardModelConfig, env, table, tok: GenPageTokenizer, c
     true = env.true_page_reward([contexts[g] for g in pair], structured)
     out = {"prompts": [prompts[g] for g in pair], "pages": pages, "true": true.tolist(),
            "decode_report": dataclasses.asdict(report)}
-    cache.write_text(json.dumps(out))
+    tmp = cache.with_name(f".{cache.name}.tmp")  # renamed once whole: a kill never leaves half a cache
+    tmp.write_text(json.dumps(out))
+    tmp.replace(cache)
     return out
 
 
