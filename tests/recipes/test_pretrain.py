@@ -1,11 +1,8 @@
 """recipes/pretrain.py on a tiny world and model, as subprocesses: it learns, it resumes, it fails clearly."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -68,27 +65,34 @@ def test_smoke_run_lowers_heldout_loss_and_writes_hf_model(world_dir, tmp_path):
     assert "reusing" in pretrain(world_dir, tmp_path / "pt", "steps=30").stdout
 
 
-def test_killed_run_resumes_from_last_checkpoint(world_dir, tmp_path):
+def test_killed_at_a_random_point_it_resumes_to_identical_weights(world_dir, tmp_path):
+    """SIGKILL at a random point after the first checkpoint: the rerun resumes from the last one (tqdm counts on
+    from there) and ends bit for bit where an uninterrupted run ends (batch order, RNG and optimizer come back)."""
+    import random
+
+    from safetensors.torch import load_file
+
+    from tests.recipes.helpers import kill_when, outliving
+
+    args = ["steps=120", "eval_interval=60", "checkpoint_interval=10", "eval_users=8", "lr=0.01"]
+    full = pretrain(world_dir, tmp_path / "full", *args)
+    assert full.returncode == 0, full.stderr[-3000:]
     out = tmp_path / "pt"
-    args = ["steps=120", "eval_interval=1000", "checkpoint_interval=10", "eval_users=8"]
     cmd = recipe("pretrain.py", f"data_dir={world_dir}", f"out_dir={out}", *TINY_MODEL, *args)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 300
-    while not list((out / "checkpoints").glob("step_*/trainer_state.pt")) and time.time() < deadline:
-        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    steps_done = [int(p.parent.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*/trainer_state.pt")]
-    assert steps_done and max(steps_done) < 120, "the run finished before it could be killed"
-    saved = torch.load(max((out / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:])) / "trainer_state.pt",
-                       weights_only=False)["step"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    left = kill_when(proc, lambda: bool(list((out / "checkpoints").glob("step_*/trainer_state.pt"))),
+                     random.uniform(0.0, 1.5))
+    assert not outliving(left)
+    assert not (out / "summary.json").exists(), "the run finished before it was killed"
+    saved = max(int(p.parent.name[5:]) for p in (out / "checkpoints").glob("step_*/trainer_state.pt"))
     again = pretrain(world_dir, out, *args)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming from" in again.stdout and f"at step {saved}" in again.stdout
-    # tqdm counts from the resumed step: the finished steps are not repeated.
-    assert f"{saved}/120" in again.stderr
-    assert json.loads((out / "summary.json").read_text())["loss_history"][-1]["step"] == 120
+    assert f"resuming from {out / 'checkpoints' / f'step_{saved}'} at step {saved}" in again.stdout
+    assert f"{saved}/120" in again.stderr  # the finished steps are not repeated
+    a, b = (load_file(d / "model" / "model.safetensors") for d in (tmp_path / "full", out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    histories = [json.loads((d / "summary.json").read_text())["loss_history"] for d in (tmp_path / "full", out)]
+    assert histories[0] == histories[1]
 
 
 def test_missing_world_says_which_command_makes_it(tmp_path):

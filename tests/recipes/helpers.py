@@ -1,0 +1,51 @@
+"""What the recipe tests share: killing a recipe outright at a chosen point, and telling what outlived it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from typing import Callable
+
+
+def alive(proc) -> bool:
+    """A psutil.Process still running (an orphan that exited stays a zombie until init reaps it)."""
+    import psutil
+
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], delay_s: float, timeout_s: float = 600) -> list:
+    """SIGKILL to `proc` alone (no handler, no atexit runs), `delay_s` after ready() first holds. -> its
+    descendants (psutil.Process) just before the kill, to check none outlives it."""
+    import psutil
+
+    deadline = time.time() + timeout_s
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert ready(), "the run never reached the point to kill it at"
+    time.sleep(delay_s)
+    descendants = psutil.Process(proc.pid).children(recursive=True)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return descendants
+
+
+def outliving(descendants: list, timeout_s: float = 30.0) -> list[str]:
+    """The command lines of `descendants` still running after `timeout_s`; kills them (never leave them)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and any(alive(p) for p in descendants):
+        time.sleep(0.2)
+    left = [p for p in descendants if alive(p)]
+    names = []
+    for p in left:
+        try:
+            names.append(" ".join(p.cmdline())[:100])
+            p.kill()
+        except Exception:  # gone in between
+            pass
+    return names
