@@ -49,8 +49,7 @@ KIND_SPECIAL, KIND_CONTEXT, KIND_ROW, KIND_ENTITY = 0, 1, 2, 3
 
 def is_title_token(token: str) -> bool:
     """Whether a token's text is a catalog title's ("ent:<id>"), not an entity fallback ("ent:<unk...>"): the
-    check for token text (verl's decoded responses, an HF tokenizer's vocabulary). Same answer as
-    GenPageTokenizer.is_title on the token's id."""
+    check for token text (verl's decoded responses, an HF tokenizer's vocabulary)."""
     return token.startswith(ENTITY_PREFIX) and not token.startswith(ENTITY_PREFIX + "<")
 
 
@@ -215,12 +214,6 @@ class GenPageTokenizer:
     def first_entity_id(self) -> int:
         """Token id of the first catalog entity (after the entity fallbacks); entity i has id first + i."""
         return self.vocab[f"ent:{self.entity_ids[0]}"] if self.entity_ids else len(self.tokens)
-
-    def is_title(self, ids):
-        """Whether token ids are catalog titles (entity fallbacks, other tokens and ids outside the vocabulary are
-        not): an int -> bool; a numpy array or torch tensor -> a bool mask of its shape. The titles are the
-        vocabulary's last ids, first_entity_id onwards, so this is two comparisons."""
-        return (ids >= self.first_entity_id) & (ids < len(self.tokens))
 
     def entity_token(self, entity_id: str, stats: EncodeStats | None = None) -> int:
         tok = self.vocab.get(f"ent:{entity_id}")

@@ -151,18 +151,12 @@ def test_the_toy_vocabulary_is_what_the_toy_dataset_gives(small_world, tmp_path)
     assert GenPageTokenizer.from_dataset(dataset, table).same_vocabulary(world_tokenizer(small_world)) is None
 
 
-def test_is_title_marks_catalog_titles_only_on_ints_arrays_and_tensors():
+def test_is_title_token_marks_catalog_titles_only():
     import numpy as np
-    import torch
 
     from policies.tokenizer import is_title_token
 
     by_text = np.array([is_title_token(t) for t in TOK.tokens])  # [V] from the token text
     assert by_text.sum() == len(ENTITIES)  # the 4 entity fallbacks (ent:<unk...>) are not titles
-    ids = np.arange(-2, len(TOK) + 2)  # ids outside the vocabulary too
-    expected = np.r_[False, False, by_text, False, False]
-    np.testing.assert_array_equal(TOK.is_title(ids), expected)
-    assert torch.equal(TOK.is_title(torch.from_numpy(ids).view(2, -1)), torch.from_numpy(expected).view(2, -1))
-    title, fallback = TOK.vocab[f"ent:{ENTITIES[7]}"], TOK.vocab["ent:<unk_show>"]
-    assert TOK.is_title(title) is True and TOK.is_title(fallback) is False and TOK.is_title(TOK.eop_id) is False
+    assert [TOK.tokens[i] for i in np.flatnonzero(by_text)] == [f"ent:{e}" for e in TOK.entity_ids]
     assert not is_title_token("ent:<unk>") and not is_title_token("row:kids") and is_title_token(f"ent:{ENTITIES[0]}")
