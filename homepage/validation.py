@@ -244,11 +244,12 @@ def check_page_shape(check: RowChecker) -> None:
         col = check.table.column(name)
         bad = list_lengths(col) != list_lengths(check.table.column("page_row_ids"))
         ok = np.flatnonzero(~bad)  # same rows per page: the per-row lengths line up one to one
-        inner = list_lengths(pc.list_flatten(col.take(pa.array(ok))))
-        ent = list_lengths(pc.list_flatten(check.table.column("page_entity_ids").take(pa.array(ok))))
+        same, ents = (col, check.table.column("page_entity_ids")) if not bad.any() else (
+            col.take(pa.array(ok)), check.table.column("page_entity_ids").take(pa.array(ok)))
+        inner = list_lengths(pc.list_flatten(same))
         if len(inner):
-            owner = np.repeat(ok, list_lengths(col.take(pa.array(ok))))
-            bad[np.unique(owner[inner != ent])] = True
+            owner = np.repeat(ok, list_lengths(same))
+            bad[np.unique(owner[inner != list_lengths(pc.list_flatten(ents))])] = True
         check.refuse(bad, name, "shape differs from page_entity_ids", lambda r: (
             "its [row][column] shape differs from page_entity_ids; give one value per shown entity"))
 
@@ -257,18 +258,23 @@ def check_duplicates_on_page(check: RowChecker) -> None:
     """A served page shows a title once and a row once (the dedup business rule): a logged page that repeats
     one is a logging fault, and a model trained on it would learn pages the rules forbid."""
     for name, depth, what in (("page_row_ids", 1, "row"), ("page_entity_ids", 2, "title")):
-        values = leaves(check.table.column(name).combine_chunks(), depth)
+        col = check.table.column(name).combine_chunks()
+        values = leaves(col, depth)
         if not len(values):
             continue
-        flat = numpy(values).astype(object)
-        owner = np.atleast_1d(row_of_leaf(check.table, name, depth, np.arange(len(flat))))
+        owner = np.arange(len(col))  # the page of each leaf, level by level
+        level = col
+        for _ in range(depth):
+            owner = np.repeat(owner, list_lengths(level))
+            level = level.flatten()
         codes = numpy(pc.dictionary_encode(values).indices).astype(np.int64)
         key = owner.astype(np.int64) * (int(codes.max()) + 1) + codes
         order = np.argsort(key, kind="stable")
-        repeated = order[1:][key[order][1:] == key[order][:-1]]  # flat index of each second (third...) copy
-        rows, first = per_row(check, name, depth, np.isin(np.arange(len(flat)), repeated))
+        repeated = np.zeros(len(key), dtype=bool)  # each second (third...) copy of a value on its page
+        repeated[order[1:][key[order][1:] == key[order][:-1]]] = True
+        rows, first = per_row(check, name, depth, repeated)
         check.refuse(rows, name, f"{what} twice on the page", lambda r: (
-            f"{what} {flat[first[r]]!r} appears twice on the page; a page shows each {what} once"))
+            f"{what} {values[first[r]].as_py()!r} appears twice on the page; a page shows each {what} once"))
 
 
 def check_rewards(check: RowChecker, rewards=None) -> None:
