@@ -42,3 +42,35 @@ class PretrainConfig(StageConfig):
             problems.append("eval_interval and checkpoint_interval must be >= 1")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class WbcConfig(StageConfig):
+    """`python recipes/wbc.py` (recipes/configs/wbc.yaml): weighted binary classification from a pretrained
+    GenPage (paper section 5.2; policies/wbc.py)."""
+
+    pretrained_dir: str = option("runs/pretrain/model", "the pretrained GenPage checkpoint WBC starts from (with its tokenizer and rules)")
+    out_dir: str = option("runs/wbc", "checkpoints/, model/ (HF directory servable by the vLLM plugin), summary.json, wandb/")
+    zero_reward: Literal["negative", "ignore"] = option("negative", "a title shown and not played (reward 0): 'negative' (label 0, weight zero_weight) or 'ignore' (no loss)")
+    zero_weight: float = option(0.5, "weight of a zero-reward token in 'negative' mode, against |reward| for the others (a short play is 0.5)")
+    steps: int = option(600, "optimizer steps")
+    batch_size: int = option(32, "logged pages per step")
+    lr: float = option(1e-3, "peak AdamW learning rate (cosine decay to 10%)")
+    warmup_steps: int = option(30, "linear warmup")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    grad_clip: float = option(1.0, "max gradient norm")
+    eval_interval: int = option(200, "steps between held-out weighted-BCE evaluations")
+    eval_sequences: int = option(1000, "validation pages for the held-out metrics")
+    checkpoint_interval: int = option(100, "steps between resumable checkpoints")
+    seed: int = option(0, "batch order, evaluation users, the scratch model's init")
+    scratch_ablation: bool = option(True, "also train WBC from a random initialization (the paper's without-pretraining row)")
+    eval_users: int = option(500, "held-out (test-split) logged contexts the WBC policy writes pages for")
+    eval_backend: Literal["vllm", "hf"] = option("vllm", "what generates the evaluation pages: vllm or hf (transformers generate)")
+    max_new_tokens: int = option(64, "longest generated page")
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_interval", "checkpoint_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.zero_weight < 0:
+            raise ValueError("zero_weight must be >= 0")

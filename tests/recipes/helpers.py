@@ -8,6 +8,13 @@ import subprocess
 import time
 from typing import Callable
 
+# A world and a model small enough for a recipe test: make_world and pretrain in seconds.
+TINY_WORLD = ["world.n_entities=60", "world.n_users=80", "world.n_impressions=1200", "world.batch_size=400"]
+TINY_PRETRAIN = ["model.hidden_size=64", "model.num_hidden_layers=1", "model.num_attention_heads=1",
+                 "model.intermediate_size=128", "batch_size=16", "eval_sequences=64", "eval_users=8",
+                 "eval_backend=hf", "max_new_tokens=40", "wandb_mode=disabled", "num_threads=1",
+                 "cold_start_titles=0", "lr=0.01"]
+
 
 def alive(proc) -> bool:
     """A psutil.Process still running (an orphan that exited stays a zombie until init reaps it)."""

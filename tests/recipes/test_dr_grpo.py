@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.recipes.helpers import TINY_PRETRAIN, TINY_WORLD
+
 pytest.importorskip("verl")
 pytest.importorskip("vllm")
 
@@ -16,11 +18,7 @@ pytest.importorskip("vllm")
 pytestmark = [pytest.mark.recipe, pytest.mark.ray, pytest.mark.timeout(300)]
 
 ROOT = Path(__file__).parents[2]
-TINY_WORLD = ["world.n_entities=60", "world.n_users=80", "world.n_impressions=1200", "world.batch_size=400"]
-TINY_MODEL = ["model.hidden_size=64", "model.num_hidden_layers=1", "model.num_attention_heads=1",
-              "model.intermediate_size=128", "batch_size=16", "eval_sequences=64", "eval_users=8", "eval_backend=hf",
-              "max_new_tokens=40", "wandb_mode=disabled", "num_threads=1", "cold_start_titles=0", "steps=20",
-              "eval_interval=20", "checkpoint_interval=20", "lr=0.01"]
+TINY_MODEL = [*TINY_PRETRAIN, "steps=20", "eval_interval=20", "checkpoint_interval=20"]
 # Training prompts sampled by the world's environment here; tests/recipes/test_foreign_dataset.py covers logged ones.
 TINY_RL = ["steps=2", "seeds=[0,1]", "prompts_per_step=4", "group_size=4", "eval_users=8", "save_freq=1", "lr=0.01",
            "wandb_mode=offline", "prompt_source=environment"]
