@@ -163,3 +163,51 @@ def popularity_scores(train: WbcData, data: WbcData) -> dict[str, np.ndarray]:
         for k, v in (("label", label), ("weight", weight), ("is_row", is_row)):
             out[k].append(v[on])
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def compare(data_dir: str, models: list[str], eval_users: int, eval_sequences: int, seed: int = 0,
+            backend: str = "vllm") -> list[dict]:
+    """Any GenPage checkpoints on one dataset's held-out data, side by side: Table 1 (their logits as values on
+    valid-split logged pages) and the true reward of their masked greedy / sampled pages for the same
+    `eval_users` test-split contexts (policies.pretraining.evaluate_pretrained). -> one row per model"""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from homepage.dataset import open_dataset
+    from homepage.environment import load_environment
+    from policies.pretraining import evaluate_pretrained
+    from policies.rules import RuleSet
+    from policies.tokenizer import GenPageTokenizer
+
+    dataset, table, _ = open_dataset(data_dir)
+    env = load_environment("auto", dataset)
+    rows = []
+    for path in models:
+        tok = GenPageTokenizer.from_pretrained(path)
+        valid = wbc_data(table, tok, "valid", "negative", 0.5)
+        valid = valid.subset(range(min(len(valid), eval_sequences)))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model.config.mask_logits = False  # Table 1 scores the raw values (an RL export replays the masks in forward)
+        pages = evaluate_pretrained(model, Path(path), tok, RuleSet.from_pretrained(path), table, env, valid.seqs,
+                                    eval_users, backend, 64, seed)
+        rows.append({"model": path, **evaluate_scores(**score_tokens(model, valid)),
+                     **{k.replace("pretrained_", ""): pages[k] for k in pages if k.startswith("true_reward")},
+                     "violations_masked": sum(pages["rule_violations"][m]["total"]
+                                              for m in ("masked_greedy", "masked_sampled"))})
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="GenPage checkpoints side by side: Table 1 and true page reward")
+    parser.add_argument("--data", required=True, help="dataset directory")
+    parser.add_argument("--models", nargs="+", required=True, help="GenPage checkpoint directories")
+    parser.add_argument("--eval-users", type=int, default=500)
+    parser.add_argument("--eval-sequences", type=int, default=1000)
+    parser.add_argument("--backend", default="vllm", choices=["vllm", "hf"])
+    args = parser.parse_args()
+    for row in compare(args.data, args.models, args.eval_users, args.eval_sequences, backend=args.backend):
+        print(json.dumps(row))

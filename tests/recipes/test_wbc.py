@@ -57,6 +57,17 @@ def test_smoke_run_lowers_heldout_bce_reports_table_1_and_serves_on_vllm(inputs,
     assert config["business_rules"] and (out / "model" / "genpage_tokenizer.json").exists()
     assert "reusing" in recipe("wbc.py", f"data_dir={world}", f"pretrained_dir={pretrained}", f"out_dir={out}",
                                *TINY_WBC).stdout
+    # Checkpoints side by side (python -m policies.wbc): the same Table 1 as the recipe's, on the same pages.
+    compare = subprocess.run([sys.executable, "-m", "policies.wbc", "--data", str(world), "--models", str(pretrained),
+                              str(out / "model"), "--eval-users", "8", "--eval-sequences", "100", "--backend", "hf"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert compare.returncode == 0, compare.stderr[-3000:]
+    rows = [json.loads(line) for line in compare.stdout.splitlines() if line.startswith("{")]
+    assert [r["model"] for r in rows] == [str(pretrained), str(out / "model")]
+    for row, name in zip(rows, ("pretrained", "wbc")):
+        assert row["entity_auc"] == pytest.approx(summary[f"entity_auc_{name}"], abs=1e-6)
+        assert row["row_auc"] == pytest.approx(summary[f"row_auc_{name}"], abs=1e-6)
+    assert rows[1]["violations_masked"] == 0 and np.isfinite(rows[1]["true_reward_masked_greedy"])
 
 
 def test_zero_reward_ignored_trains_on_fewer_targets_and_a_killed_run_resumes(inputs, tmp_path):
