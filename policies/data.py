@@ -7,6 +7,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from homepage.logs import iter_impressions
@@ -64,6 +65,14 @@ def encode_table(table: pa.Table, tok: GenPageTokenizer, split: str | None = Non
         users.append(imp.context.user_id)
         rewards.append(imp.page_reward)
     return PageSequences(prompts, pages, users, np.asarray(rewards, dtype=np.float32), stats), skipped
+
+
+def split_logs(table: pa.Table, tok: GenPageTokenizer, split: str) -> tuple[PageSequences, pa.Table]:
+    """One split of validated logs (all impressions, positive or not), encoded; the table rows stay aligned
+    with the sequences (row i of the returned table is sequence i), for the ground truth and per-token targets."""
+    part = table.filter(pc.equal(table.column("split"), split))
+    seqs, _ = encode_table(part, tok)
+    return seqs, part
 
 
 def pad_batch(seqs: Sequence[Sequence], pad_id: int | float, length: int | None = None, dtype: torch.dtype = torch.long,

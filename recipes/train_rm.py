@@ -28,8 +28,8 @@ from homepage.logs import LogSchemaError, sample_impressions
 from policies.evaluation import pages_from_tokens
 from policies.tokenizer import GenPageTokenizer, check_tokenizer_matches
 from reward_model.config import RewardModelConfig
-from reward_model.data import (RewardNormalization, check_disjoint_users, check_page_rewards, entity_targets,
-                               split_logs)
+from policies.data import split_logs
+from reward_model.data import RewardNormalization, check_disjoint_users, entity_targets
 from reward_model.evaluation import (BagOfEntitiesRidge, EvalSet, evaluate, logged_eval_set, results_table,
                                      scatter_plot)
 from reward_model.heads import get_reward_head
@@ -95,7 +95,6 @@ def main() -> None:
     try:
         dataset, table, report = open_stage_dataset(cfg, out)
         logs = dataset.logs
-        check_page_rewards(table, logs)
         check_tokenizer_matches(tok, dataset, table, f"the pretrained checkpoint {pretrained}")
         env = load_environment(cfg.environment, dataset)
     except LogSchemaError as e:

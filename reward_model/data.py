@@ -7,11 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
-from policies.data import PageSequences, encode_table, pad_batch
-from policies.tokenizer import GenPageTokenizer
+from policies.data import PageSequences, pad_batch
 
 
 @dataclass(frozen=True)
@@ -32,14 +30,6 @@ class RewardNormalization:
 
     def denormalize(self, score):
         return score * self.std + self.mean
-
-
-def split_logs(table: pa.Table, tok: GenPageTokenizer, split: str) -> tuple[PageSequences, pa.Table]:
-    """One split of validated logs (all impressions, positive or not), encoded; the table rows stay aligned
-    with the sequences (row i of the returned table is sequence i), for the ground truth."""
-    part = table.filter(pc.equal(table.column("split"), split))
-    seqs, _ = encode_table(part, tok)
-    return seqs, part
 
 
 def check_disjoint_users(train: PageSequences, valid: PageSequences) -> None:
@@ -160,17 +150,3 @@ def collate_token_targets(prompts: list[list[int]], token_targets: list[np.ndarr
     (prompt, row tokens, [EOP], padding).  -> [B, T]"""
     placed = [np.concatenate([np.full(len(p), np.nan, np.float32), t]) for p, t in zip(prompts, token_targets)]
     return pad_batch(placed, float("nan"), length=T, dtype=torch.float32)[0]
-
-
-def check_page_rewards(table: pa.Table, path) -> None:
-    """The regression target must be a finite number on every row. (read_logs compares each page reward
-    with the sum of its entity rewards, a comparison a NaN page reward passes.) Raises LogSchemaError naming
-    the row (counted over the files in name order) and its impression id."""
-    from homepage.logs import LogSchemaError
-
-    reward = table.column("page_reward").to_numpy(zero_copy_only=False)
-    bad = np.flatnonzero(~np.isfinite(reward))
-    if len(bad):
-        r = int(bad[0])
-        raise LogSchemaError(f"{path}: row {r} (impression_id {table.column('impression_id')[r].as_py()}), field "
-                             f"'page_reward': {reward[r]} is not a finite number ({len(bad)} such rows); fix or drop them")

@@ -168,8 +168,8 @@ def test_killed_parent_takes_its_training_processes_along_and_both_resume(inputs
 
 @pytest.mark.parametrize("field, row, value", [("hour", 3, 30), ("page_reward", 7, float("nan"))])
 def test_malformed_log_row_is_named(inputs, tmp_path, field, row, value):
-    """An hour out of range (caught by homepage.logs.read_logs) and a NaN page reward (the regression target;
-    checked by the recipe): the error names the row and the field."""
+    """An hour out of range and a NaN page reward (the regression target), both refused by the log reader
+    (homepage/validation.py): the error names the row and the field."""
     import pyarrow as pa
 
     import shutil
