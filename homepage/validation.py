@@ -103,11 +103,10 @@ class RowChecker:
             r = int(rows[0])
             raise LogSchemaError(f"{self.path}: row {int(self.index[r])}, field '{name}': {detail(r)}")
         q = self.quarantine
-        ids = self.table.column("impression_id").to_pylist() if "impression_id" in self.table.column_names else None
         for r, record in zip(rows.tolist(), self.table.take(pa.array(rows)).to_pylist()):
             q.part.append(str(self.path))
             q.row.append(int(self.index[r]))
-            q.impression_id.append(ids[r] if ids is not None else None)
+            q.impression_id.append(record.get("impression_id"))
             q.field.append(name)
             q.reason.append(reason)
             q.detail.append(detail(r))
@@ -149,7 +148,10 @@ def numpy(col) -> np.ndarray:
 
 
 def per_row(check: RowChecker, name: str, depth: int, bad_leaf: np.ndarray) -> tuple[np.ndarray, dict[int, int]]:
-    """[n] bool: rows holding a bad leaf, and each such row's first bad leaf (flat index)."""
+    """[n] bool: rows holding a bad leaf, and each such row's first bad leaf (flat index). depth 0: the leaves
+    are the rows."""
+    if depth == 0:
+        return bad_leaf, {r: r for r in np.flatnonzero(bad_leaf).tolist()}
     flat = np.flatnonzero(bad_leaf)
     rows = np.zeros(check.table.num_rows, dtype=bool)
     first: dict[int, int] = {}
@@ -198,10 +200,10 @@ def check_ids(check: RowChecker) -> None:
     for name, depth in ID_FIELDS:
         values = leaves(check.table.column(name), depth)
         bad = numpy(pc.or_(pc.equal(pc.utf8_length(values), 0), pc.match_substring_regex(values, r"\s")))
-        rows, first = per_row(check, name, depth, bad) if depth else (bad, {})
+        rows, first = per_row(check, name, depth, bad)
         flat = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
         check.refuse(rows, name, "empty or whitespace id", lambda r: (
-            f"id {flat[first.get(r, r)].as_py()!r} is empty or holds whitespace; ids are tokens, rename it "
+            f"id {flat[first[r]].as_py()!r} is empty or holds whitespace; ids are tokens, rename it "
             "(for example with '_' for spaces) in the logs and the catalog alike"))
 
 
@@ -211,10 +213,10 @@ def check_range(check: RowChecker, name: str, lo: float, hi: float | None, depth
     values = leaves(check.table.column(name), depth)
     v = numpy(values).astype(np.float64)
     bad = ~np.isfinite(v) | (v < lo) | (v > hi if hi is not None else False)
-    rows, first = per_row(check, name, depth, bad) if depth else (bad, {})
+    rows, first = per_row(check, name, depth, bad)
     bound = "" if lo == -math.inf and hi == math.inf else f" in [{lo:g}, {hi:g}]" if hi is not None else f" >= {lo:g}"
     check.refuse(rows, name, "not finite" if not bound else "out of range", lambda r: (
-        f"{v[first.get(r, r)]:g} is not a finite number{bound}" + (f" ({what})" if what else "")))
+        f"{v[first[r]]:g} is not a finite number{bound}" + (f" ({what})" if what else "")))
 
 
 def check_history(check: RowChecker) -> None:
