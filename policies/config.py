@@ -52,7 +52,7 @@ class WbcConfig(StageConfig):
     pretrained_dir: str = option("runs/pretrain/model", "the pretrained GenPage checkpoint WBC starts from (with its tokenizer and rules)")
     out_dir: str = option("runs/wbc", "checkpoints/, model/ (HF directory servable by the vLLM plugin), summary.json, wandb/")
     zero_reward: Literal["negative", "ignore"] = option("negative", "a title shown and not played (reward 0): 'negative' (label 0, weight zero_weight) or 'ignore' (no loss)")
-    zero_weight: float = option(0.5, "weight of a zero-reward token in 'negative' mode, against |reward| for the others (a short play is 0.5)")
+    zero_weight: float = option(0.5, "weight of a zero-reward token in 'negative' mode, against |reward| for the others (docs/wbc.md)")
     steps: int = option(600, "optimizer steps")
     batch_size: int = option(32, "logged pages per step")
     lr: float = option(1e-3, "peak AdamW learning rate (cosine decay to 10%)")

@@ -17,11 +17,10 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
-from policies.data import PageSequences, encode_table, pad_batch
+from policies.data import PageSequences, pad_batch, split_logs
 
 ZeroReward = Literal["negative", "ignore"]
 ZERO_REWARDS: tuple[str, ...] = typing.get_args(ZeroReward)
@@ -65,8 +64,7 @@ class WbcData:
 
 def wbc_data(table: pa.Table, tok, split: str, zero_reward: ZeroReward, zero_weight: float) -> WbcData:
     """Every logged impression of `split` (positive or not: WBC learns from what was not engaged too)."""
-    part = table.filter(pc.equal(table.column("split"), split))
-    seqs, _ = encode_table(part, tok)
+    seqs, part = split_logs(table, tok, split)
     targets = [token_targets(r, zero_reward, zero_weight) for r in part.column("entity_rewards").to_pylist()]
     for i, (page, (label, _, _)) in enumerate(zip(seqs.pages, targets)):
         if len(page) != len(label):  # encode_page writes one token per row and per title, then [EOP]

@@ -38,9 +38,7 @@ from policies.wbc import (WbcData, collate_wbc, evaluate_scores, popularity_scor
 
 
 def heldout_bce(model, valid: WbcData) -> float:
-    s = score_tokens(model, valid)
-    bce, w = weighted_bce(torch.from_numpy(s["values"]), torch.from_numpy(s["label"]), torch.from_numpy(s["weight"]))
-    return float(bce / w)
+    return evaluate_scores(**score_tokens(model, valid))["weighted_bce"]
 
 
 def fit(model, cfg: WbcConfig, train: WbcData, valid: WbcData, ckpt_dir: Path, name: str, out: Path):
