@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.recipes.helpers import alive
+
 psutil = pytest.importorskip("psutil")
 ROOT = Path(__file__).parents[2]
 
@@ -32,13 +34,6 @@ time.sleep(1.0)  # at least one poll of the reaper
 print("ready", flush=True)
 time.sleep(300)
 """
-
-
-def alive(p) -> bool:
-    try:
-        return p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_a_killed_recipe_takes_its_process_tree_its_daemons_and_its_shm_along(tmp_path):
