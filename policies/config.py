@@ -62,9 +62,9 @@ class WbcConfig(StageConfig):
     eval_interval: int = option(200, "steps between held-out weighted-BCE evaluations")
     eval_sequences: int = option(1000, "validation pages for the held-out metrics")
     checkpoint_interval: int = option(100, "steps between resumable checkpoints")
-    seed: int = option(0, "batch order, evaluation users, the scratch model's init")
-    scratch_ablation: bool = option(True, "also train WBC from a random initialization (the paper's without-pretraining row)")
-    eval_users: int = option(500, "held-out (test-split) logged contexts the WBC policy writes pages for")
+    seeds: tuple[int, ...] = option((0, 1, 2), "one WBC run per seed (its batch order); the summary reports the mean and spread over seeds")
+    scratch_ablation: bool = option(True, "also train WBC from a random initialization with the first seed (the paper's without-pretraining row)")
+    eval_users: int = option(500, "held-out (test-split) logged contexts each seed's WBC policy writes pages for (the same contexts for every seed: the pretraining recipe's)")
     eval_backend: Literal["vllm", "hf"] = option("vllm", "what generates the evaluation pages: vllm or hf (transformers generate)")
     max_new_tokens: int = option(64, "longest generated page")
 
@@ -72,5 +72,7 @@ class WbcConfig(StageConfig):
         for name in ("steps", "batch_size", "eval_interval", "checkpoint_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must list at least one seed, each once (got {list(self.seeds)}), e.g. seeds=[0]")
         if self.zero_weight < 0:
             raise ValueError("zero_weight must be >= 0")

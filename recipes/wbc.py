@@ -8,14 +8,17 @@ that token at its position is trained with a weighted per-token sigmoid. Judged 
 logged pages by the paper's Table 1 (weighted BCE, sample-weighted row and entity AUC) against the pretrained
 model's own logits, a popularity scorer and the same training from a random initialization; then, like the
 pretrained policy, by the pages it writes for held-out (test-split) contexts under the rule masks (true reward
-where an environment is configured). Resumes from out_dir/checkpoints. Writes out_dir/model (HF directory:
-weights, config with the business rules, tokenizer), summary.json and wandb runs (offline).
+where an environment is configured). One run per seed, each resumable from its own checkpoints. Writes
+out_dir/seed_<s>/ (checkpoints/, model/: HF directory with weights, config with the business rules, tokenizer),
+out_dir/model (the first seed's), scratch/ (the ablation), summary.json (first seed's Table 1 and pages, every
+seed's and their mean and spread) and wandb runs (offline).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -41,8 +44,9 @@ def heldout_bce(model, valid: WbcData) -> float:
     return evaluate_scores(**score_tokens(model, valid))["weighted_bce"]
 
 
-def fit(model, cfg: WbcConfig, train: WbcData, valid: WbcData, ckpt_dir: Path, name: str, out: Path):
-    """WBC training of `model` (resumed from ckpt_dir's latest checkpoint). -> (model, history, resumed step)"""
+def fit(model, cfg: WbcConfig, seed: int, train: WbcData, valid: WbcData, ckpt_dir: Path, name: str, out: Path):
+    """WBC training of `model` with `seed`'s batch order (resumed from ckpt_dir's latest checkpoint).
+    -> (model, history, resumed step)"""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     resume = latest_checkpoint(ckpt_dir)
     if resume is not None:
@@ -56,10 +60,10 @@ def fit(model, cfg: WbcConfig, train: WbcData, valid: WbcData, ckpt_dir: Path, n
     history = extra.get("history") or [{"step": 0, "heldout_weighted_bce": heldout_bce(model, valid)}]
     if resume is not None:
         print(f"[wbc:{name}] resuming from {resume} at step {start}")
-    run = init_wandb(cfg.wandb_project, out, to_dict(cfg), cfg.wandb_mode, f"wbc_{name}", extra.get("wandb_id"))
+    run = init_wandb(cfg.wandb_project, ckpt_dir.parent, to_dict(cfg), cfg.wandb_mode, f"wbc_{name}", extra.get("wandb_id"))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"wbc {name}", unit="step")
     for step in bar:
-        rng = np.random.default_rng([cfg.seed, step])  # batch order is a function of the step: resumable
+        rng = np.random.default_rng([seed, step])  # batch order is a function of the step: resumable
         batch = collate_wbc(train, rng.choice(len(train), size=min(cfg.batch_size, len(train)), replace=False))
         lr = cosine_lr(step, cfg.steps, cfg.warmup_steps, cfg.lr)
         for group in optimizer.param_groups:
@@ -81,6 +85,29 @@ def fit(model, cfg: WbcConfig, train: WbcData, valid: WbcData, ckpt_dir: Path, n
     run.finish()
     model.eval()
     return model, history, start if resume is not None else None
+
+
+def train_seed(cfg: WbcConfig, seed: int, tok, rules, table, env, train: WbcData, valid: WbcData, out: Path) -> dict:
+    """One seed's WBC policy from the pretrained checkpoint: trained, saved as out/seed_<seed>/model, its Table 1
+    row and the pages it writes for the held-out contexts. -> that seed's results"""
+    from transformers import AutoModelForCausalLM
+
+    run_dir = out / f"seed_{seed}"
+    model = AutoModelForCausalLM.from_pretrained(cfg.pretrained_dir, dtype=torch.float32)
+    model, history, resumed = fit(model, cfg, seed, train, valid, run_dir / "checkpoints", f"seed{seed}", out)
+    model_dir = run_dir / "model"
+    model.save_pretrained(model_dir)  # rules travel in config.json
+    tok.save_pretrained(model_dir)
+    pages = evaluate_pretrained(model, model_dir, tok, rules, table, env, valid.seqs, cfg.eval_users,
+                                cfg.eval_backend, cfg.max_new_tokens, seed=0)  # the pretraining recipe's contexts
+    return {"table1": evaluate_scores(**score_tokens(model, valid)), "pages": pages, "history": history,
+            "resumed_from_step": resumed}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value) of per-seed figures."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
 def main() -> None:
@@ -115,38 +142,43 @@ def main() -> None:
     # -- Table 1 before training: the pretrained model's own logits and a popularity scorer ----------------------
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32)
-    table1 = {"pretrained": evaluate_scores(**score_tokens(model, valid)),
+    table1 = {"pretrained": evaluate_scores(**score_tokens(AutoModelForCausalLM.from_pretrained(pretrained, dtype=torch.float32), valid)),
               "popularity": evaluate_scores(**popularity_scores(train, valid))}
 
-    # -- WBC from the pretrained checkpoint, and from a random initialization (the ablation) -------------------
-    model, history, resumed = fit(model, cfg, train, valid, out / "checkpoints" / "pretrained", "pretrained", out)
-    table1["wbc"] = evaluate_scores(**score_tokens(model, valid))
+    # -- WBC from the pretrained checkpoint, one run per seed; from a random initialization (the ablation) -----
+    runs = {seed: train_seed(cfg, seed, tok, rules, table, env, train, valid, out) for seed in cfg.seeds}
+    first = runs[cfg.seeds[0]]
+    table1["wbc"] = first["table1"]
     scratch_history = None
     if cfg.scratch_ablation:
         shape = AutoConfig.from_pretrained(pretrained).to_dict()
         shape.update(shape.get("rope_parameters") or {})  # rope_theta lives there
         size = ModelSize(**{f.name: shape[f.name] for f in dataclasses.fields(ModelSize)})
-        scratch = build_model(tok, dataset.content(), size, seed=cfg.seed)
-        scratch, scratch_history, _ = fit(scratch, cfg, train, valid, out / "checkpoints" / "scratch", "scratch", out)
+        scratch = build_model(tok, dataset.content(), size, seed=cfg.seeds[0])
+        scratch, scratch_history, _ = fit(scratch, cfg, cfg.seeds[0], train, valid, out / "scratch" / "checkpoints",
+                                          "scratch", out)
         table1["wbc_scratch"] = evaluate_scores(**score_tokens(scratch, valid))
         del scratch
+    model_dir = out / "model"  # the first seed's policy, where later stages look for "the" WBC model
+    shutil.rmtree(out / ".model.tmp", ignore_errors=True)
+    shutil.copytree(out / f"seed_{cfg.seeds[0]}" / "model", out / ".model.tmp")
+    shutil.rmtree(model_dir, ignore_errors=True)
+    (out / ".model.tmp").rename(model_dir)
 
-    # -- the WBC policy: HF directory (rules travel in config.json), pages for held-out contexts ---------------
-    model_dir = out / "model"
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    pages = evaluate_pretrained(model, model_dir, tok, rules, table, env, valid.seqs, cfg.eval_users,
-                                cfg.eval_backend, cfg.max_new_tokens, cfg.seed)
+    per_seed = {str(seed): {**{f"{k}": v for k, v in r["table1"].items()},
+                            **{k.replace("pretrained_", ""): v for k, v in r["pages"].items() if k.startswith("true_reward_pretrained")}}
+                for seed, r in runs.items()}
+    spread = {f"{k}_wbc_mean_std": mean_std([row[k] for row in per_seed.values()]) for k in next(iter(per_seed.values()))}
     summary = {
         "table1": table1,
         **{f"{k}_{name}": v for name, metrics in table1.items() for k, v in metrics.items()},
-        **{k.replace("pretrained_", "wbc_"): v for k, v in pages.items()},
-        "heldout_weighted_bce_history": history,
+        **{k.replace("pretrained_", "wbc_"): v for k, v in first["pages"].items()},
+        "per_seed": per_seed, **spread, "seeds": list(cfg.seeds),
+        "heldout_weighted_bce_history": first["history"],
         "scratch_heldout_weighted_bce_history": scratch_history,
-        "resumed_from_step": resumed,
+        "resumed_from_step": first["resumed_from_step"],
         "train_pages": len(train), "heldout_pages": len(valid),
-        "pages_seen": cfg.steps * min(cfg.batch_size, len(train)),
+        "steps": cfg.steps, "pages_seen": cfg.steps * min(cfg.batch_size, len(train)),  # per seed
         "bad_rows": report.bad_rows(),
         "wall_s": time.perf_counter() - t0,
         "config": to_dict(cfg),

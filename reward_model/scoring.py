@@ -2,6 +2,7 @@
 
     scorer = PageRewardScorer.from_pretrained("runs/rm/model")
     rewards = scorer.score(prompts, pages)  # np.ndarray [N]
+    per_token = scorer.score_tokens(prompts, pages)  # N arrays [len(page)], each summing to its page's reward
 
 Prompts are the tokenizer's context ids (ending with [PAGE]); pages are page token ids, with or without the
 final [EOP] (appended when missing: pages are scored as they were trained, [EOP] included). The normalization
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from policies.modeling_genpage import GenPageForPageReward
+from reward_model.data import collate_pages
 from reward_model.training import predict
 
 
@@ -54,3 +56,31 @@ class PageRewardScorer:
             return np.zeros(0)
         z = predict(self.model, prompts, pages, self.pad_id, self.eop_id, self.batch_size)  # [N] standardized
         return z * self.reward_std + self.reward_mean
+
+    def score_tokens(self, prompts: list[list[int]], pages: list[list[int]]) -> list[np.ndarray]:
+        """Each page token's share of its page reward, for heads that read a page as the sum of per-token rewards
+        ("entity_feedback", "entity_sum"): the reward the head gives that token, in reward units. A page without
+        its final [EOP] is scored with one appended, and that token's reward is added to the page's last token,
+        so each array sums to the page's `score` (an empty page gets an empty array).  -> N arrays [len(page)] float64"""
+        if len(prompts) != len(pages):
+            raise ValueError(f"{len(prompts)} prompts but {len(pages)} pages; give one page per prompt")
+        out: list[np.ndarray] = [np.zeros(0)] * len(pages)
+        order = np.argsort([len(p) + len(g) for p, g in zip(prompts, pages)], kind="stable")
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            for s in range(0, len(order), self.batch_size):
+                idx = order[s:s + self.batch_size]
+                batch = collate_pages([prompts[i] for i in idx], [pages[i] for i in idx], self.pad_id, self.eop_id)
+                token_rewards = self.model(**{k: v.to(device) for k, v in batch.items()}).token_rewards  # [b, T]
+                if token_rewards is None:
+                    raise ValueError(f"the reward model's head {self.model.config.reward_head!r} has no per-token "
+                                     "rewards: token credit needs a reward model trained with reward_head="
+                                     "entity_feedback or entity_sum")
+                token_rewards = token_rewards.double().cpu().numpy()
+                for row, i in enumerate(idx):
+                    start, n = len(prompts[i]), len(pages[i])
+                    r = token_rewards[row, start:start + n].copy()  # [n] the page's own tokens
+                    if n and pages[i][-1] != self.eop_id:  # the appended [EOP]'s reward goes to the last token
+                        r[-1] += token_rewards[row, start + n]
+                    out[i] = r
+        return out

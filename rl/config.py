@@ -39,6 +39,7 @@ class DrGrpoConfig(StageConfig):
     kl_coef: float = option(0.02, "weight of the KL-to-reference loss (actor.kl_loss_coef)")
     kl_estimator: KlEstimator = option("low_var_kl", "KL estimator of the loss (verl kl_penalty): low_var_kl (k3), kl (k1), mse (k2), abs")
     format_weight: float = option(1.0, "reward = RM score + format_weight * format score (<= 0 per violation)")
+    credit: Literal["page", "token"] = option("page", "how a page's reward is credited to its tokens: 'page' = every token gets the page's advantage (Dr. GRPO); 'token' = each token its reward-to-go under the reward model's per-token rewards, minus the group mean at its position (rl/advantage.py; needs an entity_feedback or entity_sum reward model; docs/wbc.md)")
     reward_rules: tuple[str, ...] = option((), "rules scored by the format reward instead of masked (e.g. [dedup]); the rest stay masks")
     temperature: float = option(1.0, "sampling temperature of the rollouts")
     max_page_tokens: int | None = option(None, "longest page in tokens, also Dr. GRPO's loss constant (loss_scale_factor); None: the policy checkpoint's page shape (max_rows x (1 + max_row_len) + [EOP]); a number must be at least that")
@@ -221,6 +222,7 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
         f"+genpage.environment='{cfg.environment}'",
         f"+genpage.rm_dir={abs_(cfg.rm_dir)}",
         f"+genpage.format_weight={cfg.format_weight}",
+        f"+genpage.credit={cfg.credit}",  # rl/advantage.py: the reward manager and the trainer read it
         # -- trainer ------------------------------------------------------------------------------------
         "trainer.use_v1=False",
         f"trainer.total_training_steps={cfg.steps}",
@@ -314,3 +316,29 @@ def compose_verl_config(overrides: list[str]):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir, version_base=None):
         return compose(config_name="ppo_trainer", overrides=overrides)
+
+
+@dataclass(frozen=True)
+class CompareConfig(StageConfig):
+    """`python recipes/compare.py` (recipes/configs/compare.yaml): post-training methods side by side on the same
+    held-out users (rl/comparison.py)."""
+
+    methods: tuple[str, ...] = option(
+        ("pretrained=runs/pretrain/model", "wbc=runs/wbc/seed_*/model", "dr_grpo=runs/dr_grpo/seed_*/model",
+         "dr_grpo_token_credit=runs/dr_grpo_token/seed_*/model"),
+        "name=checkpoint_dir per method, a glob for its seeds, or several joined by commas (quote such an item on the command line: \"methods=[pretrained=a/model,'mine=b/model,c/model']\"); gains are over the method named pretrained")
+    rm_dir: str = option("runs/rm/model", "reward model that scores every method's pages (the RM reward column)")
+    out_dir: str = option("runs/compare", "summary.json and results.md")
+    format_weight: float = option(1.0, "weight of the format score in the judged reward (as in Dr. GRPO's)")
+    eval_users: int = option(500, "held-out (test-split) logged contexts every checkpoint writes pages for")
+    contexts_seed: int = option(1, "which held-out contexts: 1 draws Dr. GRPO's evaluation contexts (rl/evaluation.py)")
+    eval_sequences: int = option(1000, "held-out (valid-split) logged pages of Table 1")
+    eval_backend: Literal["vllm", "hf"] = option("vllm", "what generates the pages: vllm (the serving engine) or hf")
+    max_new_tokens: int = option(64, "longest generated page")
+    seed: int = option(0, "sampling seed of the sampled pages")
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ValueError("methods must name at least one method, e.g. methods=[pretrained=runs/pretrain/model]")
+        if self.eval_users < 1 or self.eval_sequences < 1:
+            raise ValueError("eval_users and eval_sequences must be >= 1")

@@ -27,11 +27,13 @@ VIOLATING_PAGES = "rules/violating_pages"  # share of pages with any violation
 KL = "actor/kl_loss"  # verl's KL-to-reference loss (with use_kl_loss)
 ENTROPY = "actor/entropy"  # verl's mean token entropy under the Dr. GRPO aggregation
 ROLLOUT_PROBS_DIFF_MAX = "training/rollout_probs_diff_max"  # verl: max |p_vllm - p_trainer| over tokens
+CREDIT_SPREAD = "credit/within_page_advantage_std"  # credit=token: how far a page's tokens' advantages differ
 
 # Keys of the per-page reward_extra_info the reward manager returns (verl stores them per sample).
 EXTRA_RM, EXTRA_FORMAT, EXTRA_TRUE, EXTRA_RECALL, EXTRA_DIVERSITY, EXTRA_ENTITIES = (
     "rm_reward", "format_reward", "true_reward", "recall", "diversity", "n_entities")
 EXTRA_VIOLATIONS_PREFIX = "violations/"
+EXTRA_TOKEN_REWARD = "token_rewards"  # per-token training reward of a page, padded to the response width (credit=token)
 
 
 def token_entity_index(token_names: list[str], entity_index: dict[str, int]) -> np.ndarray:

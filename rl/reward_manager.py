@@ -40,6 +40,7 @@ class PageJudgement:
     n_entities: np.ndarray  # titles on the page
     violations: dict[str, np.ndarray] = field(default_factory=dict)  # rule -> violations per page (audit)
     entities: list[np.ndarray] = field(default_factory=list)  # per page: catalog indices of its titles
+    token_reward: list[np.ndarray] | None = None  # per page [len(page)]: training reward per token, summing to `reward`
 
     def extra_info(self, i: int) -> dict[str, float]:
         """Page i's logged values, keyed as verl's reward_extra_info (scalars only: verl stacks them)."""
@@ -91,16 +92,27 @@ class PageJudge:
                    load_rules(policy_dir, data_dir), PageRewardScorer.from_pretrained(rm_dir), format_weight,
                    dataset.entity_ids, dataset.content_matrix())
 
-    def judge(self, prompts: list[list[int]], pages: list[list[int]], infos: list[dict[str, Any]] | None = None) -> PageJudgement:
+    def judge(self, prompts: list[list[int]], pages: list[list[int]], infos: list[dict[str, Any]] | None = None,
+              per_token: bool = False) -> PageJudgement:
         """prompts: context ids ending with [PAGE]; pages: page ids (with [EOP] unless cut at the length limit);
-        infos: per page the prompt's extra_info (its context and engaged titles, `rl.data.prompt_rows`)."""
+        infos: per page the prompt's extra_info (its context and engaged titles, `rl.data.prompt_rows`);
+        per_token: also split each page's training reward over its tokens (`token_reward`: the reward model's
+        per-token rewards, the weighted format score on the last token; rl/advantage.py)."""
         from policies.evaluation import engaged_recall, pages_from_tokens
         from rl.data import contexts_from_extra_info
 
         n = len(pages)
-        rm = np.asarray(self.rm.score(prompts, pages), dtype=np.float64)
         report = self.rules.format_reward(prompts, pages)
         fmt = np.asarray(report.score, dtype=np.float64)
+        token_reward = None
+        if per_token:  # one reward-model pass: the page score is the sum of its tokens' rewards
+            token_reward = self.rm.score_tokens(prompts, pages)
+            rm = np.array([t.sum() for t in token_reward], dtype=np.float64)
+            for t, f in zip(token_reward, fmt):
+                if len(t):
+                    t[-1] += self.format_weight * f
+        else:
+            rm = np.asarray(self.rm.score(prompts, pages), dtype=np.float64)
         true, recall = np.full(n, np.nan), np.full(n, np.nan)
         contexts = contexts_from_extra_info(infos) if infos is not None else None
         if contexts is not None:
@@ -113,7 +125,15 @@ class PageJudge:
             reward=rm + self.format_weight * fmt, rm=rm, format=fmt, true=true, recall=recall,
             diversity=pm.page_diversity(entities, self.content), n_entities=np.array([len(e) for e in entities], float),
             violations={r: np.asarray(v, dtype=np.float64) for r, v in report.violations.items()}, entities=entities,
+            token_reward=token_reward,
         )
+
+
+def padded(values: np.ndarray, width: int) -> list[float]:
+    """values [n] -> a list of `width` floats, zeros after the n values (n must not exceed width)."""
+    if len(values) > width:
+        raise ValueError(f"a page of {len(values)} tokens is longer than the response width {width}")
+    return [float(v) for v in values] + [0.0] * (width - len(values))
 
 
 class _MicroBatcher:
@@ -157,8 +177,11 @@ except ImportError:  # verl absent: PageJudge stays usable (evaluation, tests)
 class GenPageRewardManager(RewardManagerBase):
     """verl reward manager: token ids in, RM + weighted format reward out; ground truth in the extra info.
 
-    Reads `genpage.{data_dir, environment, rm_dir, format_weight}` and the policy directory
-    (`actor_rollout_ref.model.path`, for the tokenizer and the business rules) from verl's config.
+    Reads `genpage.{data_dir, environment, rm_dir, format_weight, credit}` and the policy directory
+    (`actor_rollout_ref.model.path`, for the tokenizer and the business rules) from verl's config. With
+    `credit=token`, the pages of training prompts also carry their per-token rewards (`EXTRA_TOKEN_REWARD`,
+    padded to `data.max_response_length`) for rl/advantage.py; evaluation pages do not (verl averages every
+    extra-info key of a validation page into its metrics).
     """
 
     def __init__(self, config, tokenizer, compute_score=None, reward_router_address=None, reward_model_tokenizer=None, **_):
@@ -166,12 +189,20 @@ class GenPageRewardManager(RewardManagerBase):
         settings = config.genpage
         self.judge = PageJudge.from_dirs(settings.data_dir, settings.environment, config.actor_rollout_ref.model.path,
                                          settings.rm_dir, settings.format_weight)
+        self.token_width = int(config.data.max_response_length) if settings.get("credit", "page") == "token" else None
         self.batcher = _MicroBatcher(self._judge_batch)
 
     def _judge_batch(self, items: list[tuple[list[int], list[int], dict]]) -> list[dict]:
         prompts, pages, infos = (list(x) for x in zip(*items))
-        j = self.judge.judge(prompts, pages, infos)
-        return [{"reward_score": float(j.reward[i]), "reward_extra_info": j.extra_info(i)} for i in range(len(items))]
+        per_token = [self.token_width is not None and info.get("split") == "train" for info in infos]
+        j = self.judge.judge(prompts, pages, infos, per_token=any(per_token))
+        out = []
+        for i in range(len(items)):
+            extra = j.extra_info(i)
+            if per_token[i]:
+                extra[pm.EXTRA_TOKEN_REWARD] = padded(j.token_reward[i], self.token_width)
+            out.append({"reward_score": float(j.reward[i]), "reward_extra_info": extra})
+        return out
 
     async def run_single(self, data) -> dict:
         data = data[-1:]  # single-turn: the last (only) sequence of the trajectory

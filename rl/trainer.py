@@ -6,8 +6,10 @@ violations) in the batch but logs it only for validation. `GenPagePPOTrainer._up
 per-step means, and the catalog coverage of the step's pages, to the actor's metrics, which verl reduces and
 logs with the rest of the step (`rl.page_metrics` names them). Without verl's old-log-prob pass
 (`old_log_probs=rollout`), the update reports what that pass would have: the sampler/trainer agreement
-(rl/policy_loss.py) under verl's own name, and the token entropy as `actor/entropy`. Nothing else about the
-algorithm changes.
+(rl/policy_loss.py) under verl's own name, and the token entropy as `actor/entropy`. With `genpage.credit=token`
+the advantages are recomputed from the pages' per-token rewards before the update (rl/advantage.py: verl's
+reward loop carries one score per page, and its fit has no hook between the reward and the advantage).
+Nothing else about the algorithm changes.
 
 `GenPageTaskRunner` is verl's `TaskRunner.run` (verl/trainer/main_ppo_v0.py, 0.9.1) with the trainer class
 swapped, plus a loop over seeds that reuses the workers; `verl.trainer.main_ppo.run_ppo(config,
@@ -24,6 +26,7 @@ from verl.trainer.ppo.ray_trainer import RayPPOTrainer
 
 from policies.tokenizer import is_title_token
 from rl import page_metrics as pm
+from rl.advantage import apply_token_credit
 from rl.cpu_shims import VERL, UpstreamPin, warn_if_versions_differ
 
 
@@ -62,6 +65,7 @@ class GenPagePPOTrainer(RayPPOTrainer):
     _entity_token: np.ndarray | None = None
 
     def _update_actor(self, batch):
+        credit = apply_token_credit(batch) if self.config.genpage.get("credit", "page") == "token" else {}
         actor_output = super()._update_actor(batch)
         if self._entity_token is None:
             names = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
@@ -69,6 +73,7 @@ class GenPagePPOTrainer(RayPPOTrainer):
         metrics = actor_output.meta_info["metrics"]
         metrics.update(step_page_metrics(batch, self._entity_token))
         metrics.update(old_log_prob_pass_metrics(metrics))
+        metrics.update(credit)
         return actor_output
 
 

@@ -1,4 +1,5 @@
-"""What the recipe tests share: killing a recipe outright at a chosen point, and telling what outlived it."""
+"""What the recipe tests share: a tiny world and model, a reward model without training, killing a recipe outright
+at a chosen point, and telling what outlived it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 from typing import Callable
 
 # A world and a model small enough for a recipe test: make_world and pretrain in seconds.
@@ -56,3 +58,23 @@ def outliving(descendants: list, timeout_s: float = 30.0) -> list[str]:
         except Exception:  # gone in between
             pass
     return names
+
+
+def untrained_reward_model(policy_dir: Path, out: Path) -> Path:
+    """A reward-model directory (backbone of the tiny policy, a fresh head: GenPageConfig's default entity_sum, so
+    it has per-token rewards): enough to exercise the plumbing."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import policies  # noqa: F401
+    from policies.modeling_genpage import GenPageForPageReward
+    from policies.tokenizer import GenPageTokenizer
+
+    config = AutoConfig.from_pretrained(policy_dir)
+    config.architectures = ["GenPageForPageReward"]
+    torch.manual_seed(0)
+    rm = GenPageForPageReward(config)
+    rm.model.load_state_dict(AutoModelForCausalLM.from_pretrained(policy_dir).model.state_dict())
+    rm.save_pretrained(out)
+    GenPageTokenizer.from_pretrained(policy_dir).save_pretrained(out)
+    return out

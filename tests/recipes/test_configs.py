@@ -12,14 +12,14 @@ from common.config import config_fields, load_config
 from homepage.config import MakeWorldConfig
 from policies.config import PretrainConfig, WbcConfig
 from reward_model.config import RewardModelConfig
-from rl.config import DrGrpoConfig
+from rl.config import CompareConfig, DrGrpoConfig
 
 ROOT = Path(__file__).parents[2]
 
 # Every YAML under recipes/configs/, its typed config and its recipe (add new recipes here).
 SHIPPED = {"world.yaml": (MakeWorldConfig, "make_world"), "pretrain.yaml": (PretrainConfig, "pretrain"),
            "train_rm.yaml": (RewardModelConfig, "train_rm"), "dr_grpo.yaml": (DrGrpoConfig, "dr_grpo"),
-           "wbc.yaml": (WbcConfig, "wbc")}
+           "wbc.yaml": (WbcConfig, "wbc"), "compare.yaml": (CompareConfig, "compare")}
 
 
 def test_every_shipped_config_loads_and_says_how_to_run():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.recipes.helpers import TINY_PRETRAIN, TINY_WORLD
+from tests.recipes.helpers import TINY_PRETRAIN, TINY_WORLD, untrained_reward_model
 
 pytest.importorskip("verl")
 pytest.importorskip("vllm")
@@ -29,25 +29,6 @@ def run(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProc
                           text=True, timeout=timeout)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     return proc
-
-
-def untrained_reward_model(policy_dir: Path, out: Path) -> Path:
-    """A reward-model directory (backbone of the tiny policy, fresh head): enough to exercise the plumbing."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    import policies  # noqa: F401
-    from policies.modeling_genpage import GenPageForPageReward
-    from policies.tokenizer import GenPageTokenizer
-
-    config = AutoConfig.from_pretrained(policy_dir)
-    config.architectures = ["GenPageForPageReward"]
-    torch.manual_seed(0)
-    rm = GenPageForPageReward(config)
-    rm.model.load_state_dict(AutoModelForCausalLM.from_pretrained(policy_dir).model.state_dict())
-    rm.save_pretrained(out)
-    GenPageTokenizer.from_pretrained(policy_dir).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +143,23 @@ def test_killed_run_resumes_from_its_last_verl_checkpoint_and_leaves_nothing_beh
     assert len(attempts) == 2 and resumed[0] == saved + 1 and resumed[-1] == 8, (saved, resumed, again.stdout[-2000:])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seeds"] == [0] and summary["mask_violations"] == 0
+
+
+def test_token_credit_smoke_run_credits_each_token_its_reward_to_go(inputs, tmp_path):
+    """The middle ground between WBC and Dr. GRPO (credit=token, rl/advantage.py) through verl's trainer: the
+    per-token rewards of the reward model's entity_sum head reach the update, which then gives the tokens of a
+    page different advantages (under page credit they share one)."""
+    world, policy, rm = inputs
+    out = tmp_path / "rl"
+    run("dr_grpo.py", f"data_dir={world}", f"policy_dir={policy}", f"rm_dir={rm}", f"out_dir={out}", "credit=token",
+        "steps=2", "seeds=[0]", "prompts_per_step=4", "group_size=4", "eval_users=8", "save_freq=2", "lr=0.01",
+        "wandb_mode=disabled", "prompt_source=environment")
+    lines = [json.loads(x) for x in (out / "seed_0" / "metrics" / "attempt_0.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r["data"] for r in lines}
+    for step in (1, 2):
+        assert steps[step]["credit/within_page_advantage_std"] > 1e-4, step
+        assert steps[step]["rules/violations/total"] == 0
+        assert steps[step]["training/rollout_probs_diff_max"] < 1e-3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["credit"] == "token" and summary["mask_violations"] == 0
+    assert (out / "seed_0" / "model" / "model.safetensors").exists()

@@ -1,5 +1,6 @@
 """recipes/wbc.py on a tiny world and model, as a subprocess: WBC lowers the held-out weighted BCE, reports the
-paper's Table 1 beside its baselines, writes a checkpoint that vLLM serves under the rule masks, and resumes."""
+paper's Table 1 beside its baselines, writes a checkpoint per seed that vLLM serves under the rule masks, and
+resumes; recipes/compare.py then puts its seeds beside the pretrained policy."""
 
 import json
 import subprocess
@@ -8,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.torch import load_file
 
-from tests.recipes.helpers import TINY_PRETRAIN, TINY_WORLD
+from tests.recipes.helpers import TINY_PRETRAIN, TINY_WORLD, untrained_reward_model
 
 pytestmark = pytest.mark.recipe
 
@@ -38,7 +40,7 @@ def test_smoke_run_lowers_heldout_bce_reports_table_1_and_serves_on_vllm(inputs,
     world, pretrained = inputs
     out = tmp_path / "wbc"
     proc = recipe("wbc.py", f"data_dir={world}", f"pretrained_dir={pretrained}", f"out_dir={out}", *TINY_WBC,
-                  "eval_backend=vllm")
+                  "eval_backend=vllm", "seeds=[0,1]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     history = [h["heldout_weighted_bce"] for h in summary["heldout_weighted_bce_history"]]
@@ -53,28 +55,43 @@ def test_smoke_run_lowers_heldout_bce_reports_table_1_and_serves_on_vllm(inputs,
     for mode in ("masked_sampled", "masked_greedy"):
         assert summary["rule_violations"][mode]["total"] == 0, summary["rule_violations"]
         assert np.isfinite(summary[f"true_reward_wbc_{mode}"])
+    # Two seeds: each its own policy (a different batch order), both in the summary with their spread.
+    a, b = (load_file(out / f"seed_{s}" / "model" / "model.safetensors") for s in (0, 1))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-4
+    assert summary["seeds"] == [0, 1] and summary["per_seed"]["0"]["entity_auc"] == summary["entity_auc_wbc"]
+    aucs = [summary["per_seed"][s]["entity_auc"] for s in ("0", "1")]
+    assert summary["entity_auc_wbc_mean_std"] == pytest.approx([np.mean(aucs), abs(aucs[0] - aucs[1]) / 2 ** 0.5])
+    assert np.isfinite(summary["per_seed"]["1"]["true_reward_masked_greedy"])
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["business_rules"] and (out / "model" / "genpage_tokenizer.json").exists()
     assert "reusing" in recipe("wbc.py", f"data_dir={world}", f"pretrained_dir={pretrained}", f"out_dir={out}",
                                *TINY_WBC).stdout
-    # Checkpoints side by side (python -m policies.wbc): the same Table 1 as the recipe's, on the same pages.
-    compare = subprocess.run([sys.executable, "-m", "policies.wbc", "--data", str(world), "--models", str(pretrained),
-                              str(out / "model"), "--eval-users", "8", "--eval-sequences", "100", "--backend", "hf"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # Checkpoints side by side (recipes/compare.py): Table 1 as the recipe's, on the same held-out pages; the
+    # masked pages of every seed judged by one reward model, the budget read off the WBC run's summary.
+    rm = untrained_reward_model(pretrained, tmp_path / "rm")
+    compare = recipe("compare.py", f"data_dir={world}", f"rm_dir={rm}", f"out_dir={tmp_path / 'compare'}",
+                     f"methods=[pretrained={pretrained},wbc={out}/seed_*/model]", "eval_users=8", "eval_sequences=100",
+                     "eval_backend=hf", "max_new_tokens=40", "num_threads=1")
     assert compare.returncode == 0, compare.stderr[-3000:]
-    rows = [json.loads(line) for line in compare.stdout.splitlines() if line.startswith("{")]
-    assert [r["model"] for r in rows] == [str(pretrained), str(out / "model")]
-    for row, name in zip(rows, ("pretrained", "wbc")):
-        assert row["entity_auc"] == pytest.approx(summary[f"entity_auc_{name}"], abs=1e-6)
-        assert row["row_auc"] == pytest.approx(summary[f"row_auc_{name}"], abs=1e-6)
-    assert rows[1]["violations_masked"] == 0 and np.isfinite(rows[1]["true_reward_masked_greedy"])
+    result = json.loads((tmp_path / "compare" / "summary.json").read_text())
+    methods = result["methods"]
+    assert methods["pretrained"]["checkpoints"] == 1 and methods["wbc"]["checkpoints"] == 2
+    assert methods["pretrained"]["entity_auc"]["mean"] == pytest.approx(summary["entity_auc_pretrained"], abs=1e-6)
+    assert methods["wbc"]["entity_auc"]["per_seed"] == pytest.approx(aucs, abs=1e-6)
+    for mode in ("masked_greedy", "masked_sampled"):
+        assert methods["wbc"][mode]["violations"]["per_seed"] == [0, 0]
+        assert np.isfinite(methods["wbc"][mode]["true_reward"]["mean"])
+        assert methods["pretrained"][mode]["true_reward_gain"]["mean"] == pytest.approx(0.0)
+    assert result["budgets"]["wbc"]["steps"] == 40 and result["budgets"]["wbc"]["pages_seen"] == 40 * 16
+    assert sorted(result["rankings"]["entity_auc"]) == ["pretrained", "wbc"]
+    assert "| wbc | 2 |" in (tmp_path / "compare" / "results.md").read_text()
 
 
 def test_zero_reward_ignored_trains_on_fewer_targets_and_a_killed_run_resumes(inputs, tmp_path):
     world, pretrained = inputs
     out = tmp_path / "wbc"
     args = [f"data_dir={world}", f"pretrained_dir={pretrained}", f"out_dir={out}", *TINY_WBC, "eval_backend=hf",
-            "zero_reward=ignore", "scratch_ablation=false"]
+            "zero_reward=ignore", "scratch_ablation=false", "seeds=[0]"]
     first = recipe("wbc.py", *args, "steps=20")  # stands in for a run killed after its step-20 checkpoint
     assert first.returncode == 0, first.stderr[-3000:]
     (out / "summary.json").unlink()

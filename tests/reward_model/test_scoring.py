@@ -190,3 +190,35 @@ def test_scorer_refuses_a_checkpoint_that_is_not_a_trained_reward_model(pretrain
         PageRewardScorer.from_pretrained(pretrained_dir)  # the generator: its head would be random
     with pytest.raises(FileNotFoundError, match="python recipes/train_rm.py"):
         PageRewardScorer.from_pretrained(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("head", ["entity_feedback", "entity_sum"])
+def test_token_rewards_are_the_heads_per_token_rewards_and_sum_to_the_page_score(pretrained_dir, tmp_path, head):
+    rm = build_reward_model(pretrained_dir, "pretrained", NORM, seed=0, reward_head=head, targets=TARGETS)
+    with torch.no_grad():
+        rm.score.weight.normal_(0, 1.0)
+    rm.save_pretrained(tmp_path)
+    TOK.save_pretrained(tmp_path)
+    scorer = PageRewardScorer.from_pretrained(tmp_path, batch_size=7)
+    prompts, pages = sequences(20)
+    pages[3] = pages[3] + [TOK.eop_id]  # one page ends with its [EOP], the others get one appended
+    per_token = scorer.score_tokens(prompts, pages)
+    assert [len(t) for t in per_token] == [len(g) for g in pages]
+    np.testing.assert_allclose([t.sum() for t in per_token], scorer.score(prompts, pages), rtol=1e-5, atol=1e-4)
+    # By hand for one page: the head's token rewards at the page's positions, the appended [EOP]'s on the last.
+    batch = collate_pages(prompts[:1], pages[:1], TOK.pad_id, TOK.eop_id)
+    with torch.no_grad():
+        tr = scorer.model(**batch).token_rewards[0].double().numpy()
+    start, n = len(prompts[0]), len(pages[0])
+    expected = tr[start:start + n].copy()
+    expected[-1] += tr[start + n]
+    np.testing.assert_allclose(per_token[0], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(per_token[3], scorer.score_tokens(prompts[3:4], pages[3:4])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_token_rewards_need_a_per_token_head(pretrained_dir, tmp_path):
+    rm = build_reward_model(pretrained_dir, "pretrained", NORM, seed=0, reward_head="last", targets=TARGETS)
+    rm.save_pretrained(tmp_path)
+    TOK.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="reward_head=entity_feedback or entity_sum"):
+        PageRewardScorer.from_pretrained(tmp_path).score_tokens(*sequences(2))

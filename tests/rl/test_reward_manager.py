@@ -24,6 +24,9 @@ class LengthRM:
     def score(self, prompts, pages):
         return np.array([0.1 * len(p) for p in pages])
 
+    def score_tokens(self, prompts, pages):
+        return [np.full(len(p), 0.1) for p in pages]
+
 
 @pytest.fixture(scope="module")
 def judge(small_world, tmp_path_factory):
@@ -96,6 +99,14 @@ def test_hand_made_batch(judge, small_world):
     assert j.n_entities.tolist() == [9, 9]
     extra = j.extra_info(1)
     assert extra[pm.EXTRA_FORMAT] == -1.0 and extra["violations/dedup"] == 1.0 and extra[pm.EXTRA_TRUE] == pytest.approx(j.true[1])
+    assert j.token_reward is None
+
+    # Per token: the RM's 0.1 per token, the weighted format score (-2.0 on the dedup page) on the last token.
+    per_token = judge.judge(prompts, pages, infos, per_token=True)
+    np.testing.assert_allclose(per_token.token_reward[0], [0.1] * 13)
+    np.testing.assert_allclose(per_token.token_reward[1], [0.1] * 12 + [0.1 - 2.0])
+    np.testing.assert_allclose([t.sum() for t in per_token.token_reward], j.reward)
+    np.testing.assert_allclose(per_token.reward, j.reward)
 
 
 def test_page_diversity_by_hand():
@@ -115,15 +126,16 @@ def test_manager_batches_verl_per_sample_calls(judge, small_world):
     calls = []
 
     class Spy(PageJudge):
-        def judge(self, prompts, pages, infos=None):
+        def judge(self, prompts, pages, infos=None, per_token=False):
             calls.append(len(pages))
-            return super().judge(prompts, pages, infos)
+            return super().judge(prompts, pages, infos, per_token)
 
     manager = GenPageRewardManager.__new__(GenPageRewardManager)
     manager.judge = Spy(judge.env, judge.tok, judge.rules, judge.rm, judge.format_weight, judge.entity_ids, judge.content)
     from rl.reward_manager import _MicroBatcher
 
     manager.batcher = _MicroBatcher(manager._judge_batch)
+    manager.token_width = None  # credit=page
     world, tok = small_world, judge.tok
     _, _, contexts = world_prompts(world, np.arange(3))
     rows = prompt_rows(tok, logged(contexts), "train")
@@ -146,3 +158,14 @@ def test_manager_batches_verl_per_sample_calls(judge, small_world):
     assert set(out[0]["reward_extra_info"]) >= {pm.EXTRA_RM, pm.EXTRA_TRUE, pm.EXTRA_FORMAT, "violations/structure"}
     # An unfinished page is a structure violation (audited, mask-mode, not in the format reward).
     assert out[2]["reward_extra_info"]["violations/structure"] >= 1
+    assert all(pm.EXTRA_TOKEN_REWARD not in o["reward_extra_info"] for o in out)
+
+    # credit=token: training pages carry their per-token rewards, padded to the response width; held-out pages
+    # (the evaluation's) do not.
+    manager.token_width = 4
+    out = asyncio.run(run_all())
+    np.testing.assert_allclose([o["reward_extra_info"][pm.EXTRA_TOKEN_REWARD] for o in out],
+                               [[0.1, 0, 0, 0], [0.1, 0.1, 0, 0], [0.1, 0, 0, 0]])
+    rows = prompt_rows(tok, logged(contexts), "test")
+    out = asyncio.run(run_all())
+    assert all(pm.EXTRA_TOKEN_REWARD not in o["reward_extra_info"] for o in out)
