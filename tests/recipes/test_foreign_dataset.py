@@ -1,6 +1,7 @@
 """Every stage on a dataset directory unlike the toy world and without a simulator (tests/datasets/music.py, toy
-sized): pretrain, train_rm, dr_grpo and policies.generate run from the directory alone, report only what the
-logs allow, and break no mask rule; an environment plugged by dotted path brings the true_* figures back."""
+sized): pretrain, train_rm, dr_grpo (with token credit), wbc, compare and policies.generate run from the
+directory alone, report only what the logs allow, and break no mask rule; an environment plugged by dotted path
+brings the true_* figures back."""
 
 import json
 import os
@@ -21,8 +22,13 @@ TINY_MODEL = ["model.hidden_size=64", "model.num_hidden_layers=1", "model.num_at
               "eval_interval=30", "checkpoint_interval=30", "lr=0.01"]
 TINY_RM = ["steps=30", "batch_size=16", "eval_sequences=100", "score_batch_size=64", "num_threads=1", "wandb_mode=disabled",
            "eval_interval=30", "checkpoint_interval=30", "scratch_ablation=false", "eval_backend=hf"]
+# Token credit here (the reward model's trained entity_feedback head splits each page's reward over its tokens);
+# tests/recipes/test_dr_grpo.py covers page credit.
 TINY_RL = ["steps=2", "seeds=[0]", "prompts_per_step=4", "group_size=4", "eval_users=8", "save_freq=2", "lr=0.01",
-           "wandb_mode=disabled"]
+           "wandb_mode=disabled", "credit=token"]
+TINY_WBC = ["steps=30", "batch_size=16", "eval_interval=30", "checkpoint_interval=30", "eval_sequences=100",
+            "eval_users=8", "max_new_tokens=56", "num_threads=1", "wandb_mode=disabled", "eval_backend=hf",
+            "seeds=[0]", "scratch_ablation=false"]
 
 
 def run(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -86,7 +92,7 @@ def test_dr_grpo_and_generation_run_on_the_dataset_alone(stages, tmp_path):
     run("dr_grpo.py", f"data_dir={data}", f"policy_dir={root / 'pt' / 'model'}", f"rm_dir={root / 'rm' / 'model'}",
         f"out_dir={out}", *TINY_RL)
     s = summary(out)
-    assert s["environment"] is None and "true_reward_gain" not in s
+    assert s["environment"] is None and "true_reward_gain" not in s and s["config"]["credit"] == "token"
     assert s["mask_violations"] == 0 and 0 <= s["recall_rl"] <= 1 and 0 <= s["recall_logging"] <= 1
     assert "engaged recall" in (out / "results.md").read_text()
 
@@ -102,3 +108,23 @@ def test_dr_grpo_and_generation_run_on_the_dataset_alone(stages, tmp_path):
     prompts = [gen.tok.encode_context(c) for c in contexts]
     assert gen.rules.violations(prompts, [r.page_ids for r in results])["total"].sum() == 0
     assert all(r.page.rows and r.page.rows[0].row_id == "staff_picks" for r in results)  # pinned first
+
+
+def test_wbc_and_the_comparison_run_on_the_dataset_alone(stages, tmp_path):
+    data, root = stages
+    run("wbc.py", f"data_dir={data}", f"pretrained_dir={root / 'pt' / 'model'}", f"out_dir={tmp_path / 'wbc'}", *TINY_WBC)
+    w = summary(tmp_path / "wbc")
+    assert w["weighted_bce_wbc"] < w["weighted_bce_pretrained"] and 0 <= w["entity_auc_wbc"] <= 1
+    assert not [k for k in w if k.startswith("true_reward")]
+    run("compare.py", f"data_dir={data}", f"rm_dir={root / 'rm' / 'model'}", f"out_dir={tmp_path / 'compare'}",
+        f"methods=[pretrained={root / 'pt' / 'model'},wbc={tmp_path / 'wbc'}/seed_*/model]", "eval_users=8",
+        "eval_sequences=100", "eval_backend=hf", "max_new_tokens=56", "num_threads=1")
+    c = summary(tmp_path / "compare")
+    assert c["logging"]["true_reward"] is None
+    assert sorted(c["rankings"]) == ["entity_auc"]  # no truth: no page-level ranking
+    for method in ("pretrained", "wbc"):
+        for mode in ("masked_greedy", "masked_sampled"):
+            figures = c["methods"][method][mode]
+            assert figures["true_reward"]["mean"] is None and figures["violations"]["per_seed"] == [0]
+            assert figures["rm_reward"]["mean"] is not None and "true_reward_gain" not in figures
+    assert c["methods"]["wbc"]["entity_auc"]["mean"] == pytest.approx(w["entity_auc_wbc"], abs=1e-6)

@@ -61,7 +61,7 @@ def test_smoke_run_lowers_heldout_bce_reports_table_1_and_serves_on_vllm(inputs,
     assert summary["seeds"] == [0, 1] and summary["per_seed"]["0"]["entity_auc"] == summary["entity_auc_wbc"]
     aucs = [summary["per_seed"][s]["entity_auc"] for s in ("0", "1")]
     assert summary["entity_auc_wbc_mean_std"] == pytest.approx([np.mean(aucs), abs(aucs[0] - aucs[1]) / 2 ** 0.5])
-    assert np.isfinite(summary["per_seed"]["1"]["true_reward_masked_greedy"])
+    assert np.isfinite(summary["per_seed"]["1"]["true_reward_masked_greedy"]) and len(summary["train_s_per_seed"]) == 2
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["business_rules"] and (out / "model" / "genpage_tokenizer.json").exists()
     assert "reusing" in recipe("wbc.py", f"data_dir={world}", f"pretrained_dir={pretrained}", f"out_dir={out}",
@@ -83,6 +83,7 @@ def test_smoke_run_lowers_heldout_bce_reports_table_1_and_serves_on_vllm(inputs,
         assert np.isfinite(methods["wbc"][mode]["true_reward"]["mean"])
         assert methods["pretrained"][mode]["true_reward_gain"]["mean"] == pytest.approx(0.0)
     assert result["budgets"]["wbc"]["steps"] == 40 and result["budgets"]["wbc"]["pages_seen"] == 40 * 16
+    assert result["budgets"]["wbc"]["train_s_per_seed"] == pytest.approx(np.mean(summary["train_s_per_seed"]))
     assert sorted(result["rankings"]["entity_auc"]) == ["pretrained", "wbc"]
     assert "| wbc | 2 |" in (tmp_path / "compare" / "results.md").read_text()
 

@@ -34,13 +34,16 @@ def test_methods_from_globs_and_refusals(tmp_path):
 def test_budget_from_the_runs_summary(tmp_path):
     rl = checkpoint(tmp_path / "rl" / "seed_0" / "model")
     (tmp_path / "rl" / "summary.json").write_text(json.dumps(
-        {"seeds": [0, 1, 2], "wall_s": 300.0, "config": {"steps": 12, "prompts_per_step": 16, "group_size": 8}}))
+        {"seeds": [0, 1, 2], "wall_s": 300.0, "step_time_s_mean": 5.5,
+         "config": {"steps": 12, "prompts_per_step": 16, "group_size": 8}}))
     assert run_budget(rl) == {"run": str(tmp_path / "rl"), "steps": 12, "pages_seen": 12 * 16 * 8, "seeds": 3,
-                              "wall_s": 300.0, "wall_s_per_seed": 100.0}
+                              "wall_s": 300.0, "wall_s_per_seed": 100.0, "train_s_per_seed": 66.0}
     wbc = checkpoint(tmp_path / "wbc" / "seed_1" / "model")
     (tmp_path / "wbc" / "summary.json").write_text(json.dumps({"seeds": [0, 1], "steps": 600, "pages_seen": 19200,
-                                                                "wall_s": 50.0, "config": {"steps": 600}}))
-    assert run_budget(wbc)["pages_seen"] == 19200 and run_budget(wbc)["wall_s_per_seed"] == 25.0
+                                                                "wall_s": 50.0, "train_s_per_seed": [10.0, 12.0],
+                                                                "config": {"steps": 600}}))
+    budget = run_budget(wbc)
+    assert (budget["pages_seen"], budget["wall_s_per_seed"], budget["train_s_per_seed"]) == (19200, 25.0, 11.0)
     assert run_budget(checkpoint(tmp_path / "alone" / "model")) is None
 
 
