@@ -128,3 +128,16 @@ def test_wbc_and_the_comparison_run_on_the_dataset_alone(stages, tmp_path):
             assert figures["true_reward"]["mean"] is None and figures["violations"]["per_seed"] == [0]
             assert figures["rm_reward"]["mean"] is not None and "true_reward_gain" not in figures
     assert c["methods"]["wbc"]["entity_auc"]["mean"] == pytest.approx(w["entity_auc_wbc"], abs=1e-6)
+
+    # The WBC policy through the generation API, greedy (its highest value at each step) under its rules' masks
+    from homepage.dataset import open_dataset
+    from homepage.logs import sample_impressions
+    from policies.generate import PageGenerator
+
+    _, table, _ = open_dataset(data)
+    contexts = [i.context for i in sample_impressions(table, "test", 16, seed=3)]
+    gen = PageGenerator(tmp_path / "wbc" / "model", backend="hf")
+    results = gen.generate(contexts, temperature=0.0)
+    prompts = [gen.tok.encode_context(c) for c in contexts]
+    assert gen.rules.violations(prompts, [r.page_ids for r in results])["total"].sum() == 0
+    assert all(r.page.rows and r.page.rows[0].row_id == "staff_picks" for r in results)  # pinned first
