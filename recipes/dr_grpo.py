@@ -192,6 +192,13 @@ def main() -> None:
                              ("rm_dir", Path(cfg.rm_dir) / "config.json", "python recipes/train_rm.py")):
         if not need.exists():
             raise SystemExit(f"{need} is missing: run `{how}` first, or point {field}=... at an existing directory")
+    if cfg.reward_source == "environment":  # checked here, not first in a Ray reward worker
+        from homepage.dataset import load_dataset
+        from homepage.environment import load_environment
+
+        if load_environment(cfg.environment, load_dataset(cfg.data_dir)) is None:
+            raise SystemExit(f"reward_source=environment trains on the true reward, but {cfg.data_dir} has no environment "
+                             "(environment=auto finds none): give one as environment=module:Class")
     out = Path(cfg.out_dir)
     if reuse_or_start(out, args.force, "dr_grpo", "summary.json"):
         return

@@ -40,6 +40,7 @@ class DrGrpoConfig(StageConfig):
     kl_estimator: KlEstimator = option("low_var_kl", "KL estimator of the loss (verl kl_penalty): low_var_kl (k3), kl (k1), mse (k2), abs")
     format_weight: float = option(1.0, "reward = RM score + format_weight * format score (<= 0 per violation)")
     credit: Literal["page", "token"] = option("page", "how a page's reward is credited to its tokens: 'page' = every token gets the page's advantage (Dr. GRPO); 'token' = each token its reward-to-go under the reward model's per-token rewards, minus the group mean at its position (rl/advantage.py; needs an entity_feedback or entity_sum reward model; docs/wbc.md)")
+    reward_source: Literal["rm", "environment"] = option("rm", "what the policy is trained on: 'rm' = the reward model's score (all a real deployment has); 'environment' = the environment's exact expected page reward, a simulator study that isolates the optimizer from the reward model (the RM is still scored and logged; page credit only)")
     reward_rules: tuple[str, ...] = option((), "rules scored by the format reward instead of masked (e.g. [dedup]); the rest stay masks")
     temperature: float = option(1.0, "sampling temperature of the rollouts")
     max_page_tokens: int | None = option(None, "longest page in tokens, also Dr. GRPO's loss constant (loss_scale_factor); None: the policy checkpoint's page shape (max_rows x (1 + max_row_len) + [EOP]); a number must be at least that")
@@ -70,6 +71,8 @@ class DrGrpoConfig(StageConfig):
             problems.append("lr must be > 0, kl_coef and format_weight >= 0")
         from policies.rules import RULES
 
+        if self.reward_source == "environment" and self.credit == "token":
+            problems.append("credit=token needs the reward model's per-token rewards: use it with reward_source=rm")
         if set(self.reward_rules) - set(RULES):
             problems.append(f"reward_rules {sorted(set(self.reward_rules) - set(RULES))} unknown; rules: {', '.join(RULES)}")
         if any(n is not None and n < 2 for n in (self.max_page_tokens, self.max_prompt_tokens)):
@@ -223,6 +226,7 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
         f"+genpage.rm_dir={abs_(cfg.rm_dir)}",
         f"+genpage.format_weight={cfg.format_weight}",
         f"+genpage.credit={cfg.credit}",  # rl/advantage.py: the reward manager and the trainer read it
+        f"+genpage.reward_source={cfg.reward_source}",
         # -- trainer ------------------------------------------------------------------------------------
         "trainer.use_v1=False",
         f"trainer.total_training_steps={cfg.steps}",

@@ -1,6 +1,7 @@
 """The reward of a page, and the verl reward manager that hands it to the trainer.
 
     reward = RM score + format_weight * format score          (what the policy is trained on)
+    reward = true reward + format_weight * format score       (reward_source=environment: simulator studies only)
 
 `PageJudge` computes it for a batch of (prompt ids, page ids) without decoding text, together with what is
 only logged: the ground-truth expected page reward where an environment is configured (never used for
@@ -31,7 +32,7 @@ from rl import page_metrics as pm
 class PageJudgement:
     """Scores of N pages. All arrays [N]."""
 
-    reward: np.ndarray  # training reward: rm + format_weight * format
+    reward: np.ndarray  # training reward: rm (or true, reward_source=environment) + format_weight * format
     rm: np.ndarray  # reward model score (reward units)
     format: np.ndarray  # format score (<= 0; 0 = no reward-mode rule violated)
     true: np.ndarray  # ground-truth expected page reward (NaN without an environment)
@@ -70,18 +71,25 @@ class PageJudge:
     anything with `score(prompts, pages) -> [N]` (reward_model.scoring.PageRewardScorer); entity_ids and content:
     the catalog's ids and content embeddings [N, D] (for diversity)."""
 
-    def __init__(self, env, tok, rules, rm, format_weight: float, entity_ids: list[str], content: np.ndarray):
+    def __init__(self, env, tok, rules, rm, format_weight: float, entity_ids: list[str], content: np.ndarray,
+                 reward_source: str = "rm"):
         self.env, self.tok, self.rules, self.rm = env, tok, rules, rm
         self.format_weight = float(format_weight)
+        if reward_source not in ("rm", "environment"):
+            raise ValueError(f"reward_source must be 'rm' or 'environment', not {reward_source!r}")
+        if reward_source == "environment" and env is None:
+            raise ValueError("reward_source=environment trains on the environment's true reward: configure an environment "
+                             "(environment=auto with a dataset that declares one, or a dotted path)")
+        self.reward_source = reward_source
         self.entity_ids = list(entity_ids)
         self.token_entity = pm.token_entity_index(tok.tokens, {e: i for i, e in enumerate(self.entity_ids)})  # [V]
         self.content = np.asarray(content, dtype=np.float64)  # [N, D]
 
     @classmethod
     def from_dirs(cls, data_dir: str | Path, environment: str, policy_dir: str | Path, rm_dir: str | Path,
-                  format_weight: float) -> "PageJudge":
+                  format_weight: float, reward_source: str = "rm") -> "PageJudge":
         """From the dataset directory and its environment setting, the policy checkpoint (tokenizer, business
-        rules) and the RM directory."""
+        rules) and the RM directory; reward_source: what `reward` is built on, 'rm' or 'environment'."""
         from homepage.dataset import load_dataset
         from homepage.environment import load_environment
         from policies.tokenizer import GenPageTokenizer
@@ -90,7 +98,7 @@ class PageJudge:
         dataset = load_dataset(data_dir)
         return cls(load_environment(environment, dataset), GenPageTokenizer.from_pretrained(policy_dir),
                    load_rules(policy_dir, data_dir), PageRewardScorer.from_pretrained(rm_dir), format_weight,
-                   dataset.entity_ids, dataset.content_matrix())
+                   dataset.entity_ids, dataset.content_matrix(), reward_source)
 
     def judge(self, prompts: list[list[int]], pages: list[list[int]], infos: list[dict[str, Any]] | None = None,
               per_token: bool = False) -> PageJudgement:
@@ -121,8 +129,14 @@ class PageJudge:
             if self.env is not None:
                 true = np.asarray(self.env.true_page_reward(contexts, structured), dtype=np.float64)
         entities = [pm.page_entities(p, self.token_entity, self.tok.eop_id) for p in pages]
+        base = rm
+        if self.reward_source == "environment":
+            if contexts is None or not np.isfinite(true).all():
+                raise ValueError("reward_source=environment needs each page's context in its prompt's extra_info "
+                                 "(rl.data.prompt_rows) and a finite true reward")
+            base = true
         return PageJudgement(
-            reward=rm + self.format_weight * fmt, rm=rm, format=fmt, true=true, recall=recall,
+            reward=base + self.format_weight * fmt, rm=rm, format=fmt, true=true, recall=recall,
             diversity=pm.page_diversity(entities, self.content), n_entities=np.array([len(e) for e in entities], float),
             violations={r: np.asarray(v, dtype=np.float64) for r, v in report.violations.items()}, entities=entities,
             token_reward=token_reward,
@@ -177,7 +191,7 @@ except ImportError:  # verl absent: PageJudge stays usable (evaluation, tests)
 class GenPageRewardManager(RewardManagerBase):
     """verl reward manager: token ids in, RM + weighted format reward out; ground truth in the extra info.
 
-    Reads `genpage.{data_dir, environment, rm_dir, format_weight, credit}` and the policy directory
+    Reads `genpage.{data_dir, environment, rm_dir, format_weight, credit, reward_source}` and the policy directory
     (`actor_rollout_ref.model.path`, for the tokenizer and the business rules) from verl's config. With
     `credit=token`, the pages of training prompts also carry their per-token rewards (`EXTRA_TOKEN_REWARD`,
     padded to `data.max_response_length`) for rl/advantage.py; evaluation pages do not (verl averages every
@@ -188,7 +202,7 @@ class GenPageRewardManager(RewardManagerBase):
         super().__init__(config, tokenizer, compute_score)
         settings = config.genpage
         self.judge = PageJudge.from_dirs(settings.data_dir, settings.environment, config.actor_rollout_ref.model.path,
-                                         settings.rm_dir, settings.format_weight)
+                                         settings.rm_dir, settings.format_weight, settings.get("reward_source", "rm"))
         self.token_width = int(config.data.max_response_length) if settings.get("credit", "page") == "token" else None
         self.batcher = _MicroBatcher(self._judge_batch)
 

@@ -141,3 +141,13 @@ def test_wbc_and_the_comparison_run_on_the_dataset_alone(stages, tmp_path):
     prompts = [gen.tok.encode_context(c) for c in contexts]
     assert gen.rules.violations(prompts, [r.page_ids for r in results])["total"].sum() == 0
     assert all(r.page.rows and r.page.rows[0].row_id == "staff_picks" for r in results)  # pinned first
+
+
+def test_training_on_the_truth_needs_an_environment(stages, tmp_path):
+    data, root = stages
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "dr_grpo.py"), f"data_dir={data}",
+                           f"policy_dir={root / 'pt' / 'model'}", f"rm_dir={root / 'rm' / 'model'}",
+                           f"out_dir={tmp_path / 'rl'}", "reward_source=environment"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "has no environment" in proc.stderr and "environment=module:Class" in proc.stderr
+    assert not (tmp_path / "rl").exists()  # refused before anything is written

@@ -22,10 +22,19 @@ def test_shipped_yaml_loads():
 @pytest.mark.parametrize("override, hint", [
     ("group_size=1", "group_size"), ("kl_estimator=k9", "low_var_kl"), ("reward_rules=[nope]", "dedup"),
     ("mini_batches=3", "multiple"), ("seeds=[]", r"seeds=\[0\]"), ("old_log_probs=vllm", "recompute"),
+    ("credit=title", "token"), ("reward_source=truth", "environment"),
 ])
 def test_bad_values_say_how_to_fix(override, hint):
     with pytest.raises(ConfigError, match=hint):
         load_config(DrGrpoConfig, None, [override])
+
+
+def test_token_credit_needs_the_reward_models_per_token_rewards():
+    with pytest.raises(ConfigError, match="use it with reward_source=rm"):
+        load_config(DrGrpoConfig, None, ["credit=token", "reward_source=environment"])
+    cfg = DrGrpoConfig(credit="token")
+    o = verl_overrides(cfg, "m", RunPaths(Path("/tmp/x"), 0), seed=0, cpu=True, lengths=SequenceLengths(90, 55))
+    assert "+genpage.credit=token" in o and "+genpage.reward_source=rm" in o
 
 
 def test_overrides_cpu_only_settings_and_masks(tmp_path):

@@ -108,6 +108,16 @@ def test_hand_made_batch(judge, small_world):
     np.testing.assert_allclose([t.sum() for t in per_token.token_reward], j.reward)
     np.testing.assert_allclose(per_token.reward, j.reward)
 
+    # reward_source=environment: the environment's truth + the weighted format score is trained on; the RM still logged.
+    truth = PageJudge(judge.env, tok, judge.rules, judge.rm, 2.0, judge.entity_ids, judge.content, reward_source="environment")
+    t = truth.judge(prompts, pages, infos)
+    np.testing.assert_allclose(t.reward, j.true + 2.0 * j.format)
+    np.testing.assert_allclose(t.rm, j.rm)
+    with pytest.raises(ValueError, match="needs each page's context"):
+        truth.judge(prompts, pages)
+    with pytest.raises(ValueError, match="configure an environment"):
+        PageJudge(None, tok, judge.rules, judge.rm, 2.0, judge.entity_ids, judge.content, reward_source="environment")
+
 
 def test_page_diversity_by_hand():
     content = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
