@@ -6,9 +6,10 @@
 For each policy, `--n` masked pages sampled at temperature 1 for each of `--requests` held-out (test-split) logged
 contexts (Dr. GRPO's evaluation contexts), each scored by the reward model and the environment's truth. Per
 policy, for n = 1, 2, 4, ... up to --n: the truth of the RM's best-of-n pick, what the RM believes of it, and the
-truth of the truth's pick; and the RM-truth correlation across each request's samples. The gap table lists each
-policy's mean sampled page (n = 1) and its best-of-n under either selector. Writes out/summary.json and
-out/best_of_n.png.
+truth of the truth's pick; and the RM-truth correlation across each request's samples. Then the ground-truth greedy
+page builder under the same masks on the same requests (rl.ceiling.greedy_page: the ceiling). The gap table lists
+each policy's mean sampled page (n = 1) and its best-of-n under either selector, and the ceiling. Writes
+out/summary.json and out/best_of_n.png.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main() -> None:
 
     from homepage.dataset import open_dataset
     from homepage.logs import sample_impressions
-    from rl.ceiling import curves, sample_and_judge
+    from rl.ceiling import curves, greedy_page, sample_and_judge
     from rl.data import prompt_rows
     from rl.reward_manager import PageJudge
 
@@ -58,6 +59,14 @@ def main() -> None:
         result["policies"][name] = c
         print(f"[ceiling] {name}: n={ns[-1]} RM pick {c['rm_pick_true'][-1]:.3f} (RM believes {c['rm_pick_rm'][-1]:.3f}), "
               f"truth pick {c['true_pick_true'][-1]:.3f}, n=1 {c['rm_pick_true'][0]:.3f}", flush=True)
+    t0 = time.perf_counter()
+    greedy = [greedy_page(judge.env, judge.rules, judge.tok, imp.context, p)[0] for imp, p in zip(heldout, prompts)]
+    g = judge.judge(prompts, greedy, infos)
+    result["greedy_ceiling"] = {"true_reward": float(g.true.mean()), "rm_reward": float(g.rm.mean()),
+                                "titles_per_page": float(g.n_entities.mean()),
+                                "violations": int(sum(v.sum() for v in g.violations.values())),
+                                "wall_s": time.perf_counter() - t0}
+    print(f"[ceiling] greedy ground-truth builder: {result['greedy_ceiling']}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -67,6 +76,7 @@ def main() -> None:
     for name, c in result["policies"].items():
         print(f"| {name} | {c['rm_pick_true'][0]:.3f} | {c['rm_pick_true'][-1]:.3f} | {c['rm_pick_rm'][-1]:.3f} | "
               f"{c['true_pick_true'][-1]:.3f} | {c['rm_true_pearson_within_request']:.2f} |")
+    print(f"| greedy ground-truth builder | {result['greedy_ceiling']['true_reward']:.3f} | | | | |")
 
 
 def plot(result: dict, path: Path) -> None:

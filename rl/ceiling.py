@@ -1,4 +1,5 @@
-"""How far post-training can go: best-of-n curves under the reward model and under the truth.
+"""How far post-training can go: best-of-n curves under the reward model and under the truth, and a greedy page
+builder that reads the truth.
 
 For each held-out request, N pages are sampled from a policy under the rule masks, and every page is scored by
 the reward model and by the environment's truth. Best-of-n picks, among n of them, the page a selector ranks
@@ -9,6 +10,11 @@ over-optimization in the sense of Gao et al., 2022, "Scaling Laws for Reward Mod
 `best_of_n` is the unbiased estimator over all n-subsets of the N samples (not one random draw per n): the
 k-th lowest page by the selector is the pick of an n-subset exactly when the subset holds it and n - 1 of the k
 pages below it, so it is picked with probability C(k, n-1) / C(N, n).
+
+`greedy_page` builds a page for one request token by token under the rule masks, each time adding the allowed
+title whose page has the highest true reward, or, when no title raises it, opening the allowed row whose best
+first title does; it stops when nothing raises the reward and the masks allow [EOP]. It knows each user's hidden
+tastes, so no policy can reach it; it bounds what the rules allow.
 
 Shapes: R requests, N samples per request.
 """
@@ -69,3 +75,51 @@ def curves(scores: dict[str, np.ndarray], ns) -> dict[str, list[float]]:
     return {"n": list(ns), "rm_pick_true": best_of_n(rm, true, ns).tolist(),
             "rm_pick_rm": best_of_n(rm, rm, ns).tolist(), "true_pick_true": best_of_n(true, true, ns).tolist(),
             "rm_true_pearson_within_request": within_request_pearson(rm, true)}
+
+
+def greedy_page(env, rules, tok, context, prompt: list[int]) -> tuple[list[int], list[tuple[float, bool]]]:
+    """The ground-truth greedy page of one request (module docstring) under `rules`' masks.
+    env: an environment (true_page_reward); tok: GenPageTokenizer; prompt: the context's ids.
+    -> (page ids ending with [EOP] when the masks allowed it, per step (true reward after it, forced: the masks
+    allowed no step that kept the reward and no [EOP]))"""
+    from homepage.pages import Page, Row
+    from policies.tokenizer import ENTITY_PREFIX, is_title_token
+
+    titles = {i: t[len(ENTITY_PREFIX):] for i, t in enumerate(tok.tokens) if is_title_token(t)}
+    row_ids = {i: t[len("row:"):] for i, t in enumerate(tok.tokens) if t.startswith("row:") and t[4:] in set(tok.row_ids)}
+    prefix: list[int] = []
+    rows: list[Row] = []
+    value = float(env.true_page_reward([context], [Page(())])[0])
+    trace: list[tuple[float, bool]] = []
+
+    def best(candidates: list[tuple[list[int], Page]]):
+        if not candidates:
+            return None
+        vals = env.true_page_reward([context] * len(candidates), [page for _, page in candidates])
+        k = int(np.argmax(vals))
+        return float(vals[k]), candidates[k][0], candidates[k][1]
+
+    while True:
+        allowed = np.flatnonzero(rules.allowed_step([prompt], [prefix])[0].numpy())
+        step = None
+        if rows:  # another title in the current row
+            last = rows[-1]
+            step = best([([i], Page(tuple(rows[:-1]) + (Row(last.row_id, last.entity_ids + (titles[i],)),)))
+                         for i in allowed if i in titles])
+        if step is None or step[0] <= value:  # no title raises the reward: open a row with its best first title
+            opened = [r for r in allowed if r in row_ids]
+            after = rules.allowed_step([prompt] * len(opened), [prefix + [r] for r in opened]).numpy() if opened else []
+            row_step = best([([r, i], Page(tuple(rows) + (Row(row_ids[r], (titles[i],)),)))
+                             for r, ok in zip(opened, after) for i in np.flatnonzero(ok) if i in titles])
+            if row_step is not None and (step is None or row_step[0] > step[0]):
+                step = row_step
+        eop = tok.eop_id in allowed
+        if step is None or (step[0] <= value and eop):
+            if eop:
+                prefix.append(tok.eop_id)
+            return prefix, trace
+        forced = step[0] <= value  # the masks allow neither [EOP] nor a step that raises the reward
+        value, ids, page = step
+        trace.append((value, forced))
+        prefix += ids
+        rows = list(page.rows)
