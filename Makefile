@@ -6,7 +6,7 @@ VLLM_EXTRA ?= cpu
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(VLLM_EXTRA)
 
-.PHONY: setup demo compare test test-fast bench clean
+.PHONY: setup demo compare long test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,12 @@ compare: demo
 	$(PY) recipes/wbc.py
 	$(PY) recipes/dr_grpo.py credit=token out_dir=runs/dr_grpo_token
 	$(PY) recipes/compare.py
+
+# The longer Dr. GRPO run on the demo's world (recipes/configs/dr_grpo_long.yaml): a second reward model as the
+# validator, then 3 seeds of up to 60 steps with token credit, stopped early when the validator stops improving.
+long: demo
+	$(PY) recipes/train_rm.py seed=1 out_dir=runs/rm_seed1 scratch_ablation=false generated_users=0
+	$(PY) recipes/dr_grpo.py --config recipes/configs/dr_grpo_long.yaml
 
 test: setup
 	$(PY) -m pytest tests -q

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from common.cli import parse_recipe_args, reuse_or_start, write_summary
 from common.config import to_dict
-from rl.config import (DrGrpoConfig, RunPaths, SequenceLengths, compose_verl_config, on_cpu, pretrained_validation,
-                       seed_run, sequence_lengths, verl_overrides)
+from rl.config import (DrGrpoConfig, RunPaths, SequenceLengths, compose_verl_config, final_step, on_cpu,
+                       pretrained_validation, seed_run, sequence_lengths, verl_overrides)
 from rl.runtime import RunGuard, init_ray
 
 
@@ -189,7 +189,11 @@ def main() -> None:
     cfg, args = parse_recipe_args(DrGrpoConfig, "recipes/configs/dr_grpo.yaml", __doc__.splitlines()[1])
     for field, need, how in (("data_dir", Path(cfg.data_dir) / "dataset.yaml", "python recipes/make_world.py"),
                              ("policy_dir", Path(cfg.policy_dir) / "config.json", "python recipes/pretrain.py"),
-                             ("rm_dir", Path(cfg.rm_dir) / "config.json", "python recipes/train_rm.py")):
+                             ("rm_dir", Path(cfg.rm_dir) / "config.json", "python recipes/train_rm.py"),
+                             *((f"rm_ensemble[{i}]", Path(d) / "config.json", "python recipes/train_rm.py seed=<s> out_dir=<dir>")
+                               for i, d in enumerate(cfg.rm_ensemble)),
+                             *((("validator_rm_dir", Path(cfg.validator_rm_dir) / "config.json",
+                                 "python recipes/train_rm.py seed=1 out_dir=<dir>"),) if cfg.validator_rm_dir else ())):
         if not need.exists():
             raise SystemExit(f"{need} is missing: run `{how}` first, or point {field}=... at an existing directory")
     if cfg.reward_source == "environment":  # checked here, not first in a Ray reward worker
@@ -212,7 +216,7 @@ def main() -> None:
             paths = RunPaths(out, seed)
             if (paths.model / "config.json").exists():
                 continue
-            if (paths.run / "validation" / f"{cfg.steps}.jsonl").exists():  # trained and evaluated: export only
+            if (paths.run / "validation" / f"{final_step(cfg, paths)}.jsonl").exists():  # trained and evaluated: export only
                 export_model(paths, init)
             else:
                 pending.append(seed)

@@ -84,3 +84,62 @@ class PageRewardScorer:
                         r[-1] += token_rewards[row, start + n]
                     out[i] = r
         return out
+
+
+def conservative(member_scores: np.ndarray, k: float) -> np.ndarray:
+    """Ensemble score scored conservatively: the members' mean minus k times their standard deviation (the
+    "uncertainty-weighted optimization" of Coste et al., 2023, "Reward Model Ensembles Help Mitigate
+    Overoptimization"): where the members disagree, the page is worth less.
+
+    member_scores [K, N] -> [N]; one member gives its own scores."""
+    s = np.asarray(member_scores, dtype=np.float64)
+    if s.ndim != 2 or not len(s):
+        raise ValueError(f"member scores must be [K, N] with K >= 1, not shape {s.shape}")
+    return s.mean(0) - k * s.std(0) if len(s) > 1 else s[0].copy()
+
+
+class EnsembleScorer:
+    """Several reward models scoring the same pages as one conservative reward (`conservative`).
+
+    `score` and `score_tokens` have PageRewardScorer's contract, so a PageJudge takes either: the per-token
+    rewards are the members' mean per token, with the page's -k * std on its last token, so each page's tokens
+    still sum to its `score`."""
+
+    def __init__(self, members: list, k: float = 1.0):
+        if not members:
+            raise ValueError("an ensemble needs at least one reward model")
+        if k < 0:
+            raise ValueError(f"k={k}: a conservative ensemble subtracts k >= 0 standard deviations")
+        self.members, self.k = list(members), float(k)
+
+    @classmethod
+    def from_dirs(cls, model_dirs, k: float = 1.0, device: str = "cpu", batch_size: int = 128) -> "EnsembleScorer":
+        return cls([PageRewardScorer.from_pretrained(d, device, batch_size) for d in model_dirs], k)
+
+    def member_scores(self, prompts: list[list[int]], pages: list[list[int]]) -> np.ndarray:
+        """-> [K, N] each member's page rewards."""
+        return np.stack([m.score(prompts, pages) for m in self.members])
+
+    def score(self, prompts: list[list[int]], pages: list[list[int]]) -> np.ndarray:
+        """-> [N] mean - k * std over the members."""
+        return conservative(self.member_scores(prompts, pages), self.k)
+
+    def score_tokens(self, prompts: list[list[int]], pages: list[list[int]]) -> list[np.ndarray]:
+        """-> N arrays [len(page)]: the members' mean per-token reward, the page's -k * std on its last token."""
+        return self.score_with_spread(prompts, pages, per_token=True)[2]
+
+    def score_with_spread(self, prompts: list[list[int]], pages: list[list[int]], per_token: bool = False):
+        """One pass of every member -> (score [N], the members' std [N], per-token rewards or None)."""
+        if not per_token:
+            members = self.member_scores(prompts, pages)  # [K, N]
+            return conservative(members, self.k), members.std(0), None
+        per_member = [m.score_tokens(prompts, pages) for m in self.members]  # K lists of N arrays
+        out, spread = [], np.zeros(len(pages))
+        for i in range(len(pages)):
+            tokens = np.stack([p[i] for p in per_member])  # [K, len(page)]
+            spread[i] = tokens.sum(1).std()
+            r = tokens.mean(0)
+            if r.size and len(self.members) > 1:
+                r[-1] -= self.k * spread[i]
+            out.append(r)
+        return np.array([t.sum() for t in out], dtype=np.float64), spread, out

@@ -41,6 +41,12 @@ class DrGrpoConfig(StageConfig):
     format_weight: float = option(1.0, "reward = RM score + format_weight * format score (<= 0 per violation)")
     credit: Literal["page", "token"] = option("page", "how a page's reward is credited to its tokens: 'page' = every token gets the page's advantage (Dr. GRPO); 'token' = each token its reward-to-go under the reward model's per-token rewards, minus the group mean at its position (rl/advantage.py; needs an entity_feedback or entity_sum reward model; docs/wbc.md)")
     reward_source: Literal["rm", "environment"] = option("rm", "what the policy is trained on: 'rm' = the reward model's score (all a real deployment has); 'environment' = the environment's exact expected page reward, a simulator study that isolates the optimizer from the reward model (the RM is still scored and logged; page credit only)")
+    rm_ensemble: tuple[str, ...] = option((), "more reward-model directories scored with rm_dir as one ensemble: the policy is trained on the members' mean minus rm_ensemble_k standard deviations, so pages the members disagree on are worth less (Coste et al., 2023; reward_model.scoring.EnsembleScorer); train members with python recipes/train_rm.py seed=<s> out_dir=<dir>")
+    rm_ensemble_k: float = option(1.0, "standard deviations subtracted from the ensemble mean (0 = the plain mean)")
+    validator_rm_dir: str | None = option(None, "a reward model kept out of training (another seed, other logs), scored on every rollout and logged (rollout/validator_reward, rollout/rm_validator_gap): what a deployment without the truth can watch, and what early stopping reads")
+    early_stop_patience: int = option(0, "stop a seed when the validator's score of the rollouts, averaged over early_stop_window steps, has had no new best for this many steps (rl/early_stopping.py); 0 = off; needs validator_rm_dir")
+    early_stop_window: int = option(5, "steps in the moving average early stopping reads (each step's rollouts come from other users, so one step is noisy)")
+    test_freq: int | None = option(None, "steps between held-out validations (verl trainer.test_freq); None: only before the first and after the last step")
     reward_rules: tuple[str, ...] = option((), "rules scored by the format reward instead of masked (e.g. [dedup]); the rest stay masks")
     temperature: float = option(1.0, "sampling temperature of the rollouts")
     max_page_tokens: int | None = option(None, "longest page in tokens, also Dr. GRPO's loss constant (loss_scale_factor); None: the policy checkpoint's page shape (max_rows x (1 + max_row_len) + [EOP]); a number must be at least that")
@@ -71,6 +77,15 @@ class DrGrpoConfig(StageConfig):
             problems.append("lr must be > 0, kl_coef and format_weight >= 0")
         from policies.rules import RULES
 
+        if self.early_stop_patience < 0 or self.early_stop_window < 1 or self.rm_ensemble_k < 0:
+            problems.append("early_stop_patience and rm_ensemble_k must be >= 0, early_stop_window >= 1")
+        if self.early_stop_patience and not self.validator_rm_dir:
+            problems.append("early_stop_patience watches a validator reward model: set validator_rm_dir (e.g. a second "
+                            "python recipes/train_rm.py seed=1 out_dir=runs/rm_validator)")
+        if self.validator_rm_dir and Path(self.validator_rm_dir).resolve() in {Path(d).resolve() for d in (self.rm_dir, *self.rm_ensemble)}:
+            problems.append("validator_rm_dir must be a reward model the policy is not trained on (not rm_dir or in rm_ensemble)")
+        if self.test_freq is not None and self.test_freq < 1:
+            problems.append("test_freq must be >= 1 (or null)")
         if self.reward_source == "environment" and self.credit == "token":
             problems.append("credit=token needs the reward model's per-token rewards: use it with reward_source=rm")
         if set(self.reward_rules) - set(RULES):
@@ -129,6 +144,14 @@ class RunPaths:
     @property
     def model(self) -> Path:
         return self.run / "model"  # final HF directory of this seed's RL policy
+
+
+def final_step(cfg: DrGrpoConfig, paths: RunPaths) -> int:
+    """The last step of a seed's run: cfg.steps, or earlier where early stopping decided so (rl/early_stopping.py)."""
+    from rl.early_stopping import EarlyStopState
+
+    stopped = EarlyStopState.load(paths.run).stopped_at if cfg.early_stop_patience else None
+    return min(cfg.steps, stopped) if stopped is not None else cfg.steps
 
 
 def on_cpu() -> bool:
@@ -227,6 +250,11 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
         f"+genpage.format_weight={cfg.format_weight}",
         f"+genpage.credit={cfg.credit}",  # rl/advantage.py: the reward manager and the trainer read it
         f"+genpage.reward_source={cfg.reward_source}",
+        "+genpage.rm_ensemble=[" + ",".join(abs_(d) for d in cfg.rm_ensemble) + "]",
+        f"+genpage.rm_ensemble_k={cfg.rm_ensemble_k}",
+        f"+genpage.validator_rm_dir={abs_(cfg.validator_rm_dir) if cfg.validator_rm_dir else 'null'}",
+        f"+genpage.early_stop_patience={cfg.early_stop_patience}",  # rl/early_stopping.py, read by rl/trainer.py
+        f"+genpage.early_stop_window={cfg.early_stop_window}",
         # -- trainer ------------------------------------------------------------------------------------
         "trainer.use_v1=False",
         f"trainer.total_training_steps={cfg.steps}",
@@ -238,7 +266,7 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
         # Evaluation on held-out users with verl's validation (same vLLM server, same reward manager): the
         # pretrained policy before the first step, the RL policy after the last; per-page records in validation/.
         f"trainer.val_before_train={validate_before}",
-        f"trainer.test_freq={cfg.steps}",
+        f"trainer.test_freq={cfg.test_freq or cfg.steps}",
         f"trainer.validation_data_dir={abs_(paths.run / 'validation')}",
         "actor_rollout_ref.rollout.val_kwargs.do_sample=True",
         f"actor_rollout_ref.rollout.val_kwargs.temperature={cfg.eval_temperature}",

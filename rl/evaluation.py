@@ -21,7 +21,7 @@ import numpy as np
 
 from policies.tokenizer import is_title_token
 from rl import page_metrics as pm
-from rl.config import DrGrpoConfig, RunPaths, pretrained_validation
+from rl.config import DrGrpoConfig, RunPaths, final_step, pretrained_validation
 
 POLICIES = ("logging", "pretrained", "rl")
 
@@ -159,12 +159,14 @@ def plot_curves(per_seed: dict[int, dict[int, dict[str, float]]], path: Path, wi
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("reward (pretrained = 1.0)", [(pm.RM_REWARD, "RM reward"), (pm.TRUE_REWARD, "true reward")], True),
+    panels = [("reward (pretrained = 1.0)", [(pm.RM_REWARD, "RM reward"), (pm.TRUE_REWARD, "true reward"),
+                                              (pm.VALIDATOR_REWARD, "validator RM")], True),
               ("diversity (pretrained = 1.0)", [(pm.DIVERSITY, "diversity"), (pm.COVERAGE, "catalog coverage")], True),
+              ("RM score minus (reward units)", [(pm.RM_TRUTH_GAP, "true reward"), (pm.RM_VALIDATOR_GAP, "validator RM")], False),
               ("KL to reference (actor/kl_loss)", [(pm.KL, "KL")], False)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
     for ax, (title, series, relative) in zip(axes, panels):
-        for (key, label), color in zip(series, ("tab:blue", "tab:orange")):
+        for (key, label), color in zip(series, ("tab:blue", "tab:orange", "tab:green")):
             curves, finals = [], []
             for seed, steps in sorted(per_seed.items()):
                 xs = sorted(s for s in steps if s >= 1 and key in steps[s])
@@ -190,10 +192,38 @@ def plot_curves(per_seed: dict[int, dict[int, dict[str, float]]], path: Path, wi
             ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def per_step_gaps(per_seed: dict[int, dict[int, dict[str, float]]]) -> list[dict[str, float]]:
+    """One row per step: {"step", metric: mean over the seeds that ran that step} for the RM gaps and the RM,
+    validator and true reward of the rollouts."""
+    keys = (pm.RM_TRUTH_GAP, pm.RM_VALIDATOR_GAP, pm.RM_REWARD, pm.TRUE_REWARD, pm.VALIDATOR_REWARD)
+    out = []
+    for step in sorted({s for steps in per_seed.values() for s in steps if s >= 1}):
+        row = {k: float(np.mean(v)) for k in keys
+               if (v := [steps[step][k] for steps in per_seed.values() if k in steps.get(step, {})])}
+        if row:
+            out.append({"step": step, **row})
+    return out
+
+
+def heldout_per_step(out: Path, seeds) -> list[dict[str, float]]:
+    """One row per validated step: the held-out pages' mean RM and true reward, averaged over the seeds that
+    validated at that step (step 0: the pretrained policy, validated once)."""
+    by_step: dict[int, list[dict[str, float]]] = {}
+    for seed in seeds:
+        for path in (RunPaths(out, seed).run / "validation").glob("*.jsonl"):
+            v = read_validation(path)
+            by_step.setdefault(int(path.stem), []).append(
+                {"rm_reward": float(np.mean(v[pm.EXTRA_RM])),
+                 "true_reward": float(np.nanmean(v[pm.EXTRA_TRUE])) if np.isfinite(v.get(pm.EXTRA_TRUE, [np.nan])).any() else float("nan")})
+    return [{"step": step, "seeds": len(rows), **{k: float(np.mean([r[k] for r in rows])) for k in rows[0]}}
+            for step, rows in sorted(by_step.items())]
 
 
 def evaluate_run(cfg: DrGrpoConfig, out: Path, init: Path) -> dict:
@@ -201,7 +231,8 @@ def evaluate_run(cfg: DrGrpoConfig, out: Path, init: Path) -> dict:
     from rl.reward_manager import PageJudge
 
     out = Path(out)
-    judge = PageJudge.from_dirs(cfg.data_dir, cfg.environment, init, cfg.rm_dir, cfg.format_weight)
+    judge = PageJudge.from_dirs(cfg.data_dir, cfg.environment, init, cfg.rm_dir, cfg.format_weight,
+                                ensemble=cfg.rm_ensemble, ensemble_k=cfg.rm_ensemble_k)  # the RM the policy was trained on
     n_entities = len(judge.entity_ids)
     pretrained = pretrained_validation(out, cfg.seeds)  # one validation of the pretrained policy per run
     if pretrained is None:
@@ -263,6 +294,10 @@ def evaluate_run(cfg: DrGrpoConfig, out: Path, init: Path) -> dict:
         "rollout_probs_diff_max": float(max(diffs)) if diffs else None,
         "step_time_s_mean": float(np.mean(step_times)) if step_times else None,
         "seeds": list(cfg.seeds),
+        "steps_per_seed": {str(s): final_step(cfg, RunPaths(out, s)) for s in cfg.seeds},  # < steps where stopped early
+        # per step, mean over seeds: RM score minus the truth / the validator on the rollouts (over-optimization)
+        "gap_per_step": per_step_gaps(per_seed_metrics),
+        "heldout_per_step": heldout_per_step(out, cfg.seeds),  # every held-out validation (test_freq), mean over seeds
         "per_seed": {str(s): {"pretrained": pre, "rl": r} for s, r in zip(cfg.seeds, rl_rows)},
         "pretrained_validation_seed": pre_seed,  # the seed session that validated the pretrained policy (once per run)
         "table": rows,

@@ -18,6 +18,10 @@ RM_REWARD = "rollout/rm_reward"  # reward model score of the sampled pages
 FORMAT_REWARD = "rollout/format_reward"  # format score (<= 0), before its weight
 TRAIN_REWARD = "rollout/reward"  # what the policy is trained on: RM + format_weight * format
 TRUE_REWARD = "rollout/true_reward"  # ground-truth expected page reward (logged, never trained on)
+RM_STD = "rollout/rm_ensemble_std"  # the RM ensemble members' disagreement on the sampled pages (rm_ensemble)
+VALIDATOR_REWARD = "rollout/validator_reward"  # a reward model kept out of training (validator_rm_dir)
+RM_TRUTH_GAP = "rollout/rm_truth_gap"  # RM score minus true reward: grows when the policy exploits the RM
+RM_VALIDATOR_GAP = "rollout/rm_validator_gap"  # RM score minus the validator's: the same without the truth
 RECALL = "rollout/recall"  # share of the logged impression's engaged titles on the page (offline metric)
 DIVERSITY = "page/diversity"
 COVERAGE = "page/coverage"
@@ -27,11 +31,13 @@ VIOLATING_PAGES = "rules/violating_pages"  # share of pages with any violation
 KL = "actor/kl_loss"  # verl's KL-to-reference loss (with use_kl_loss)
 ENTROPY = "actor/entropy"  # verl's mean token entropy under the Dr. GRPO aggregation
 ROLLOUT_PROBS_DIFF_MAX = "training/rollout_probs_diff_max"  # verl: max |p_vllm - p_trainer| over tokens
+EARLY_STOP_LAST_STEP = "early_stop/last_step"  # the step the run will end at (early_stop_patience > 0)
 CREDIT_SPREAD = "credit/within_page_advantage_std"  # credit=token: how far a page's tokens' advantages differ
 
 # Keys of the per-page reward_extra_info the reward manager returns (verl stores them per sample).
 EXTRA_RM, EXTRA_FORMAT, EXTRA_TRUE, EXTRA_RECALL, EXTRA_DIVERSITY, EXTRA_ENTITIES = (
     "rm_reward", "format_reward", "true_reward", "recall", "diversity", "n_entities")
+EXTRA_RM_STD, EXTRA_VALIDATOR = "rm_std", "validator_reward"
 EXTRA_VIOLATIONS_PREFIX = "violations/"
 EXTRA_TOKEN_REWARD = "token_rewards"  # per-token training reward of a page, padded to the response width (credit=token)
 
@@ -85,11 +91,17 @@ def rollout_metrics(extra: dict[str, np.ndarray], train_reward: np.ndarray) -> d
     """Per-step means from the reward manager's per-page extra info ([B] arrays) and the training reward [B]."""
     m: dict[str, float] = {TRAIN_REWARD: float(np.mean(train_reward))}
     names = {EXTRA_RM: RM_REWARD, EXTRA_FORMAT: FORMAT_REWARD, EXTRA_TRUE: TRUE_REWARD, EXTRA_RECALL: RECALL,
-             EXTRA_DIVERSITY: DIVERSITY, EXTRA_ENTITIES: PAGE_ENTITIES}
+             EXTRA_DIVERSITY: DIVERSITY, EXTRA_ENTITIES: PAGE_ENTITIES, EXTRA_RM_STD: RM_STD,
+             EXTRA_VALIDATOR: VALIDATOR_REWARD}
     for key, name in names.items():
         values = np.asarray(extra.get(key, []), dtype=np.float64)
         if np.isfinite(values).any():  # true reward without an environment, recall without engaged titles: NaN
             m[name] = float(np.nanmean(values))
+    rm = np.asarray(extra.get(EXTRA_RM, []), dtype=np.float64)
+    for key, name in ((EXTRA_TRUE, RM_TRUTH_GAP), (EXTRA_VALIDATOR, RM_VALIDATOR_GAP)):
+        other = np.asarray(extra.get(key, []), dtype=np.float64)
+        if len(other) == len(rm) and np.isfinite(other).any():
+            m[name] = float(np.nanmean(rm - other))
     violations = {k[len(EXTRA_VIOLATIONS_PREFIX):]: np.asarray(v, dtype=np.float64)
                   for k, v in extra.items() if k.startswith(EXTRA_VIOLATIONS_PREFIX)}
     for rule, counts in violations.items():

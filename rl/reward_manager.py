@@ -3,6 +3,10 @@
     reward = RM score + format_weight * format score          (what the policy is trained on)
     reward = true reward + format_weight * format score       (reward_source=environment: simulator studies only)
 
+The RM score is one reward model's, or an ensemble's scored conservatively (reward_model.scoring.EnsembleScorer:
+the members' mean minus k standard deviations). A validator reward model, kept out of training, can score the same
+pages: what a real deployment has in place of the truth to watch over-optimization (early stopping, rl/trainer.py).
+
 `PageJudge` computes it for a batch of (prompt ids, page ids) without decoding text, together with what is
 only logged: the ground-truth expected page reward where an environment is configured (never used for
 training, so reward hacking shows as a growing gap between RM and true reward), the recall of the logged
@@ -33,7 +37,9 @@ class PageJudgement:
     """Scores of N pages. All arrays [N]."""
 
     reward: np.ndarray  # training reward: rm (or true, reward_source=environment) + format_weight * format
-    rm: np.ndarray  # reward model score (reward units)
+    rm: np.ndarray  # reward model score (reward units; an ensemble's conservative score)
+    rm_std: np.ndarray  # the ensemble members' standard deviation (NaN for a single reward model)
+    validator: np.ndarray  # the validator reward model's score (NaN without one; never trained on)
     format: np.ndarray  # format score (<= 0; 0 = no reward-mode rule violated)
     true: np.ndarray  # ground-truth expected page reward (NaN without an environment)
     recall: np.ndarray  # share of the logged impression's engaged titles on the page (NaN where it had none)
@@ -49,6 +55,9 @@ class PageJudgement:
                pm.EXTRA_TRUE: float(self.true[i]), pm.EXTRA_RECALL: float(self.recall[i]),
                pm.EXTRA_DIVERSITY: float(self.diversity[i]),
                pm.EXTRA_ENTITIES: float(self.n_entities[i])}
+        for key, values in ((pm.EXTRA_RM_STD, self.rm_std), (pm.EXTRA_VALIDATOR, self.validator)):
+            if np.isfinite(values[i]):  # set for every page of a run or for none (verl stacks the keys)
+                out[key] = float(values[i])
         out.update({pm.EXTRA_VIOLATIONS_PREFIX + r: float(v[i]) for r, v in self.violations.items()})
         return out
 
@@ -68,12 +77,13 @@ class PageJudge:
     """Reward model + format reward + ground truth + page metrics for batches of token-id pages.
 
     env: a homepage.environment.Environment or None; tok: GenPageTokenizer; rules: policies.rules.RuleSet; rm:
-    anything with `score(prompts, pages) -> [N]` (reward_model.scoring.PageRewardScorer); entity_ids and content:
-    the catalog's ids and content embeddings [N, D] (for diversity)."""
+    anything with `score(prompts, pages) -> [N]` (reward_model.scoring.PageRewardScorer, or an EnsembleScorer);
+    entity_ids and content: the catalog's ids and content embeddings [N, D] (for diversity); validator: a scorer
+    whose score is only logged, or None."""
 
     def __init__(self, env, tok, rules, rm, format_weight: float, entity_ids: list[str], content: np.ndarray,
-                 reward_source: str = "rm"):
-        self.env, self.tok, self.rules, self.rm = env, tok, rules, rm
+                 reward_source: str = "rm", validator=None):
+        self.env, self.tok, self.rules, self.rm, self.validator = env, tok, rules, rm, validator
         self.format_weight = float(format_weight)
         if reward_source not in ("rm", "environment"):
             raise ValueError(f"reward_source must be 'rm' or 'environment', not {reward_source!r}")
@@ -87,18 +97,24 @@ class PageJudge:
 
     @classmethod
     def from_dirs(cls, data_dir: str | Path, environment: str, policy_dir: str | Path, rm_dir: str | Path,
-                  format_weight: float, reward_source: str = "rm") -> "PageJudge":
+                  format_weight: float, reward_source: str = "rm", ensemble: tuple = (), ensemble_k: float = 1.0,
+                  validator_dir: str | Path | None = None) -> "PageJudge":
         """From the dataset directory and its environment setting, the policy checkpoint (tokenizer, business
-        rules) and the RM directory; reward_source: what `reward` is built on, 'rm' or 'environment'."""
+        rules) and the RM directory; reward_source: what `reward` is built on, 'rm' or 'environment';
+        ensemble: more RM directories scored with rm_dir as one conservative ensemble (mean - ensemble_k * std);
+        validator_dir: a reward model only logged (None: none)."""
         from homepage.dataset import load_dataset
         from homepage.environment import load_environment
         from policies.tokenizer import GenPageTokenizer
-        from reward_model.scoring import PageRewardScorer
+        from reward_model.scoring import EnsembleScorer, PageRewardScorer
 
         dataset = load_dataset(data_dir)
+        rm = (EnsembleScorer.from_dirs([rm_dir, *ensemble], ensemble_k) if ensemble
+              else PageRewardScorer.from_pretrained(rm_dir))
+        validator = PageRewardScorer.from_pretrained(validator_dir) if validator_dir else None
         return cls(load_environment(environment, dataset), GenPageTokenizer.from_pretrained(policy_dir),
-                   load_rules(policy_dir, data_dir), PageRewardScorer.from_pretrained(rm_dir), format_weight,
-                   dataset.entity_ids, dataset.content_matrix(), reward_source)
+                   load_rules(policy_dir, data_dir), rm, format_weight, dataset.entity_ids, dataset.content_matrix(),
+                   reward_source, validator)
 
     def judge(self, prompts: list[list[int]], pages: list[list[int]], infos: list[dict[str, Any]] | None = None,
               per_token: bool = False) -> PageJudgement:
@@ -112,15 +128,20 @@ class PageJudge:
         n = len(pages)
         report = self.rules.format_reward(prompts, pages)
         fmt = np.asarray(report.score, dtype=np.float64)
-        token_reward = None
-        if per_token:  # one reward-model pass: the page score is the sum of its tokens' rewards
+        token_reward, rm_std = None, np.full(n, np.nan)
+        if hasattr(self.rm, "score_with_spread"):  # an ensemble: one pass of each member
+            rm, rm_std, token_reward = self.rm.score_with_spread(prompts, pages, per_token=per_token)
+        elif per_token:  # one reward-model pass: the page score is the sum of its tokens' rewards
             token_reward = self.rm.score_tokens(prompts, pages)
             rm = np.array([t.sum() for t in token_reward], dtype=np.float64)
+        else:
+            rm = np.asarray(self.rm.score(prompts, pages), dtype=np.float64)
+        if token_reward is not None:
             for t, f in zip(token_reward, fmt):
                 if len(t):
                     t[-1] += self.format_weight * f
-        else:
-            rm = np.asarray(self.rm.score(prompts, pages), dtype=np.float64)
+        validator = (np.asarray(self.validator.score(prompts, pages), dtype=np.float64) if self.validator is not None
+                     else np.full(n, np.nan))
         true, recall = np.full(n, np.nan), np.full(n, np.nan)
         contexts = contexts_from_extra_info(infos) if infos is not None else None
         if contexts is not None:
@@ -136,7 +157,8 @@ class PageJudge:
                                  "(rl.data.prompt_rows) and a finite true reward")
             base = true
         return PageJudgement(
-            reward=base + self.format_weight * fmt, rm=rm, format=fmt, true=true, recall=recall,
+            reward=base + self.format_weight * fmt, rm=rm, rm_std=rm_std, validator=validator, format=fmt, true=true,
+            recall=recall,
             diversity=pm.page_diversity(entities, self.content), n_entities=np.array([len(e) for e in entities], float),
             violations={r: np.asarray(v, dtype=np.float64) for r, v in report.violations.items()}, entities=entities,
             token_reward=token_reward,
@@ -191,7 +213,8 @@ except ImportError:  # verl absent: PageJudge stays usable (evaluation, tests)
 class GenPageRewardManager(RewardManagerBase):
     """verl reward manager: token ids in, RM + weighted format reward out; ground truth in the extra info.
 
-    Reads `genpage.{data_dir, environment, rm_dir, format_weight, credit, reward_source}` and the policy directory
+    Reads `genpage.{data_dir, environment, rm_dir, rm_ensemble, rm_ensemble_k, validator_rm_dir, format_weight,
+    credit, reward_source}` and the policy directory
     (`actor_rollout_ref.model.path`, for the tokenizer and the business rules) from verl's config. With
     `credit=token`, the pages of training prompts also carry their per-token rewards (`EXTRA_TOKEN_REWARD`,
     padded to `data.max_response_length`) for rl/advantage.py; evaluation pages do not (verl averages every
@@ -202,7 +225,9 @@ class GenPageRewardManager(RewardManagerBase):
         super().__init__(config, tokenizer, compute_score)
         settings = config.genpage
         self.judge = PageJudge.from_dirs(settings.data_dir, settings.environment, config.actor_rollout_ref.model.path,
-                                         settings.rm_dir, settings.format_weight, settings.get("reward_source", "rm"))
+                                         settings.rm_dir, settings.format_weight, settings.get("reward_source", "rm"),
+                                         tuple(settings.get("rm_ensemble") or ()), float(settings.get("rm_ensemble_k", 1.0)),
+                                         settings.get("validator_rm_dir") or None)
         self.token_width = int(config.data.max_response_length) if settings.get("credit", "page") == "token" else None
         self.batcher = _MicroBatcher(self._judge_batch)
 

@@ -9,7 +9,9 @@ logs with the rest of the step (`rl.page_metrics` names them). Without verl's ol
 (rl/policy_loss.py) under verl's own name, and the token entropy as `actor/entropy`. With `genpage.credit=token`
 the advantages are recomputed from the pages' per-token rewards before the update (rl/advantage.py: verl's
 reward loop carries one score per page, and its fit has no hook between the reward and the advantage).
-Nothing else about the algorithm changes.
+With `genpage.early_stop_patience` > 0 each step's validator score is recorded (rl/early_stopping.py) and, when
+it stops improving, the next step becomes the run's last (verl decides a step is its last before running it),
+so verl still saves, exports and validates that final policy. Nothing else about the algorithm changes.
 
 `GenPageTaskRunner` is verl's `TaskRunner.run` (verl/trainer/main_ppo_v0.py, 0.9.1) with the trainer class
 swapped, plus a loop over seeds that reuses the workers; `verl.trainer.main_ppo.run_ppo(config,
@@ -27,6 +29,7 @@ from verl.trainer.ppo.ray_trainer import RayPPOTrainer
 from policies.tokenizer import is_title_token
 from rl import page_metrics as pm
 from rl.advantage import apply_token_credit
+from rl.early_stopping import EarlyStopState
 from rl.cpu_shims import VERL, UpstreamPin, warn_if_versions_differ
 
 
@@ -35,7 +38,8 @@ def step_page_metrics(batch, entity_token: np.ndarray) -> dict[str, float]:
 
     entity_token: [V] bool, real catalog titles (fallback tokens excluded)."""
     nt = batch.non_tensor_batch
-    keys = [k for k in nt if k in (pm.EXTRA_RM, pm.EXTRA_FORMAT, pm.EXTRA_TRUE, pm.EXTRA_RECALL, pm.EXTRA_DIVERSITY, pm.EXTRA_ENTITIES)
+    keys = [k for k in nt if k in (pm.EXTRA_RM, pm.EXTRA_FORMAT, pm.EXTRA_TRUE, pm.EXTRA_RECALL, pm.EXTRA_DIVERSITY, pm.EXTRA_ENTITIES,
+                                   pm.EXTRA_RM_STD, pm.EXTRA_VALIDATOR)
             or k.startswith(pm.EXTRA_VIOLATIONS_PREFIX)]
     train_reward = batch.batch["token_level_scores"].sum(-1).numpy()  # [B] the sparse reward sits on the last token
     metrics = pm.rollout_metrics({k: np.asarray(nt[k], dtype=np.float64) for k in keys}, train_reward)
@@ -60,9 +64,36 @@ def old_log_prob_pass_metrics(actor_metrics: dict) -> dict:
 
 
 class GenPagePPOTrainer(RayPPOTrainer):
-    """RayPPOTrainer that also logs page metrics (see module docstring)."""
+    """RayPPOTrainer that also logs page metrics and can stop early (see module docstring)."""
 
     _entity_token: np.ndarray | None = None
+
+    def _early_stop_state(self) -> EarlyStopState | None:
+        """The seed's early-stopping history (`genpage.early_stop_patience` > 0), else None."""
+        if int(self.config.genpage.get("early_stop_patience", 0) or 0) < 1:
+            return None
+        from pathlib import Path
+
+        return EarlyStopState.load(Path(self.config.trainer.default_local_dir).parent)  # the seed's run directory
+
+    def fit(self):
+        self.total_training_steps = int(self.config.trainer.total_training_steps)
+        state = self._early_stop_state()
+        if state is not None and state.stopped_at is not None:  # resumed after the decision: end where it said
+            self.total_training_steps = min(self.total_training_steps, state.stopped_at)
+        return super().fit()
+
+    def _early_stop(self, metrics: dict) -> None:
+        """Record the validator's score of this step's rollouts; on a stop, make the next step the last."""
+        state = self._early_stop_state()
+        if state is None or pm.VALIDATOR_REWARD not in metrics:
+            return
+        g = self.config.genpage
+        if state.record(self.global_steps, metrics[pm.VALIDATOR_REWARD], int(g.early_stop_patience), int(g.early_stop_window)):
+            self.total_training_steps = min(self.total_training_steps, state.stopped_at)
+            print(f"[genpage] early stop: the validator's reward has not improved for {g.early_stop_patience} steps; "
+                  f"step {state.stopped_at} is the last")
+        metrics[pm.EARLY_STOP_LAST_STEP] = float(self.total_training_steps)
 
     def _update_actor(self, batch):
         credit = apply_token_credit(batch) if self.config.genpage.get("credit", "page") == "token" else {}
@@ -74,6 +105,7 @@ class GenPagePPOTrainer(RayPPOTrainer):
         metrics.update(step_page_metrics(batch, self._entity_token))
         metrics.update(old_log_prob_pass_metrics(metrics))
         metrics.update(credit)
+        self._early_stop(metrics)
         return actor_output
 
 

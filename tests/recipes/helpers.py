@@ -60,9 +60,10 @@ def outliving(descendants: list, timeout_s: float = 30.0) -> list[str]:
     return names
 
 
-def untrained_reward_model(policy_dir: Path, out: Path) -> Path:
-    """A reward-model directory (backbone of the tiny policy, a fresh head: GenPageConfig's default entity_sum, so
-    it has per-token rewards): enough to exercise the plumbing."""
+def untrained_reward_model(policy_dir: Path, out: Path, seed: int = 0, flat: bool = False) -> Path:
+    """A reward-model directory (backbone of the tiny policy, a fresh head drawn with `seed`: GenPageConfig's
+    default entity_sum, so it has per-token rewards): enough to exercise the plumbing. flat: a zero head, so every
+    page scores the same (a validator that never improves)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -72,9 +73,13 @@ def untrained_reward_model(policy_dir: Path, out: Path) -> Path:
 
     config = AutoConfig.from_pretrained(policy_dir)
     config.architectures = ["GenPageForPageReward"]
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     rm = GenPageForPageReward(config)
     rm.model.load_state_dict(AutoModelForCausalLM.from_pretrained(policy_dir).model.state_dict())
+    if flat:
+        with torch.no_grad():
+            for p in rm.score.parameters():
+                p.zero_()
     rm.save_pretrained(out)
     GenPageTokenizer.from_pretrained(policy_dir).save_pretrained(out)
     return out

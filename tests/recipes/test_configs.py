@@ -19,6 +19,7 @@ ROOT = Path(__file__).parents[2]
 # Every YAML under recipes/configs/, its typed config and its recipe (add new recipes here).
 SHIPPED = {"world.yaml": (MakeWorldConfig, "make_world"), "pretrain.yaml": (PretrainConfig, "pretrain"),
            "train_rm.yaml": (RewardModelConfig, "train_rm"), "dr_grpo.yaml": (DrGrpoConfig, "dr_grpo"),
+           "dr_grpo_long.yaml": (DrGrpoConfig, "dr_grpo"),
            "wbc.yaml": (WbcConfig, "wbc"), "compare.yaml": (CompareConfig, "compare")}
 
 

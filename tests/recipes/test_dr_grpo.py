@@ -145,21 +145,34 @@ def test_killed_run_resumes_from_its_last_verl_checkpoint_and_leaves_nothing_beh
     assert summary["seeds"] == [0] and summary["mask_violations"] == 0
 
 
-def test_token_credit_smoke_run_credits_each_token_its_reward_to_go(inputs, tmp_path):
+def test_token_credit_on_a_conservative_ensemble_stopped_early_by_a_validator(inputs, tmp_path):
     """The middle ground between WBC and Dr. GRPO (credit=token, rl/advantage.py) through verl's trainer: the
     per-token rewards of the reward model's entity_sum head reach the update, which then gives the tokens of a
-    page different advantages (under page credit they share one)."""
+    page different advantages (under page credit they share one). The reward is a two-member ensemble scored
+    conservatively; a flat validator (every page scores the same, so it never improves) stops the run early:
+    with patience 1 the decision comes at step 2, and step 3 is the last of the 6 configured."""
     world, policy, rm = inputs
+    member = untrained_reward_model(policy, tmp_path / "rm_1", seed=1)
+    validator = untrained_reward_model(policy, tmp_path / "rm_flat", seed=2, flat=True)
     out = tmp_path / "rl"
     run("dr_grpo.py", f"data_dir={world}", f"policy_dir={policy}", f"rm_dir={rm}", f"out_dir={out}", "credit=token",
-        "steps=2", "seeds=[0]", "prompts_per_step=4", "group_size=4", "eval_users=8", "save_freq=2", "lr=0.01",
-        "wandb_mode=disabled", "prompt_source=environment")
+        f"rm_ensemble=[{member}]", "rm_ensemble_k=1.0", f"validator_rm_dir={validator}", "early_stop_patience=1",
+        "early_stop_window=1", "steps=6", "seeds=[0]", "prompts_per_step=4", "group_size=4", "eval_users=8",
+        "save_freq=2", "lr=0.01", "wandb_mode=disabled", "prompt_source=environment")
     lines = [json.loads(x) for x in (out / "seed_0" / "metrics" / "attempt_0.jsonl").read_text().splitlines()]
     steps = {r["step"]: r["data"] for r in lines}
-    for step in (1, 2):
+    assert sorted(s for s in steps if s >= 1) == [1, 2, 3]  # stopped early (step 0: the pretrained validation)
+    for step in (1, 2, 3):
         assert steps[step]["credit/within_page_advantage_std"] > 1e-4, step
         assert steps[step]["rules/violations/total"] == 0
         assert steps[step]["training/rollout_probs_diff_max"] < 1e-3
+        assert steps[step]["rollout/rm_ensemble_std"] > 0  # two different heads disagree
+        gap = steps[step]["rollout/rm_reward"] - steps[step]["rollout/validator_reward"]
+        assert steps[step]["rollout/rm_validator_gap"] == pytest.approx(gap, abs=1e-6)
+        assert "rollout/rm_truth_gap" in steps[step]
+    assert steps[3]["early_stop/last_step"] == 3
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["credit"] == "token" and summary["mask_violations"] == 0
+    assert summary["steps_per_seed"] == {"0": 3} and [r["step"] for r in summary["gap_per_step"]] == [1, 2, 3]
     assert (out / "seed_0" / "model" / "model.safetensors").exists()
+    assert [r["step"] for r in summary["heldout_per_step"]] == [0, 3]  # the pretrained and the final policy validated

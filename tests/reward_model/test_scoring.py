@@ -8,7 +8,7 @@ from policies.build import ModelSize, build_model
 from policies.reward_heads import expected_feedback_reward
 from reward_model.data import EntityTargets, RewardNormalization, collate_pages
 from reward_model.heads import token_reward_mse
-from reward_model.scoring import PageRewardScorer
+from reward_model.scoring import EnsembleScorer, PageRewardScorer, conservative
 from reward_model.training import build_reward_model, predict, reward_mse
 from tests.toy import toy_tokenizer
 
@@ -222,3 +222,35 @@ def test_token_rewards_need_a_per_token_head(pretrained_dir, tmp_path):
     TOK.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="reward_head=entity_feedback or entity_sum"):
         PageRewardScorer.from_pretrained(tmp_path).score_tokens(*sequences(2))
+
+
+def test_conservative_score_by_hand():
+    s = np.array([[1.0, 2.0], [3.0, 2.0]])  # 2 members x 2 pages: they disagree on page 0 only
+    np.testing.assert_allclose(conservative(s, 1.0), [2.0 - 1.0, 2.0])  # population std of (1, 3) is 1
+    np.testing.assert_allclose(conservative(s, 0.0), [2.0, 2.0])
+    np.testing.assert_array_equal(conservative(s[:1], 5.0), s[0])  # one member: its own scores
+    with pytest.raises(ValueError, match="K >= 1"):
+        conservative(np.zeros(3), 1.0)
+
+
+def test_ensemble_scores_the_members_conservatively_and_its_token_rewards_still_sum(pretrained_dir, tmp_path):
+    dirs = []
+    for seed in (0, 1):
+        rm = build_reward_model(pretrained_dir, "pretrained", NORM, seed=seed, reward_head="entity_feedback", targets=TARGETS)
+        with torch.no_grad():
+            rm.score.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(seed))
+        rm.save_pretrained(tmp_path / f"m{seed}")
+        TOK.save_pretrained(tmp_path / f"m{seed}")
+        dirs.append(tmp_path / f"m{seed}")
+    prompts, pages = sequences(12)
+    members = [PageRewardScorer.from_pretrained(d).score(prompts, pages) for d in dirs]
+    assert np.abs(members[0] - members[1]).max() > 0.1  # the members disagree somewhere
+    ens = EnsembleScorer.from_dirs(dirs, k=0.5)
+    scores = ens.score(prompts, pages)
+    np.testing.assert_allclose(scores, (members[0] + members[1]) / 2 - 0.5 * np.abs(members[0] - members[1]) / 2, rtol=1e-6, atol=1e-6)
+    assert (scores <= np.maximum(members[0], members[1]) + 1e-9).all()
+    per_token = ens.score_tokens(prompts, pages)
+    assert [len(t) for t in per_token] == [len(g) for g in pages]
+    np.testing.assert_allclose([t.sum() for t in per_token], scores, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="k >= 0"):
+        EnsembleScorer(ens.members, k=-1.0)

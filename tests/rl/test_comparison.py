@@ -48,7 +48,8 @@ def test_budget_from_the_runs_summary(tmp_path):
 
 
 def test_page_figures_of_a_judgement():
-    j = PageJudgement(reward=np.zeros(2), rm=np.array([1.0, 3.0]), format=np.zeros(2), true=np.array([2.0, 4.0]),
+    j = PageJudgement(reward=np.zeros(2), rm=np.array([1.0, 3.0]), rm_std=np.full(2, np.nan), validator=np.full(2, np.nan),
+                      format=np.zeros(2), true=np.array([2.0, 4.0]),
                       recall=np.full(2, np.nan), diversity=np.array([0.5, 0.7]), n_entities=np.array([10.0, 20.0]),
                       violations={"dedup": np.array([0.0, 2.0]), "structure": np.array([1.0, 0.0])})
     assert page_figures(j) == pytest.approx({"true_reward": 3.0, "rm_reward": 2.0, "diversity": 0.6,

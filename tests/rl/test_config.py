@@ -37,6 +37,24 @@ def test_token_credit_needs_the_reward_models_per_token_rewards():
     assert "+genpage.credit=token" in o and "+genpage.reward_source=rm" in o
 
 
+def test_shipped_long_config_stops_early_on_a_validator_and_composes(tmp_path):
+    cfg = load_config(DrGrpoConfig, ROOT / "recipes/configs/dr_grpo_long.yaml")
+    assert cfg.credit == "token" and cfg.early_stop_patience > 0 and cfg.validator_rm_dir
+    assert cfg.steps > DrGrpoConfig().steps and cfg.steps % cfg.test_freq == 0
+    cfg = DrGrpoConfig(rm_ensemble=("a/model", "b/model"), validator_rm_dir="v/model", early_stop_patience=4, test_freq=3)
+    o = verl_overrides(cfg, "m", RunPaths(tmp_path, 0), seed=0, cpu=True, lengths=SequenceLengths(90, 55))
+    assert f"+genpage.rm_ensemble=[{Path('a/model').resolve()},{Path('b/model').resolve()}]" in o
+    assert f"+genpage.validator_rm_dir={Path('v/model').resolve()}" in o and "trainer.test_freq=3" in o
+    assert "+genpage.early_stop_patience=4" in o
+    from rl.config import compose_verl_config
+
+    composed = compose_verl_config(o)  # Hydra parses the list and the null
+    assert list(composed.genpage.rm_ensemble) == [str(Path("a/model").resolve()), str(Path("b/model").resolve())]
+    plain = compose_verl_config(verl_overrides(DrGrpoConfig(), "m", RunPaths(tmp_path, 0), seed=0, cpu=True,
+                                               lengths=SequenceLengths(90, 55)))
+    assert list(plain.genpage.rm_ensemble) == [] and plain.genpage.validator_rm_dir is None
+
+
 def test_overrides_cpu_only_settings_and_masks(tmp_path):
     cfg = DrGrpoConfig(mask_logits=True, kl_coef=0.05, group_size=4)
     paths = RunPaths(tmp_path, seed=1)

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from rl.config import RunPaths
 from rl.evaluation import policy_row, read_metrics, read_validation, results_table
@@ -38,3 +39,15 @@ def test_validation_dump_to_table_row(tmp_path):
     offline = {**row, "true_reward": float("nan")}
     table = results_table({"logging": offline, "pretrained": offline, "rl": {**offline, "rm_reward": 3.0}}, [0], 2)
     assert "true reward" not in table and "rm reward vs pretrained" in table and table.strip().endswith("| 1.500 |")
+
+
+def test_per_step_gaps_average_the_seeds_that_ran_each_step():
+    from rl import page_metrics as pm
+    from rl.evaluation import per_step_gaps
+
+    per_seed = {0: {1: {pm.RM_TRUTH_GAP: 0.2, pm.RM_REWARD: 4.0}, 2: {pm.RM_TRUTH_GAP: 0.4, pm.RM_REWARD: 5.0}},
+                1: {1: {pm.RM_TRUTH_GAP: 0.4, pm.RM_REWARD: 6.0}, 0: {"val-aux/x": 1.0}}}  # seed 1 stopped after step 1
+    rows = per_step_gaps(per_seed)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0][pm.RM_TRUTH_GAP] == pytest.approx(0.3) and rows[0][pm.RM_REWARD] == pytest.approx(5.0)
+    assert rows[1] == {"step": 2, pm.RM_TRUTH_GAP: 0.4, pm.RM_REWARD: 5.0}

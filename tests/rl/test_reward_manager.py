@@ -119,6 +119,49 @@ def test_hand_made_batch(judge, small_world):
         PageJudge(None, tok, judge.rules, judge.rm, 2.0, judge.entity_ids, judge.content, reward_source="environment")
 
 
+class ScaledRM(LengthRM):
+    """Stand-in reward model: `scale` x 0.1 x page tokens."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def score(self, prompts, pages):
+        return self.scale * super().score(prompts, pages)
+
+    def score_tokens(self, prompts, pages):
+        return [self.scale * t for t in super().score_tokens(prompts, pages)]
+
+
+def test_ensemble_and_validator_scores_with_the_gaps_they_log(judge, small_world):
+    from reward_model.scoring import EnsembleScorer
+
+    tok = judge.tok
+    adult = int(np.flatnonzero(small_world.users.profile_type == 0)[0])
+    _, _, contexts = world_prompts(small_world, np.array([adult, adult]))
+    page = Page(tuple(genre_rows(small_world, ["comedy", "family", "drama"], 3)))
+    infos = [r["extra_info"] for r in prompt_rows(tok, logged(contexts, page), "train")]
+    prompts, pages = [tok.encode_context(c) for c in contexts], [tok.encode_page(page), tok.encode_page(page)[:5]]
+    # members 1x and 3x the length score: 13 tokens -> 1.3 and 3.9, mean 2.6, std 1.3; k = 0.5 -> 1.95
+    ens = PageJudge(judge.env, tok, judge.rules, EnsembleScorer([ScaledRM(1.0), ScaledRM(3.0)], k=0.5), 2.0,
+                    judge.entity_ids, judge.content, validator=ScaledRM(2.0))
+    j = ens.judge(prompts, pages, infos)
+    np.testing.assert_allclose(j.rm, [1.95, 0.75])  # 5 tokens: mean 1.0, std 0.5 -> 0.75
+    np.testing.assert_allclose(j.rm_std, [1.3, 0.5])
+    np.testing.assert_allclose(j.validator, [2.6, 1.0])
+    per_token = ens.judge(prompts, pages, infos, per_token=True)
+    np.testing.assert_allclose([t.sum() for t in per_token.token_reward], j.reward)
+    np.testing.assert_allclose(per_token.rm_std, j.rm_std)
+    extra = j.extra_info(0)
+    assert extra[pm.EXTRA_RM_STD] == pytest.approx(1.3) and extra[pm.EXTRA_VALIDATOR] == pytest.approx(2.6)
+    m = pm.rollout_metrics({k: np.array([j.extra_info(i)[k] for i in range(2)]) for k in extra}, j.reward)
+    assert m[pm.RM_VALIDATOR_GAP] == pytest.approx(np.mean(j.rm - j.validator))
+    assert m[pm.RM_TRUTH_GAP] == pytest.approx(np.mean(j.rm - j.true))
+    assert m[pm.RM_STD] == pytest.approx(0.9)
+    # a single reward model, no validator: neither key is sent (verl stacks the keys of every page)
+    plain = judge.judge(prompts, pages, infos).extra_info(0)
+    assert pm.EXTRA_RM_STD not in plain and pm.EXTRA_VALIDATOR not in plain
+
+
 def test_page_diversity_by_hand():
     content = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
     # pairs: (0,1) cos 0 -> 1; (0,2) cos 1/sqrt2 -> 0.2929; (1,2) -> 0.2929; mean = 0.5286
