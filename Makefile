@@ -22,16 +22,18 @@ demo: setup
 	$(PY) recipes/dr_grpo.py
 
 # Post-training methods side by side on the demo's world, all judged on its ground truth (docs/wbc.md): WBC,
-# Dr. GRPO (the demo's) and Dr. GRPO with token credit, 3 seeds each, then one table. About 25 minutes after the demo.
+# Dr. GRPO with page credit (as published) and the demo's (token credit), 3 seeds each, then one table.
 compare: demo
 	$(PY) recipes/wbc.py
-	$(PY) recipes/dr_grpo.py credit=token out_dir=runs/dr_grpo_token
+	$(PY) recipes/dr_grpo.py credit=page out_dir=runs/dr_grpo_page
 	$(PY) recipes/compare.py
 
-# The longer Dr. GRPO run on the demo's world (recipes/configs/dr_grpo_long.yaml): a second reward model as the
-# validator, then 3 seeds of up to 60 steps with token credit, stopped early when the validator stops improving.
+# The longer Dr. GRPO run on the demo's world (recipes/configs/dr_grpo_long.yaml): two more reward models (the
+# validator, a second ensemble member), then 3 seeds of up to 60 steps on the conservative ensemble, stopped early
+# when the validator stops improving. About 42 minutes after the demo (docs/experiments/dr_grpo.md).
 long: demo
 	$(PY) recipes/train_rm.py seed=1 out_dir=runs/rm_seed1 scratch_ablation=false generated_users=0
+	$(PY) recipes/train_rm.py seed=2 out_dir=runs/rm_seed2 scratch_ablation=false generated_users=0
 	$(PY) recipes/dr_grpo.py --config recipes/configs/dr_grpo_long.yaml
 
 test: setup

@@ -40,6 +40,7 @@ class RewardReadoutHead:
     """The forward half of a reward head; subclasses are registered with `register_reward_readout`."""
 
     name = ""
+    per_token = False  # the page score is a sum of per-token rewards (RewardReadout.token_rewards is set)
 
     def outputs(self, config) -> int:
         """Width of the score layer for `config` (a GenPageConfig); raises ValueError naming a missing field."""
@@ -112,6 +113,8 @@ def expected_feedback_reward(logits: torch.Tensor, feedback_rewards: torch.Tenso
 class _PerTokenReadout(RewardReadoutHead):
     """Page reward = sum of a reward per page token (rows, titles, [EOP]: the tokens after the last [PAGE]), the
     way a reward system builds a page reward from entity rewards."""
+
+    per_token = True
 
     def outputs(self, config) -> int:
         if config.page_token_id is None:

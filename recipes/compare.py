@@ -2,8 +2,8 @@
 
     python recipes/compare.py [--config recipes/configs/compare.yaml] [--force] [key=value ...]
 
-Each method is one or more checkpoints (one per seed): the pretrained policy, WBC (recipes/wbc.py), Dr. GRPO
-(recipes/dr_grpo.py) and its token-credit middle ground (recipes/dr_grpo.py credit=token), or any GenPage
+Each method is one or more checkpoints (one per seed): the pretrained policy, WBC (recipes/wbc.py), Dr. GRPO as
+published (recipes/dr_grpo.py credit=page) and with token credit, the middle ground (the default), or any GenPage
 checkpoints of yours (`methods=[name=dir_or_glob,...]`). All are judged on the same held-out data by the same
 judge (rl/comparison.py): the paper's Table 1 and the masked greedy and sampled pages they write, beside the
 logged pages. Writes out_dir/summary.json (per method: mean, spread and per-seed values of every figure, the

@@ -196,6 +196,15 @@ def main() -> None:
                                  "python recipes/train_rm.py seed=1 out_dir=<dir>"),) if cfg.validator_rm_dir else ())):
         if not need.exists():
             raise SystemExit(f"{need} is missing: run `{how}` first, or point {field}=... at an existing directory")
+    if cfg.credit == "token":  # checked here, not at the first step in a Ray reward worker
+        from policies.reward_heads import get_reward_readout
+
+        for rm_dir in (cfg.rm_dir, *cfg.rm_ensemble):
+            head = json.loads((Path(rm_dir) / "config.json").read_text()).get("reward_head", "entity_sum")
+            if not get_reward_readout(head).per_token:
+                raise SystemExit(f"credit=token needs per-token rewards, but the reward model {rm_dir} reads its score "
+                                 f"with the {head!r} head: train it with reward_head=entity_feedback (or entity_sum), "
+                                 "or use credit=page")
     if cfg.reward_source == "environment":  # checked here, not first in a Ray reward worker
         from homepage.dataset import load_dataset
         from homepage.environment import load_environment

@@ -39,7 +39,7 @@ class DrGrpoConfig(StageConfig):
     kl_coef: float = option(0.02, "weight of the KL-to-reference loss (actor.kl_loss_coef)")
     kl_estimator: KlEstimator = option("low_var_kl", "KL estimator of the loss (verl kl_penalty): low_var_kl (k3), kl (k1), mse (k2), abs")
     format_weight: float = option(1.0, "reward = RM score + format_weight * format score (<= 0 per violation)")
-    credit: Literal["page", "token"] = option("page", "how a page's reward is credited to its tokens: 'page' = every token gets the page's advantage (Dr. GRPO); 'token' = each token its reward-to-go under the reward model's per-token rewards, minus the group mean at its position (rl/advantage.py; needs an entity_feedback or entity_sum reward model; docs/wbc.md)")
+    credit: Literal["page", "token"] = option("token", "how a page's reward is credited to its tokens: 'token' = each token its reward-to-go under the reward model's per-token rewards, minus the group mean at its position (rl/advantage.py; needs an entity_feedback or entity_sum reward model; the default because it gains more true reward than page credit at the same budget: docs/wbc.md); 'page' = every token gets the page's advantage (Dr. GRPO as published)")
     reward_source: Literal["rm", "environment"] = option("rm", "what the policy is trained on: 'rm' = the reward model's score (all a real deployment has); 'environment' = the environment's exact expected page reward, a simulator study that isolates the optimizer from the reward model (the RM is still scored and logged; page credit only)")
     rm_ensemble: tuple[str, ...] = option((), "more reward-model directories scored with rm_dir as one ensemble: the policy is trained on the members' mean minus rm_ensemble_k standard deviations, so pages the members disagree on are worth less (Coste et al., 2023; reward_model.scoring.EnsembleScorer); train members with python recipes/train_rm.py seed=<s> out_dir=<dir>")
     rm_ensemble_k: float = option(1.0, "standard deviations subtracted from the ensemble mean (0 = the plain mean)")
@@ -87,7 +87,8 @@ class DrGrpoConfig(StageConfig):
         if self.test_freq is not None and self.test_freq < 1:
             problems.append("test_freq must be >= 1 (or null)")
         if self.reward_source == "environment" and self.credit == "token":
-            problems.append("credit=token needs the reward model's per-token rewards: use it with reward_source=rm")
+            problems.append("credit=token needs the reward model's per-token rewards: use it with reward_source=rm, or set "
+                            "credit=page to train on the environment")
         if set(self.reward_rules) - set(RULES):
             problems.append(f"reward_rules {sorted(set(self.reward_rules) - set(RULES))} unknown; rules: {', '.join(RULES)}")
         if any(n is not None and n < 2 for n in (self.max_page_tokens, self.max_prompt_tokens)):
@@ -356,8 +357,8 @@ class CompareConfig(StageConfig):
     held-out users (rl/comparison.py)."""
 
     methods: tuple[str, ...] = option(
-        ("pretrained=runs/pretrain/model", "wbc=runs/wbc/seed_*/model", "dr_grpo=runs/dr_grpo/seed_*/model",
-         "dr_grpo_token_credit=runs/dr_grpo_token/seed_*/model"),
+        ("pretrained=runs/pretrain/model", "wbc=runs/wbc/seed_*/model",
+         "dr_grpo_page_credit=runs/dr_grpo_page/seed_*/model", "dr_grpo=runs/dr_grpo/seed_*/model"),
         "name=checkpoint_dir per method, a glob for its seeds, or several joined by commas (quote such an item on the command line: \"methods=[pretrained=a/model,'mine=b/model,c/model']\"); gains are over the method named pretrained")
     rm_dir: str = option("runs/rm/model", "reward model that scores every method's pages (the RM reward column)")
     out_dir: str = option("runs/compare", "summary.json and results.md")

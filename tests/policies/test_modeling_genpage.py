@@ -189,6 +189,8 @@ def test_entity_sum_readout_by_hand():
     torch.testing.assert_close(out.token_rewards, torch.tensor([[0.0, 0.0, 2.5, 3.5, 0.0]]))
     torch.testing.assert_close(out.logits, torch.tensor([[2.5]]))
     assert out.feedback_logits is None
+    # what credit=token checks before a run: which read-outs give per-token rewards
+    assert head.per_token and get_reward_readout("entity_feedback").per_token and not get_reward_readout("last").per_token
 
 
 def test_entity_feedback_readout_by_hand():

@@ -60,10 +60,10 @@ def outliving(descendants: list, timeout_s: float = 30.0) -> list[str]:
     return names
 
 
-def untrained_reward_model(policy_dir: Path, out: Path, seed: int = 0, flat: bool = False) -> Path:
+def untrained_reward_model(policy_dir: Path, out: Path, seed: int = 0, flat: bool = False, head: str | None = None) -> Path:
     """A reward-model directory (backbone of the tiny policy, a fresh head drawn with `seed`: GenPageConfig's
     default entity_sum, so it has per-token rewards): enough to exercise the plumbing. flat: a zero head, so every
-    page scores the same (a validator that never improves)."""
+    page scores the same (a validator that never improves); head: another read-out (policies.reward_heads)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -73,6 +73,8 @@ def untrained_reward_model(policy_dir: Path, out: Path, seed: int = 0, flat: boo
 
     config = AutoConfig.from_pretrained(policy_dir)
     config.architectures = ["GenPageForPageReward"]
+    if head is not None:
+        config.reward_head = head
     torch.manual_seed(seed)
     rm = GenPageForPageReward(config)
     rm.model.load_state_dict(AutoModelForCausalLM.from_pretrained(policy_dir).model.state_dict())

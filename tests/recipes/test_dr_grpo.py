@@ -21,7 +21,7 @@ ROOT = Path(__file__).parents[2]
 TINY_MODEL = [*TINY_PRETRAIN, "steps=20", "eval_interval=20", "checkpoint_interval=20"]
 # Training prompts sampled by the world's environment here; tests/recipes/test_foreign_dataset.py covers logged ones.
 TINY_RL = ["steps=2", "seeds=[0,1]", "prompts_per_step=4", "group_size=4", "eval_users=8", "save_freq=1", "lr=0.01",
-           "wandb_mode=offline", "prompt_source=environment"]
+           "wandb_mode=offline", "prompt_source=environment", "credit=page"]  # token credit: the ensemble test below
 
 
 def run(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -176,3 +176,13 @@ def test_token_credit_on_a_conservative_ensemble_stopped_early_by_a_validator(in
     assert summary["steps_per_seed"] == {"0": 3} and [r["step"] for r in summary["gap_per_step"]] == [1, 2, 3]
     assert (out / "seed_0" / "model" / "model.safetensors").exists()
     assert [r["step"] for r in summary["heldout_per_step"]] == [0, 3]  # the pretrained and the final policy validated
+
+
+def test_token_credit_refuses_a_reward_model_without_per_token_rewards(inputs, tmp_path):
+    world, policy, _ = inputs
+    last = untrained_reward_model(policy, tmp_path / "rm_last", head="last")
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "dr_grpo.py"), f"data_dir={world}", f"policy_dir={policy}",
+                           f"rm_dir={last}", f"out_dir={tmp_path / 'rl'}", "credit=token"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "'last' head" in proc.stderr and "reward_head=entity_feedback" in proc.stderr
+    assert not (tmp_path / "rl").exists()  # refused before anything is written

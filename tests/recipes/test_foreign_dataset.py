@@ -147,7 +147,7 @@ def test_training_on_the_truth_needs_an_environment(stages, tmp_path):
     data, root = stages
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "dr_grpo.py"), f"data_dir={data}",
                            f"policy_dir={root / 'pt' / 'model'}", f"rm_dir={root / 'rm' / 'model'}",
-                           f"out_dir={tmp_path / 'rl'}", "reward_source=environment"],
+                           f"out_dir={tmp_path / 'rl'}", "reward_source=environment", "credit=page"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "has no environment" in proc.stderr and "environment=module:Class" in proc.stderr
     assert not (tmp_path / "rl").exists()  # refused before anything is written

@@ -39,7 +39,7 @@ def test_token_credit_needs_the_reward_models_per_token_rewards():
 
 def test_shipped_long_config_stops_early_on_a_validator_and_composes(tmp_path):
     cfg = load_config(DrGrpoConfig, ROOT / "recipes/configs/dr_grpo_long.yaml")
-    assert cfg.credit == "token" and cfg.early_stop_patience > 0 and cfg.validator_rm_dir
+    assert cfg.credit == "token" and cfg.early_stop_patience > 0 and cfg.validator_rm_dir and cfg.rm_ensemble
     assert cfg.steps > DrGrpoConfig().steps and cfg.steps % cfg.test_freq == 0
     cfg = DrGrpoConfig(rm_ensemble=("a/model", "b/model"), validator_rm_dir="v/model", early_stop_patience=4, test_freq=3)
     o = verl_overrides(cfg, "m", RunPaths(tmp_path, 0), seed=0, cpu=True, lengths=SequenceLengths(90, 55))
