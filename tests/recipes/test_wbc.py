@@ -36,6 +36,8 @@ def inputs(tmp_path_factory):
     return root / "world", root / "pt" / "model"
 
 
+# Two WBC seeds, their vLLM serving check and a comparison run: past the suite's 120 s default on a slow day.
+@pytest.mark.timeout(480)
 def test_smoke_run_lowers_heldout_bce_reports_table_1_and_serves_on_vllm(inputs, tmp_path):
     world, pretrained = inputs
     out = tmp_path / "wbc"
