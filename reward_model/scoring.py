@@ -122,7 +122,7 @@ class EnsembleScorer:
 
     def score(self, prompts: list[list[int]], pages: list[list[int]]) -> np.ndarray:
         """-> [N] mean - k * std over the members."""
-        return conservative(self.member_scores(prompts, pages), self.k)
+        return self.score_with_spread(prompts, pages)[0]
 
     def score_tokens(self, prompts: list[list[int]], pages: list[list[int]]) -> list[np.ndarray]:
         """-> N arrays [len(page)]: the members' mean per-token reward, the page's -k * std on its last token."""

@@ -53,6 +53,22 @@ def summary(path: Path) -> dict:
     return json.loads((path / "summary.json").read_text())
 
 
+def assert_pages_follow_the_rules(data, model_dir, temperature: float) -> None:
+    """Pages from `model_dir` through the generation API for 16 held-out contexts break none of its rules'
+    masks and start with the pinned row."""
+    from homepage.dataset import open_dataset
+    from homepage.logs import sample_impressions
+    from policies.generate import PageGenerator
+
+    _, table, _ = open_dataset(data)
+    contexts = [i.context for i in sample_impressions(table, "test", 16, seed=3)]
+    gen = PageGenerator(model_dir, backend="hf")
+    results = gen.generate(contexts, temperature=temperature)
+    prompts = [gen.tok.encode_context(c) for c in contexts]
+    assert gen.rules.violations(prompts, [r.page_ids for r in results])["total"].sum() == 0
+    assert all(r.page.rows and r.page.rows[0].row_id == "staff_picks" for r in results)  # pinned first
+
+
 def test_pretrain_and_reward_model_report_what_the_logs_allow(stages):
     data, root = stages
     pt = summary(root / "pt")
@@ -97,17 +113,7 @@ def test_dr_grpo_and_generation_run_on_the_dataset_alone(stages, tmp_path):
     assert "engaged recall" in (out / "results.md").read_text()
 
     # the RL policy through the generation API, masked by the rules it carries
-    from homepage.dataset import open_dataset
-    from homepage.logs import sample_impressions
-    from policies.generate import PageGenerator
-
-    dataset, table, _ = open_dataset(data)
-    contexts = [i.context for i in sample_impressions(table, "test", 16, seed=3)]
-    gen = PageGenerator(out / "model", backend="hf")
-    results = gen.generate(contexts, temperature=1.0)
-    prompts = [gen.tok.encode_context(c) for c in contexts]
-    assert gen.rules.violations(prompts, [r.page_ids for r in results])["total"].sum() == 0
-    assert all(r.page.rows and r.page.rows[0].row_id == "staff_picks" for r in results)  # pinned first
+    assert_pages_follow_the_rules(data, out / "model", temperature=1.0)
 
 
 def test_wbc_and_the_comparison_run_on_the_dataset_alone(stages, tmp_path):
@@ -130,17 +136,7 @@ def test_wbc_and_the_comparison_run_on_the_dataset_alone(stages, tmp_path):
     assert c["methods"]["wbc"]["entity_auc"]["mean"] == pytest.approx(w["entity_auc_wbc"], abs=1e-6)
 
     # The WBC policy through the generation API, greedy (its highest value at each step) under its rules' masks
-    from homepage.dataset import open_dataset
-    from homepage.logs import sample_impressions
-    from policies.generate import PageGenerator
-
-    _, table, _ = open_dataset(data)
-    contexts = [i.context for i in sample_impressions(table, "test", 16, seed=3)]
-    gen = PageGenerator(tmp_path / "wbc" / "model", backend="hf")
-    results = gen.generate(contexts, temperature=0.0)
-    prompts = [gen.tok.encode_context(c) for c in contexts]
-    assert gen.rules.violations(prompts, [r.page_ids for r in results])["total"].sum() == 0
-    assert all(r.page.rows and r.page.rows[0].row_id == "staff_picks" for r in results)  # pinned first
+    assert_pages_follow_the_rules(data, tmp_path / "wbc" / "model", temperature=0.0)
 
 
 def test_training_on_the_truth_needs_an_environment(stages, tmp_path):
