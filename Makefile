@@ -30,7 +30,7 @@ compare: demo
 
 # The longer Dr. GRPO run on the demo's world (recipes/configs/dr_grpo_long.yaml): two more reward models (the
 # validator, a second ensemble member), then 3 seeds of up to 60 steps on the conservative ensemble, stopped early
-# when the validator stops improving. About 42 minutes after the demo (docs/experiments/dr_grpo.md).
+# when the validator stops improving (measurements: docs/experiments/dr_grpo.md).
 long: demo
 	$(PY) recipes/train_rm.py seed=1 out_dir=runs/rm_seed1 scratch_ablation=false generated_users=0
 	$(PY) recipes/train_rm.py seed=2 out_dir=runs/rm_seed2 scratch_ablation=false generated_users=0
