@@ -35,6 +35,14 @@ def sample_contexts(env: Environment, n: int, split: str, seed: int) -> list[Con
     return fn(n, split, seed) if fn is not None else None
 
 
+def log_impressions(env: Environment, contexts: Sequence[Context], pages: Sequence[Page], rng: np.random.Generator,
+                    first_id: int, policy: str):
+    """Serves page b in context b and logs the outcome as a log table (docs/log_schema.md), for environments that
+    can (optional: the simulator can; a team serves the policy online and brings the logs), else None."""
+    fn = getattr(env, "log_impressions", None)
+    return fn(contexts, pages, rng, first_id, policy) if fn is not None else None
+
+
 def import_object(path: str):
     """'pkg.module:name' or 'pkg.module.name' -> the object."""
     module, _, name = path.partition(":") if ":" in path else path.rpartition(".")

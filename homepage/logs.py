@@ -161,8 +161,9 @@ def _flat(values: np.ndarray, valid: np.ndarray, typ: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[valid], type=typ))
 
 
-def batch_to_table(batch, world) -> pa.Table:
-    """A simulated `ImpressionBatch` -> Arrow table in LOG_SCHEMA (vectorized; no per-row Python)."""
+def batch_to_table(batch, world, policy: str | None = None) -> pa.Table:
+    """A simulated `ImpressionBatch` -> Arrow table in LOG_SCHEMA (vectorized; no per-row Python). policy: the
+    log's `policy` column (default: the world's logging policy)."""
     from homepage.catalog import LANGUAGES, ROW_IDS
     from homepage.rewards import FEEDBACK_TYPES
     from homepage.users import ACTIONS, DEVICES, PROFILE_TYPES
@@ -196,7 +197,7 @@ def batch_to_table(batch, world) -> pa.Table:
         "entity_rewards": _nested(fb.entity_rewards, valid, row_valid, pa.float32()),
         "page_reward": pa.array(fb.page_reward.astype(np.float32), pa.float32()),
         "rows_viewed": pa.array(fb.rows_viewed, pa.int8()),
-        "policy": pa.array([world.logging_policy.name] * len(u), pa.string()),
+        "policy": pa.array([policy or world.logging_policy.name] * len(u), pa.string()),
     }
     return pa.Table.from_pydict(cols, schema=LOG_SCHEMA)
 

@@ -363,6 +363,16 @@ class SimulatorEnvironment:
         user = self.world.sample_users(rng, n, split=split)
         return world_contexts(self.world, user, self.world.sample_requests(rng, user))
 
+    def log_impressions(self, contexts, pages, rng: np.random.Generator, first_id: int, policy: str):
+        """Serves page b in context b once each and logs what the simulated users did: a log table
+        (homepage.logs.LOG_SCHEMA) with impression ids first_id, first_id + 1, ... and `policy` as its policy."""
+        from homepage.logs import batch_to_table
+
+        user, req, batch = self._arrays(contexts, pages)
+        fb = self.world.simulate(user, req, batch, rng)
+        ids = np.arange(first_id, first_id + len(pages), dtype=np.int64)
+        return batch_to_table(ImpressionBatch(ids, user, req, batch, fb), self.world, policy=policy)
+
     def browse(self, contexts, pages, rng: np.random.Generator):
         """One simulated browsing session per (context, page): per page (in-session history actions, summary)
         (policies.pagination's session model)."""

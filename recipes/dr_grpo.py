@@ -90,7 +90,7 @@ def write_prompts(cfg: DrGrpoConfig, out: Path, init: Path, lengths: SequenceLen
         from homepage.logs import Impression
         from homepage.pages import Page
 
-        contexts = sample_contexts(load_environment(cfg.environment, dataset), n_train, "train", seed=0)
+        contexts = sample_contexts(load_environment(cfg.environment, dataset), n_train, "train", seed=cfg.prompt_seed)
         if contexts is None:
             raise SystemExit("prompt_source=environment needs an environment that samples contexts (environment=...)")
         train_imps = [Impression(i, "train", c, Page(()), (), (), (), (), 0.0) for i, c in enumerate(contexts)]
@@ -98,7 +98,7 @@ def write_prompts(cfg: DrGrpoConfig, out: Path, init: Path, lengths: SequenceLen
         train_idx = np.flatnonzero(table.column("split").to_numpy(zero_copy_only=False) == "train")
         if not len(train_idx):
             raise SystemExit(f"{dataset.logs}: no train-split impressions to take prompts from")
-        train_imps = list(iter_impressions(table.take(np.random.default_rng([0, 7]).choice(train_idx, size=n_train))))
+        train_imps = list(iter_impressions(table.take(np.random.default_rng([cfg.prompt_seed, 7]).choice(train_idx, size=n_train))))
     train = prompt_rows(tok, train_imps, "train")
     test_imps = sample_impressions(table, "test", cfg.eval_users, seed=1)
     heldout = prompt_rows(tok, test_imps, "test")

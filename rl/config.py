@@ -58,6 +58,7 @@ class DrGrpoConfig(StageConfig):
     grad_clip: float = option(1.0, "max gradient norm")
     save_freq: int = option(10, "steps between verl checkpoints (resume from the latest with resume_mode=auto)")
     eval_users: int = option(500, "held-out (test-split) logged contexts for the final evaluation")
+    prompt_seed: int = option(0, "which train-split logged contexts the training prompts are drawn from (rounds of recipes/iterate.py each draw their own)")
     prompt_source: Literal["logged", "environment"] = option("logged", "training prompts: 'logged' (contexts of train-split users in the logs) or 'environment' (fresh contexts the environment samples)")
     eval_temperature: float = option(1.0, "sampling temperature of the evaluation pages (the trained policy samples)")
     num_threads: int = option(2, "torch threads per process; verl's phases (rollout, log-probs, update) mostly take turns, so each may use every core of an idle machine (use 1 on a shared one; timings: docs/experiments/dr_grpo.md)")
@@ -375,3 +376,44 @@ class CompareConfig(StageConfig):
             raise ValueError("methods must name at least one method, e.g. methods=[pretrained=runs/pretrain/model]")
         if self.eval_users < 1 or self.eval_sequences < 1:
             raise ValueError("eval_users and eval_sequences must be >= 1")
+
+
+@dataclass(frozen=True)
+class IterateConfig(StageConfig):
+    """`python recipes/iterate.py` (recipes/configs/iterate.yaml): iterated rounds of serving, logging, reward-model
+    training and Dr. GRPO (rl/iteration.py)."""
+
+    rounds: int = option(3, "rounds of RL in all; round 1 is first_round_dir's run, each later one serves, logs, retrains the reward model and runs Dr. GRPO again")
+    seeds: tuple[int, ...] = option((0, 1, 2), "one chain per seed, each on its own from round 1's policy of that seed: its served pages, logs, reward models and RL runs")
+    first_round_dir: str = option("runs/dr_grpo", "round 1: a Dr. GRPO run of `seeds` on data_dir's logs (the demo's); trained by python recipes/dr_grpo.py when it holds no summary.json")
+    pretrained_dir: str = option("runs/pretrain/model", "pretrained GenPage directory: round 1's policy and every round's reward-model initialization")
+    rm_dir: str = option("runs/rm/model", "round 1's reward model (from python recipes/train_rm.py)")
+    out_dir: str = option("runs/iterate", "round_<r>/seed_<s>/ (logs, data, rm, dr_grpo), summary.json, results.md, rounds.png")
+    refresh_rm: bool = option(True, "serve, log and retrain the reward model each round; false is the control: the same rounds of RL from the previous policy on round 1's reward model and logs")
+    impressions_per_round: int = option(4000, "requests of train-split users each chain's policy serves per round (the toy world's logs hold 24,000)")
+    temperature: float = option(1.0, "sampling temperature of the served pages (the policy as RL trained it)")
+    explore_fraction: float = option(0.15, "share of requests served at explore_temperature, as the logging policy explores a share of its requests (homepage/logging_policy.py)")
+    explore_temperature: float = option(2.0, "sampling temperature of the exploratory requests: wider coverage for the next reward model")
+    max_new_tokens: int = option(64, "longest served page in tokens")
+    rm_args: tuple[str, ...] = option(("scratch_ablation=false", "generated_users=0"), "extra key=value overrides of every round's python recipes/train_rm.py (the ablation and the generated-page evaluation are off by default: they do not change the model)")
+    dr_grpo_args: tuple[str, ...] = option((), "extra key=value overrides of every round's python recipes/dr_grpo.py (round 1's too, when it is trained here)")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.rounds < 1:
+            problems.append("rounds must be >= 1")
+        if not self.seeds:
+            problems.append("seeds must list at least one seed, e.g. seeds=[0]")
+        if self.impressions_per_round < 1:
+            problems.append("impressions_per_round must be >= 1")
+        if not 0.0 <= self.explore_fraction <= 1.0:
+            problems.append(f"explore_fraction must be in [0, 1], got {self.explore_fraction}")
+        if self.temperature <= 0 or self.explore_temperature <= 0:
+            problems.append("temperature and explore_temperature must be > 0 (served pages are sampled)")
+        for arg in (*self.rm_args, *self.dr_grpo_args):
+            if "=" not in arg:
+                problems.append(f"rm_args / dr_grpo_args take key=value overrides, got {arg!r}")
+            elif arg.split("=", 1)[0].lstrip("+") in ("data_dir", "out_dir", "policy_dir", "rm_dir", "pretrained_dir", "seeds", "seed", "prompt_seed"):
+                problems.append(f"{arg!r}: iterate sets {arg.split('=', 1)[0]} itself for each round")
+        if problems:
+            raise ValueError("; ".join(problems))

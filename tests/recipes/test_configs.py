@@ -12,7 +12,7 @@ from common.config import config_fields, load_config
 from homepage.config import MakeWorldConfig
 from policies.config import PretrainConfig, WbcConfig
 from reward_model.config import RewardModelConfig
-from rl.config import CompareConfig, DrGrpoConfig
+from rl.config import CompareConfig, DrGrpoConfig, IterateConfig
 
 ROOT = Path(__file__).parents[2]
 
@@ -20,7 +20,8 @@ ROOT = Path(__file__).parents[2]
 SHIPPED = {"world.yaml": (MakeWorldConfig, "make_world"), "pretrain.yaml": (PretrainConfig, "pretrain"),
            "train_rm.yaml": (RewardModelConfig, "train_rm"), "dr_grpo.yaml": (DrGrpoConfig, "dr_grpo"),
            "dr_grpo_long.yaml": (DrGrpoConfig, "dr_grpo"),
-           "wbc.yaml": (WbcConfig, "wbc"), "compare.yaml": (CompareConfig, "compare")}
+           "wbc.yaml": (WbcConfig, "wbc"), "compare.yaml": (CompareConfig, "compare"),
+           "iterate.yaml": (IterateConfig, "iterate")}
 
 
 def test_every_shipped_config_loads_and_says_how_to_run():
