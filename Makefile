@@ -6,7 +6,7 @@ VLLM_EXTRA ?= cpu
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(VLLM_EXTRA)
 
-.PHONY: setup demo compare long test test-fast bench clean
+.PHONY: setup demo compare long iterate test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,11 @@ long: demo
 	$(PY) recipes/train_rm.py seed=1 out_dir=runs/rm_seed1 scratch_ablation=false generated_users=0
 	$(PY) recipes/train_rm.py seed=2 out_dir=runs/rm_seed2 scratch_ablation=false generated_users=0
 	$(PY) recipes/dr_grpo.py --config recipes/configs/dr_grpo_long.yaml
+
+# Iterated rounds on the demo's world (recipes/configs/iterate.yaml): each seed's RL policy serves new requests, the
+# reward model is retrained on all logs and Dr. GRPO runs again from the served policy; 3 rounds, round 1 the demo's.
+iterate: demo
+	$(PY) recipes/iterate.py
 
 test: setup
 	$(PY) -m pytest tests -q

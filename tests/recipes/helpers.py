@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,20 @@ TINY_PRETRAIN = ["model.hidden_size=64", "model.num_hidden_layers=1", "model.num
                  "model.intermediate_size=128", "batch_size=16", "eval_sequences=64", "eval_users=8",
                  "eval_backend=hf", "max_new_tokens=40", "wandb_mode=disabled", "num_threads=1",
                  "cold_start_titles=0", "lr=0.01"]
+TINY_MODEL = [*TINY_PRETRAIN, "steps=20", "eval_interval=20", "checkpoint_interval=20"]
+# Dr. GRPO at smoke size. Training prompts sampled by the world's environment here; tests/recipes/test_foreign_dataset.py
+# covers logged ones; token credit: tests/recipes/test_dr_grpo.py's ensemble test.
+TINY_RL = ["steps=2", "seeds=[0,1]", "prompts_per_step=4", "group_size=4", "eval_users=8", "save_freq=1", "lr=0.01",
+           "wandb_mode=offline", "prompt_source=environment", "credit=page"]
+ROOT = Path(__file__).parents[2]
+
+
+def run_recipe(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """recipes/<script> with `args` as a subprocess of the repository root; asserts it succeeds."""
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / script), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return proc
 
 
 def alive(proc) -> bool:

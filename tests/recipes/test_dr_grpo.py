@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.recipes.helpers import TINY_PRETRAIN, TINY_WORLD, untrained_reward_model
+from tests.recipes.helpers import TINY_RL, run_recipe as run, untrained_reward_model
 
 pytest.importorskip("verl")
 pytest.importorskip("vllm")
@@ -18,34 +18,13 @@ pytest.importorskip("vllm")
 pytestmark = [pytest.mark.recipe, pytest.mark.ray, pytest.mark.timeout(300)]
 
 ROOT = Path(__file__).parents[2]
-TINY_MODEL = [*TINY_PRETRAIN, "steps=20", "eval_interval=20", "checkpoint_interval=20"]
-# Training prompts sampled by the world's environment here; tests/recipes/test_foreign_dataset.py covers logged ones.
-TINY_RL = ["steps=2", "seeds=[0,1]", "prompts_per_step=4", "group_size=4", "eval_users=8", "save_freq=1", "lr=0.01",
-           "wandb_mode=offline", "prompt_source=environment", "credit=page"]  # token credit: the ensemble test below
 
 
-def run(script: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / script), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
-    return proc
+def test_smoke_run_moves_the_policy_and_writes_metrics(rl_inputs, rl_smoke_run):
+    world, policy, rm = rl_inputs
+    from common.processes import leftover_shm
 
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dr_grpo_inputs")
-    run("make_world.py", f"out_dir={root / 'world'}", *TINY_WORLD)
-    run("pretrain.py", f"data_dir={root / 'world'}", f"out_dir={root / 'pt'}", *TINY_MODEL)
-    return root / "world", root / "pt" / "model", untrained_reward_model(root / "pt" / "model", root / "rm")
-
-
-def test_smoke_run_moves_the_policy_and_writes_metrics(inputs, tmp_path):
-    world, policy, rm = inputs
-    from common.processes import leftover_shm, shm_segments
-
-    shm_before = shm_segments()
-    out = tmp_path / "rl"
-    proc = run("dr_grpo.py", f"data_dir={world}", f"policy_dir={policy}", f"rm_dir={rm}", f"out_dir={out}", *TINY_RL)
+    out, proc, shm_before = rl_smoke_run
     # Quiet logs: vLLM's per-sync "RotaryEmbedding: Failed to load weights" and the offline engines' chat-warmup
     # traceback are filtered in every process, Ray's workers included (policies/vllm_plugin.py).
     console = proc.stdout + proc.stderr
@@ -110,7 +89,7 @@ def test_smoke_run_moves_the_policy_and_writes_metrics(inputs, tmp_path):
 
 
 @pytest.mark.timeout(900)
-def test_killed_run_resumes_from_its_last_verl_checkpoint_and_leaves_nothing_behind(inputs, tmp_path):
+def test_killed_run_resumes_from_its_last_verl_checkpoint_and_leaves_nothing_behind(rl_inputs, tmp_path):
     """kill -9 of the recipe at a random point after its first verl checkpoint: Ray, its workers, the vLLM
     server and the trainer go with it (common/processes.py), no shared-memory segment of the run stays, and
     the rerun continues from the checkpoint instead of starting again."""
@@ -119,7 +98,7 @@ def test_killed_run_resumes_from_its_last_verl_checkpoint_and_leaves_nothing_beh
     from common.processes import leftover_shm, shm_segments
     from tests.recipes.helpers import kill_when, outliving
 
-    world, policy, rm = inputs
+    world, policy, rm = rl_inputs
     out = tmp_path / "rl"
     args = [f"data_dir={world}", f"policy_dir={policy}", f"rm_dir={rm}", f"out_dir={out}", "steps=8", "seeds=[0]",
             "prompts_per_step=4", "group_size=4", "eval_users=8", "save_freq=1", "lr=0.01", "wandb_mode=offline",
@@ -145,13 +124,13 @@ def test_killed_run_resumes_from_its_last_verl_checkpoint_and_leaves_nothing_beh
     assert summary["seeds"] == [0] and summary["mask_violations"] == 0
 
 
-def test_token_credit_on_a_conservative_ensemble_stopped_early_by_a_validator(inputs, tmp_path):
+def test_token_credit_on_a_conservative_ensemble_stopped_early_by_a_validator(rl_inputs, tmp_path):
     """The middle ground between WBC and Dr. GRPO (credit=token, rl/advantage.py) through verl's trainer: the
     per-token rewards of the reward model's entity_sum head reach the update, which then gives the tokens of a
     page different advantages (under page credit they share one). The reward is a two-member ensemble scored
     conservatively; a flat validator (every page scores the same, so it never improves) stops the run early:
     with patience 1 the decision comes at step 2, and step 3 is the last of the 6 configured."""
-    world, policy, rm = inputs
+    world, policy, rm = rl_inputs
     member = untrained_reward_model(policy, tmp_path / "rm_1", seed=1)
     validator = untrained_reward_model(policy, tmp_path / "rm_flat", seed=2, flat=True)
     out = tmp_path / "rl"
@@ -178,8 +157,8 @@ def test_token_credit_on_a_conservative_ensemble_stopped_early_by_a_validator(in
     assert [r["step"] for r in summary["heldout_per_step"]] == [0, 3]  # the pretrained and the final policy validated
 
 
-def test_token_credit_refuses_a_reward_model_without_per_token_rewards(inputs, tmp_path):
-    world, policy, _ = inputs
+def test_token_credit_refuses_a_reward_model_without_per_token_rewards(rl_inputs, tmp_path):
+    world, policy, _ = rl_inputs
     last = untrained_reward_model(policy, tmp_path / "rm_last", head="last")
     proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "dr_grpo.py"), f"data_dir={world}", f"policy_dir={policy}",
                            f"rm_dir={last}", f"out_dir={tmp_path / 'rl'}", "credit=token"],

@@ -1,4 +1,5 @@
-"""recipes/iterate.py end to end on a tiny world: round 1 trained by the recipe, round 2 serves round 1's policy
+"""recipes/iterate.py end to end on a tiny world: round 1 is the Dr. GRPO smoke run (tests/recipes/conftest.py),
+round 2 serves round 1's policy
 through vLLM under the masks, logs the simulated outcomes, retrains the reward model on all the logs and runs
 Dr. GRPO again from the served policy; the summary reports both rounds."""
 
@@ -7,13 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.recipes.helpers import TINY_WORLD, untrained_reward_model
-from tests.recipes.test_dr_grpo import TINY_MODEL, run
+from tests.recipes.helpers import run_recipe as run
 
 pytest.importorskip("verl")
 pytest.importorskip("vllm")
 
-# Two verl sessions (one per round), a tiny reward-model training and one vLLM serving pass.
+# Round 2: one vLLM serving pass, a tiny reward-model training and one verl session (round 1 is the shared smoke run).
 pytestmark = [pytest.mark.recipe, pytest.mark.ray, pytest.mark.timeout(900)]
 
 TINY_ROUND_RL = ["steps=2", "prompts_per_step=4", "group_size=4", "eval_users=8", "save_freq=2", "lr=0.01",
@@ -22,19 +22,16 @@ TINY_ROUND_RM = ["steps=20", "eval_interval=20", "checkpoint_interval=20", "batc
                  "score_batch_size=64", "scratch_ablation=false", "generated_users=0", "warmup_steps=2"]
 
 
-def test_two_rounds_serve_log_retrain_and_continue_from_the_served_policy(tmp_path):
+def test_two_rounds_serve_log_retrain_and_continue_from_the_served_policy(rl_inputs, rl_smoke_run, tmp_path):
     import pyarrow.parquet as pq
     from safetensors.torch import load_file
 
     from homepage.dataset import open_dataset
 
-    world = tmp_path / "world"
-    run("make_world.py", f"out_dir={world}", *TINY_WORLD)
-    run("pretrain.py", f"data_dir={world}", f"out_dir={tmp_path / 'pt'}", *TINY_MODEL)
-    policy = tmp_path / "pt" / "model"
-    rm = untrained_reward_model(policy, tmp_path / "rm")
+    world, policy, rm = rl_inputs
+    round1 = rl_smoke_run[0]  # seeds 0 and 1; the chain below continues seed 0
     out = tmp_path / "iterate"
-    args = [f"data_dir={world}", f"pretrained_dir={policy}", f"rm_dir={rm}", f"first_round_dir={tmp_path / 'round1'}",
+    args = [f"data_dir={world}", f"pretrained_dir={policy}", f"rm_dir={rm}", f"first_round_dir={round1}",
             f"out_dir={out}", "rounds=2", "seeds=[0]", "impressions_per_round=40", "explore_fraction=0.25",
             "wandb_mode=disabled", f"rm_args=[{','.join(TINY_ROUND_RM)}]", f"dr_grpo_args=[{','.join(TINY_ROUND_RL)}]"]
     run("iterate.py", *args, timeout=880)
@@ -55,10 +52,10 @@ def test_two_rounds_serve_log_retrain_and_continue_from_the_served_policy(tmp_pa
     rm_summary = json.loads((r2 / "rm" / "summary.json").read_text())
     assert Path(rm_summary["config"]["data_dir"]).resolve() == (r2 / "data").resolve()
     rl = json.loads((r2 / "dr_grpo" / "summary.json").read_text())
-    assert Path(rl["config"]["policy_dir"]).resolve() == (tmp_path / "round1" / "seed_0" / "model").resolve()
+    assert Path(rl["config"]["policy_dir"]).resolve() == (round1 / "seed_0" / "model").resolve()
     assert Path(rl["config"]["rm_dir"]).resolve() == (r2 / "rm" / "model").resolve()
     assert rl["config"]["prompt_seed"] == 2
-    served_weights = load_file(tmp_path / "round1" / "seed_0" / "model" / "model.safetensors")
+    served_weights = load_file(round1 / "seed_0" / "model" / "model.safetensors")
     start = load_file(r2 / "dr_grpo" / "init_model" / "model.safetensors")
     assert all((served_weights[k] == start[k]).all() for k in served_weights)
 
@@ -69,6 +66,6 @@ def test_two_rounds_serve_log_retrain_and_continue_from_the_served_policy(tmp_pa
     assert r2_figures["end"]["rm_truth_gap"] == pytest.approx(rl["rm_reward_rl"] - rl["true_reward_rl"])
     # gains are over the pretrained policy of round 1, not over each round's start
     assert summary["true_reward_pretrained"] == pytest.approx(
-        json.loads((tmp_path / "round1" / "summary.json").read_text())["true_reward_pretrained"])
+        json.loads((round1 / "summary.json").read_text())["true_reward_pretrained"])
     assert (out / "rounds.png").stat().st_size > 0 and "| 2 |" in (out / "results.md").read_text()
     assert "reusing" in run("iterate.py", *args).stdout
