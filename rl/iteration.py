@@ -180,7 +180,7 @@ def results_table(rows: list[dict], pretrained_true: float, logging_true: float 
         if key not in row:
             return ""
         m, sd = row[key]["mean"] * scale, row[key]["std"]
-        return fmt.format(m) + (f" ± {fmt.format(sd * scale)}" if sd is not None else "")
+        return fmt.format(m) + (f" ± {fmt.replace('+', '').format(sd * scale)}" if sd is not None else "")
 
     lines = ["| round | steps | true reward | gain | RM reward | RM - truth | diversity | titles/page | violations "
              "| served pages (true) | RM GT pair acc. |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
