@@ -91,6 +91,11 @@ def main() -> None:
         raise SystemExit(f"{cfg.data_dir} has no environment (environment=auto finds none): a round serves the policy "
                          "to users and logs what they do, and is judged on the true reward; give one as "
                          "environment=module:Class")
+    missing = [m for m in ("sample_contexts", "log_impressions") if cfg.refresh_rm and not hasattr(env, m)]
+    if missing:  # checked before round 1, not after it
+        raise SystemExit(f"the environment {type(env).__name__} has no {' or '.join(missing)} (homepage.environment): "
+                         "it cannot serve a round's pages; serve the policy online and add its logs to the dataset "
+                         "directory, or run refresh_rm=false")
     out = Path(cfg.out_dir)
     if reuse_or_start(out, args.force, "iterate", "summary.json"):
         return
