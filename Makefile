@@ -6,7 +6,7 @@ VLLM_EXTRA ?= cpu
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(VLLM_EXTRA)
 
-.PHONY: setup demo compare long iterate test test-fast bench clean
+.PHONY: setup demo compare long iterate test test-fast bench bench-peers clean
 
 setup: $(STAMP)
 
@@ -61,6 +61,12 @@ bench: setup
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/grpo_step.py
 	$(PY) benchmarks/report.py
+
+# The Dr. GRPO step against TRL's GRPOTrainer on the demo's checkpoint, reward model and shape (docs/benchmarks.md).
+# Installs the `bench` extra (TRL) into the virtualenv first; TRL's own dependencies are already there.
+bench-peers: demo
+	$(PY) -m pip install --no-deps "trl==1.16.0"
+	$(PY) benchmarks/peers.py
 
 clean:
 	rm -rf runs

@@ -19,7 +19,7 @@ read off the backbone by the head `config.reward_head` names) with AutoModelForS
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -79,6 +79,9 @@ class GenPageConfig(LlamaConfig):
     feedback_rewards: list[float] | None = None
     thumbs_up_reward: float = 0.0
     length_bucket_rows: int = 16
+    # No remote code: GenPage registers itself on import. An empty map (rather than none) is what trainers that
+    # pick an auto class from `config.auto_map` (TRL's reference-model load) expect of a registered architecture.
+    auto_map: dict = field(default_factory=dict)
 
 
 class GenPageModel(LlamaModel):
@@ -188,7 +191,7 @@ class GenPageForCausalLM(_FrozenContentMixin, LlamaForCausalLM):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.compute_logits(hidden[:, keep])
         if self.config.mask_logits and input_ids is not None and logits.shape[1] == input_ids.shape[1] and not _has_cache(past_key_values):
-            logits = self.rules.mask_logits(logits, input_ids, position_ids)
+            logits = self.rules.mask_logits(logits, input_ids, position_ids, attention_mask)
         loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                       hidden_states=out.hidden_states, attentions=out.attentions)

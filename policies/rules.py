@@ -453,12 +453,15 @@ class RuleSet:
         out[b, t] = self.allowed(active)
         return out
 
-    def mask_logits(self, logits: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def mask_logits(self, logits: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mask replay for the trainer: logits [B, T, V] of full sequences -> disallowed tokens set to
         finfo.min / 2 (finite: entropy stays defined). Sequences are found by the [PAGE] token; packed rows
-        (position_ids restarting at 0 inside a row) are split per sequence."""
+        (position_ids restarting at 0 inside a row) are split per sequence. attention_mask [B, T] (optional): a
+        restart inside padding is not a sequence (verl pads position_ids with 0s after each row's end), so
+        padded rows take the one batch-wide pass instead of the per-sequence loop."""
         neg = torch.finfo(logits.dtype).min / 2
-        segments = _segments(input_ids, position_ids)
+        segments = _segments(input_ids, position_ids, attention_mask)
         if all(len(seg) == 1 for seg in segments):  # padded batch: one sequence per row, all rows at once
             is_page = input_ids == self.page_id
             T = input_ids.shape[1]
@@ -612,18 +615,25 @@ def _pack(prompts: list[list[int]], pages: list[list[int]], pad: int):
     return ids, page_start, ids[:, 1:], valid[:, 1:]
 
 
-def _segments(input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> list[list[tuple[int, int]]]:
+def _segments(input_ids: torch.Tensor, position_ids: torch.Tensor | None,
+              attention_mask: torch.Tensor | None = None) -> list[list[tuple[int, int]]]:
     """Per batch row, [lo, hi) spans of separate sequences: the whole row, or (packed rows) spans where
-    position_ids restart at 0."""
+    position_ids restart at 0; with attention_mask [B, T], spans of padding only are not sequences."""
     B, T = input_ids.shape
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != B:
         return [[(0, T)] for _ in range(B)]
+    real = None
+    if attention_mask is not None and attention_mask.shape == input_ids.shape:
+        real = attention_mask.bool()
     out = []
     for b in range(B):
         starts = (position_ids[b] == 0).nonzero().flatten().tolist()
         starts = [s for s in starts if s > 0 and position_ids[b, s - 1] != 0]  # left padding repeats 0s
         bounds = [0] + starts + [T]
-        out.append(list(zip(bounds[:-1], bounds[1:])))
+        spans = list(zip(bounds[:-1], bounds[1:]))
+        if real is not None:
+            spans = [(lo, hi) for lo, hi in spans if real[b, lo:hi].any()] or spans[:1]
+        out.append(spans)
     return out
 
 

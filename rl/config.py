@@ -206,12 +206,13 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
         f"actor_rollout_ref.actor.kl_loss_type={cfg.kl_estimator}",
         "actor_rollout_ref.actor.entropy_coeff=0",
     ]
-    if cfg.old_log_probs == "rollout":  # no old-log-prob pass: entropy and the sampler/trainer check in the update
+    if cfg.old_log_probs == "rollout":  # no old-log-prob pass: the sampler/trainer check runs in the update
         o += ["algorithm.rollout_correction.bypass_mode=True",
-              f"actor_rollout_ref.actor.policy_loss.loss_mode={LOSS_MODE}",
-              "actor_rollout_ref.actor.calculate_entropy=True"]
-    else:
-        o += ["actor_rollout_ref.actor.calculate_entropy=False"]  # actor/entropy comes from the old-log-prob pass
+              f"actor_rollout_ref.actor.policy_loss.loss_mode={LOSS_MODE}"]
+    # No entropy in the update: verl adds entropy_coeff (0) x entropy to the loss, so the backward would run through a
+    # softmax over every position's vocabulary for nothing. actor/entropy comes from the old-log-prob pass, or without
+    # it from the sampler's log-probs (rl.trainer.sampled_entropy).
+    o += ["actor_rollout_ref.actor.calculate_entropy=False"]
     o += [
         f"actor_rollout_ref.actor.optim.lr={cfg.lr}",
         "actor_rollout_ref.actor.optim.weight_decay=0.0",

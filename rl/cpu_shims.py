@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import importlib.abc
 import importlib.metadata
 import importlib.util
@@ -427,6 +428,46 @@ def verl_logprobs_loop_over_rows() -> bool:
     return counter.calls == len(logits)
 
 
+def trl_has_value_head() -> bool:
+    """Whether the installed TRL (if any) still has `AutoModelForCausalLMWithValueHead` (verl's monkey patch
+    targets it)."""
+    if importlib.util.find_spec("trl") is None:
+        return False
+    for name in ("trl.experimental.ppo", "trl"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TRL warns on any import from trl.experimental
+                if hasattr(importlib.import_module(name), "AutoModelForCausalLMWithValueHead"):
+                    return True
+        except ImportError:
+            continue
+    return False
+
+
+def trl_without_value_head() -> None:
+    """verl's `apply_monkey_patch` (run for every FSDP actor and reference) imports TRL's
+    `AutoModelForCausalLMWithValueHead` whenever a `trl` package is installed, only to patch its `state_dict`; TRL
+    1.16 removed that class (and `trl.experimental.ppo`), so with TRL 1.16 in the environment (the `bench` extra,
+    for `benchmarks/peers.py`) every verl run fails at start-up with an ImportError. The patch is only needed
+    where the class exists: verl's check answers "no TRL" when the class cannot be imported.
+
+    Written against verl 0.9.1 (`verl/models/transformers/monkey_patch.py`) and trl 1.16.0. Retire when verl
+    guards that import, or the project drops the `bench` extra's TRL."""
+
+    def patch(module):
+        module.is_trl_available = trl_has_value_head
+
+    when_imported("verl.models.transformers.monkey_patch", patch)
+
+
+def verl_imports_trl_value_head_unguarded() -> bool:
+    """Canary: verl's monkey patch still imports `AutoModelForCausalLMWithValueHead` from `trl` as its last resort,
+    with no `except ImportError` around that fallback (read from its source: whether TRL is installed varies)."""
+    src = upstream_source("verl", "models/transformers/monkey_patch.py")
+    fallback = "        except ImportError:\n            from trl import AutoModelForCausalLMWithValueHead"
+    return fallback in src and fallback + "\n        except" not in src
+
+
 def vectorized_label_logprobs(logits, labels):
     """log softmax(logits)[label] in one op.  logits [..., V] fp32/fp64, labels [...] -> [...]"""
     import torch
@@ -466,6 +507,12 @@ SHIMS: tuple[UpstreamPin, ...] = (
         retire_when="verl's logprobs_from_logits fallback (no flash-attn) takes the logsumexp in one op "
                     "or in chunks of rows instead of a Python loop over rows",
         apply=vectorized_logprobs, canary=verl_logprobs_loop_over_rows),
+    UpstreamPin(
+        name="rl.cpu_shims.trl_without_value_head",
+        written_against={"verl": VERL},
+        retire_when="verl guards its import of TRL's AutoModelForCausalLMWithValueHead (removed in trl 1.16), "
+                    "or TRL leaves the bench extra",
+        apply=trl_without_value_head, canary=verl_imports_trl_value_head_unguarded),
 )
 
 

@@ -29,7 +29,7 @@ PAGE_ENTITIES = "page/entities"  # titles per page
 VIOLATIONS_PREFIX = "rules/violations/"  # + rule name: mean violations per page
 VIOLATING_PAGES = "rules/violating_pages"  # share of pages with any violation
 KL = "actor/kl_loss"  # verl's KL-to-reference loss (with use_kl_loss)
-ENTROPY = "actor/entropy"  # verl's mean token entropy under the Dr. GRPO aggregation
+ENTROPY = "actor/entropy"  # mean token entropy of the policy (verl's old-log-prob pass, or estimated from the samples)
 ROLLOUT_PROBS_DIFF_MAX = "training/rollout_probs_diff_max"  # verl: max |p_vllm - p_trainer| over tokens
 EARLY_STOP_LAST_STEP = "early_stop/last_step"  # the step the run will end at (early_stop_patience > 0)
 CREDIT_SPREAD = "credit/within_page_advantage_std"  # credit=token: how far a page's tokens' advantages differ

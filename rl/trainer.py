@@ -6,12 +6,17 @@ violations) in the batch but logs it only for validation. `GenPagePPOTrainer._up
 per-step means, and the catalog coverage of the step's pages, to the actor's metrics, which verl reduces and
 logs with the rest of the step (`rl.page_metrics` names them). Without verl's old-log-prob pass
 (`old_log_probs=rollout`), the update reports what that pass would have: the sampler/trainer agreement
-(rl/policy_loss.py) under verl's own name, and the token entropy as `actor/entropy`. With `genpage.credit=token`
+(rl/policy_loss.py) under verl's own name, and the token entropy as `actor/entropy` (estimated from the sampler's
+log-probs: `sampled_entropy`). With `genpage.credit=token`
 the advantages are recomputed from the pages' per-token rewards before the update (rl/advantage.py: verl's
 reward loop carries one score per page, and its fit has no hook between the reward and the advantage).
 With `genpage.early_stop_patience` > 0 each step's validator score is recorded (rl/early_stopping.py) and, when
 it stops improving, the next step becomes the run's last (verl decides a step is its last before running it),
 so verl still saves, exports and validates that final policy. Nothing else about the algorithm changes.
+
+The reference pass and the update see the batch without its per-page Python objects (`worker_view`): verl turns
+every non-tensor field (the prompts' extra_info, every reward_extra_info key) into one tensordict object per page
+in the driver before each call, and neither pass reads them; the step's tensors are the same.
 
 `GenPageTaskRunner` is verl's `TaskRunner.run` (verl/trainer/main_ppo_v0.py, 0.9.1) with the trainer class
 swapped, plus a loop over seeds that reuses the workers; `verl.trainer.main_ppo.run_ppo(config,
@@ -50,17 +55,43 @@ def step_page_metrics(batch, entity_token: np.ndarray) -> dict[str, float]:
     return metrics
 
 
-def old_log_prob_pass_metrics(actor_metrics: dict) -> dict:
+WORKER_NON_TENSOR_KEYS = frozenset({"multi_modal_inputs"})  # per-sample fields a verl trainer worker reads
+
+
+def worker_view(batch):
+    """The batch as the reference and actor workers need it: the same tensors and meta_info, only the non-tensor
+    fields they read (`WORKER_NON_TENSOR_KEYS`). verl's `DataProto.to_tensordict` wraps every non-tensor value of
+    every page in its own tensordict object, in the driver, before each worker call (about 0.5 s a call for
+    128 pages with their extra_info and reward_extra_info here); the page metrics keep reading the full batch."""
+    from verl import DataProto
+
+    keep = {k: v for k, v in batch.non_tensor_batch.items() if k in WORKER_NON_TENSOR_KEYS}
+    return DataProto(batch=batch.batch, non_tensor_batch=keep, meta_info=dict(batch.meta_info))
+
+
+def old_log_prob_pass_metrics(actor_metrics: dict, batch=None) -> dict:
     """The metrics of verl's old-log-prob pass, from the update's when that pass is skipped: the update's
-    `actor/training/rollout_probs_diff_max` (verl prefixes the actor's metrics) and its token entropy
-    (`actor/entropy_loss`, same aggregation). Empty when the pass ran (verl logged both itself)."""
+    `actor/training/rollout_probs_diff_max` (verl prefixes the actor's metrics), and the token entropy: the
+    update's `actor/entropy_loss` where it computed one, else `sampled_entropy(batch)`. Empty when the pass ran
+    (verl logged both itself)."""
     out = {}
     moved = "actor/" + pm.ROLLOUT_PROBS_DIFF_MAX
     if moved in actor_metrics:
         out[pm.ROLLOUT_PROBS_DIFF_MAX] = actor_metrics.pop(moved)
         if pm.ENTROPY not in actor_metrics and "actor/entropy_loss" in actor_metrics:
             out[pm.ENTROPY] = actor_metrics["actor/entropy_loss"]
+        elif pm.ENTROPY not in actor_metrics and batch is not None and "rollout_log_probs" in batch.batch.keys():
+            out[pm.ENTROPY] = sampled_entropy(batch)
     return out
+
+
+def sampled_entropy(batch) -> float:
+    """Mean token entropy of the policy that sampled the step's pages, estimated from its samples: the mean over
+    response tokens of -log p(sampled token) (the sampler's log-probs, under the masks; E[-log p(x)] is the
+    entropy). Free, where verl's exact entropy in the update costs a backward through every position's softmax."""
+    logp = batch.batch["rollout_log_probs"]  # [B, T]
+    mask = batch.batch["response_mask"].bool()  # [B, T]
+    return float(-(logp[mask]).mean())
 
 
 class GenPagePPOTrainer(RayPPOTrainer):
@@ -95,15 +126,20 @@ class GenPagePPOTrainer(RayPPOTrainer):
                   f"step {state.stopped_at} is the last")
         metrics[pm.EARLY_STOP_LAST_STEP] = float(self.total_training_steps)
 
+    def _compute_ref_log_prob(self, batch):
+        return super()._compute_ref_log_prob(worker_view(batch))
+
     def _update_actor(self, batch):
         credit = apply_token_credit(batch) if self.config.genpage.get("credit", "page") == "token" else {}
-        actor_output = super()._update_actor(batch)
+        view = worker_view(batch)
+        actor_output = super()._update_actor(view)
+        batch.meta_info.update(view.meta_info)  # what verl's _update_actor sets on the batch it is given
         if self._entity_token is None:
             names = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
             self._entity_token = np.array([is_title_token(n) for n in names])
         metrics = actor_output.meta_info["metrics"]
         metrics.update(step_page_metrics(batch, self._entity_token))
-        metrics.update(old_log_prob_pass_metrics(metrics))
+        metrics.update(old_log_prob_pass_metrics(metrics, batch))
         metrics.update(credit)
         self._early_stop(metrics)
         return actor_output

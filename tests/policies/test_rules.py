@@ -299,3 +299,31 @@ def test_mask_replay_in_forward_equals_the_engine_mask_with_padding_and_packing(
         got = packed[0, start + len(p) - 1: start + len(p) - 1 + len(g)]
         assert torch.equal(got == 0, want)
         start += len(p) + len(g)
+
+
+def test_verl_padded_rows_take_the_batch_wide_mask_replay(setup, monkeypatch):
+    """verl's trainer layout: each row one sequence from position 0, right-padded, its position_ids padded with 0s.
+    With the attention mask the padding is not a second sequence: one batch-wide rule pass (not one per row), and the
+    logits equal the per-sequence replay's at every real position."""
+    world, tok, rules, _ = setup
+    rng = np.random.default_rng(1)
+    seqs = []
+    for user in (0, 1, 2, 3):
+        prompt = prompt_of(world, tok, user)
+        seqs.append(prompt + walk(rules, tok, prompt, rng, noise=0.2))
+    T = max(map(len, seqs)) + 3
+    ids = torch.full((len(seqs), T), tok.pad_id)
+    attn = torch.zeros(len(seqs), T, dtype=torch.long)
+    pos = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)], attn[b, :len(s)], pos[b, :len(s)] = torch.tensor(s), 1, torch.arange(len(s))
+    logits = torch.randn(len(seqs), T, len(tok))
+    per_sequence = rules.mask_logits(logits.clone(), ids, pos)  # without the mask: the padding looks like a sequence
+    calls = []
+    original = type(rules).allowed_all_positions
+    monkeypatch.setattr(type(rules), "allowed_all_positions", lambda self, *a: calls.append(1) or original(self, *a))
+    batch_wide = rules.mask_logits(logits.clone(), ids, pos, attn)
+    assert len(calls) == 1
+    real = attn.bool()
+    assert torch.equal(batch_wide[real], per_sequence[real])
+    assert (batch_wide[real] != logits[real]).any()  # the mask did act

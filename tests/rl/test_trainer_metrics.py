@@ -43,3 +43,24 @@ def test_old_log_prob_pass_metrics_move_from_the_update():
     assert "actor/training/rollout_probs_diff_max" not in update
     # The pass ran: verl logged both itself; nothing is added or overwritten.
     assert old_log_prob_pass_metrics({"actor/entropy_loss": 0.3, "actor/pg_loss": 0.1}) == {}
+
+
+def test_without_an_entropy_in_the_update_the_entropy_is_estimated_from_the_sampled_tokens():
+    """-log p of each sampled response token, averaged over the response tokens only (padding excluded); for a
+    uniform sampler over 4 tokens that is exactly its entropy, log 4."""
+    import math
+
+    import torch
+    from verl import DataProto
+
+    from rl import page_metrics as pm
+    from rl.trainer import old_log_prob_pass_metrics, sampled_entropy
+
+    logp = torch.tensor([[math.log(0.25)] * 3, [math.log(0.5), math.log(0.25), 0.0]])  # [B=2, T=3]
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    batch = DataProto.from_dict({"rollout_log_probs": logp, "response_mask": mask})
+    assert sampled_entropy(batch) == pytest.approx((4 * math.log(4) + math.log(2)) / 5)
+    moved = old_log_prob_pass_metrics({"actor/training/rollout_probs_diff_max": 1e-6}, batch)
+    assert moved[pm.ENTROPY] == pytest.approx(sampled_entropy(batch))
+    uniform = DataProto.from_dict({"rollout_log_probs": torch.full((3, 5), -math.log(4)), "response_mask": torch.ones(3, 5)})
+    assert sampled_entropy(uniform) == pytest.approx(math.log(4))
