@@ -22,7 +22,7 @@ Both report the environment's exact expected reward of every step's pages (true 
 the rule violations, so speed is not bought with quality. Step medians exclude each run's first step (warm-up).
 
 Writes runs/bench/peers.json (per step of every run, the medians, the ratios) and merges peers_* keys into
-runs/bench/summary.json. The table for docs/benchmarks.md: `python benchmarks/report.py`.
+runs/bench/summary.json; docs/benchmarks.md has the measured table and what each phase holds.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def budgets(args) -> None:
     if args.max_page_tokens is None:
         from rl.reward_manager import load_rules
 
-        args.max_page_tokens = load_rules(args.policy, args.data).shape.max_tokens
+        args.max_page_tokens = load_rules(args.policy, args.data).config.shape.max_tokens
 
 
 def main() -> None:
@@ -257,8 +257,12 @@ def main() -> None:
             runs[who].append({"repeat": r, "wall_s": time.perf_counter() - t, "steps": steps})
             print(f"[peers] {who} repeat {r}: {medians(steps).get('step_s', float('nan')):.2f} s a step", flush=True)
     med = {who: medians([s for run in rs for s in run["steps"]]) for who, rs in runs.items()}
-    ratio = {k: med["project"][k] / med["trl"][k] for k in ("step_s", "generation", "ref_log_prob", "update")
-             if med["trl"].get(k) and k in med["project"]}
+    # The project's generation phase holds the reward scoring (verl scores inside the rollout); TRL's is timed apart.
+    trl_generation = med["trl"].get("generation", 0.0) + med["trl"].get("reward", 0.0)
+    ratio = {"step_s": med["project"]["step_s"] / med["trl"]["step_s"],
+             "generation_with_reward": med["project"]["generation"] / trl_generation,
+             "ref_log_prob": med["project"]["ref_log_prob"] / med["trl"]["ref_log_prob"],
+             "update": med["project"]["update"] / med["trl"]["update"]}
     result = {"machine": machine_load(), "trl_version": trl_version(),
               "shape": {k: getattr(args, k) for k in ("steps", "repeats", "prompts_per_step", "group_size", "lr",
                                                       "kl_coef", "grad_clip", "max_page_tokens", "threads")},
