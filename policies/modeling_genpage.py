@@ -19,7 +19,7 @@ read off the backbone by the head `config.reward_head` names) with AutoModelForS
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -79,9 +79,6 @@ class GenPageConfig(LlamaConfig):
     feedback_rewards: list[float] | None = None
     thumbs_up_reward: float = 0.0
     length_bucket_rows: int = 16
-    # No remote code: GenPage registers itself on import. An empty map (rather than none) is what trainers that
-    # pick an auto class from `config.auto_map` (TRL's reference-model load) expect of a registered architecture.
-    auto_map: dict = field(default_factory=dict)
 
 
 class GenPageModel(LlamaModel):
