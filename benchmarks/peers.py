@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench_common import machine_load, merge_summary, write_result  # noqa: E402
+from grpo_step import read_steps  # noqa: E402
 
 PHASES = ("generation", "reward", "ref_log_prob", "update", "other")
 PROJECT_PHASES = {"generation": "timing_s/gen", "ref_log_prob": "timing_s/ref", "update": "timing_s/update_actor"}
@@ -64,7 +65,6 @@ def trl_worker(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    import policies  # noqa: F401  (registers GenPage with the Auto classes)
     from policies.hf_generation import RuleMaskProcessor
     from policies.tokenizer import GenPageTokenizer
     from rl.data import context_from_json
@@ -160,19 +160,10 @@ def project_run(args, out: Path) -> list[dict]:
            f"prompts_per_step={args.prompts_per_step}", f"group_size={args.group_size}", f"lr={args.lr}",
            f"kl_coef={args.kl_coef}", f"num_threads={args.threads}", "eval_users=32"]
     run_logged(cmd, out / "stdout.log", args.threads)
-    steps = []
-    for f in sorted(out.glob("seed_*/metrics/attempt_*.jsonl")):
-        for line in f.read_text().splitlines():
-            rec = json.loads(line)
-            d = rec.get("data", rec)
-            if rec.get("step", 0) >= 1 and "timing_s/step" in d:
-                r = {"step": rec["step"], "step_s": d["timing_s/step"],
-                     **{p: d.get(k, 0.0) for p, k in PROJECT_PHASES.items()},
-                     "true_reward": d.get("rollout/true_reward"), "train_reward": d.get("rollout/reward"),
-                     "violations_per_page": d.get("rules/violations/total"),
-                     "rollout_probs_diff_max": d.get("training/rollout_probs_diff_max")}
-                steps.append(r)
-    return steps
+    return [{"step": d["step"], "step_s": d["timing_s/step"], **{p: d.get(k, 0.0) for p, k in PROJECT_PHASES.items()},
+             "true_reward": d.get("rollout/true_reward"), "train_reward": d.get("rollout/reward"),
+             "violations_per_page": d.get("rules/violations/total"),
+             "rollout_probs_diff_max": d.get("training/rollout_probs_diff_max")} for d in read_steps(out)]
 
 
 def trl_run(args, out: Path, prompts: Path) -> list[dict]:
