@@ -139,12 +139,6 @@ def trl_worker(args) -> None:
         num_iterations=1, epsilon=0.2, mask_truncated_completions=False, log_completions=False,
         dataloader_num_workers=0, disable_dropout=True, bf16=False, fp16=False,
     )
-    # TRL builds its reference model from the checkpoint path and looks the architecture up by name in the
-    # transformers namespace, else in `config.auto_map`; GenPage is in neither (an auto_map would make verl treat the
-    # checkpoint as remote code), so the benchmark names the class there first.
-    from policies.modeling_genpage import GenPageForCausalLM
-
-    setattr(sys.modules["transformers"], "GenPageForCausalLM", GenPageForCausalLM)
     train = datasets.Dataset.from_parquet(str(args.prompts))
     trainer = Timed(model=model, processing_class=hf_tok, reward_funcs=page_reward, args=config, train_dataset=train,
                     callbacks=[Steps()])

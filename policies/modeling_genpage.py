@@ -14,11 +14,16 @@ from transformers' Llama modules so that parameter names match vLLM's Llama load
 
 Importing this module registers `GenPageConfig` (model_type "genpage") with AutoConfig,
 `GenPageForCausalLM` with AutoModelForCausalLM, and `GenPageForPageReward` (the reward model: a page score
-read off the backbone by the head `config.reward_head` names) with AutoModelForSequenceClassification.
+read off the backbone by the head `config.reward_head` names) with AutoModelForSequenceClassification, and
+names both classes in the `transformers` namespace: tools that resolve a checkpoint's `config.architectures[0]`
+there (TRL's `create_model_from_path`, which builds GRPOTrainer's reference model) then load a GenPage checkpoint
+as it is. Checkpoints carry no `auto_map`: verl reads any auto_map as remote code and copies its modules into every
+checkpoint it exports.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -275,3 +280,6 @@ class GenPageForPageReward(_FrozenContentMixin, LlamaPreTrainedModel):
 AutoConfig.register("genpage", GenPageConfig, exist_ok=True)
 AutoModelForCausalLM.register(GenPageConfig, GenPageForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(GenPageConfig, GenPageForPageReward, exist_ok=True)
+# Found by name as well (module docstring); sys.modules' entry, since transformers swaps its lazy module on import.
+for _cls in (GenPageForCausalLM, GenPageForPageReward):
+    setattr(sys.modules["transformers"], _cls.__name__, _cls)

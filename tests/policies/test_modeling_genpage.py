@@ -43,6 +43,29 @@ def test_registration_round_trip_same_outputs(model, tmp_path):
     torch.testing.assert_close(reward.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
 
+def test_a_checkpoint_loads_by_its_architecture_name_as_trl_loads_it(model, tmp_path):
+    """TRL's GRPOTrainer builds its reference model with `create_model_from_path`: the class named by
+    `config.architectures[0]`, looked up in the transformers namespace. A saved GenPage checkpoint, with no
+    auto_map, loads that way once policies.modeling_genpage is imported."""
+    import transformers
+
+    model.save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert "auto_map" not in config.to_dict()  # verl would read an auto_map as remote code
+    architecture = getattr(transformers, config.architectures[0])
+    assert architecture is GenPageForCausalLM
+    loaded = architecture.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+    assert transformers.GenPageForPageReward is GenPageForPageReward
+    try:  # TRL itself, where the `bench` extra is installed
+        from trl.trainer.utils import create_model_from_path
+    except ImportError:
+        return
+    assert isinstance(create_model_from_path(str(tmp_path), device_map="cpu"), GenPageForCausalLM)
+
+
 def test_embeddings_untied_and_content_fused(model):
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
     e = TOK.vocab[f"ent:{ENTITIES[3]}"]
