@@ -147,3 +147,19 @@ def test_training_on_the_truth_needs_an_environment(stages, tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "has no environment" in proc.stderr and "environment=module:Class" in proc.stderr
     assert not (tmp_path / "rl").exists()  # refused before anything is written
+
+
+def test_iterated_rounds_refuse_a_truth_only_environment_before_round_one(stages, tmp_path):
+    """A plugged environment that can judge pages but not serve them (no sample_contexts / log_impressions) cannot
+    run a round; recipes/iterate.py says so, and what to do, before it trains or writes anything."""
+    data, root = stages
+    out = tmp_path / "iterate"
+    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "iterate.py"), f"data_dir={data}",
+                           "environment=tests.datasets.music:FamilySafeShare", f"pretrained_dir={root / 'pt' / 'model'}",
+                           f"rm_dir={root / 'rm' / 'model'}", f"first_round_dir={tmp_path / 'round1'}", f"out_dir={out}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode != 0
+    assert "FamilySafeShare has no sample_contexts or log_impressions" in proc.stderr, proc.stderr[-2000:]
+    assert "refresh_rm=false" in proc.stderr
+    assert not out.exists() and not (tmp_path / "round1").exists()
