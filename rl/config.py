@@ -61,6 +61,7 @@ class DrGrpoConfig(StageConfig):
     prompt_seed: int = option(0, "which train-split logged contexts the training prompts are drawn from (rounds of recipes/iterate.py each draw their own)")
     prompt_source: Literal["logged", "environment"] = option("logged", "training prompts: 'logged' (contexts of train-split users in the logs) or 'environment' (fresh contexts the environment samples)")
     eval_temperature: float = option(1.0, "sampling temperature of the evaluation pages (the trained policy samples)")
+    reward_timing: Literal["after_rollout", "streamed"] = option("after_rollout", "when the rollout's pages are scored: 'after_rollout' = the whole batch in one reward-model pass when the rollout ends (verl's path for a reward model colocated with the rollout, rl/trainer.py; the default: on a small machine the streamed scoring's per-page calls and small batches cost more than the overlap saves, docs/benchmarks.md); 'streamed' = each page as it finishes, beside the pages still decoding (verl's default for rewards without a reward-model server); same rewards either way")
     num_threads: int = option(2, "torch threads per process; verl's phases (rollout, log-probs, update) mostly take turns, so each may use every core of an idle machine (use 1 on a shared one; timings: docs/experiments/dr_grpo.md)")
     extra_verl_overrides: tuple[str, ...] = option((), "raw Hydra overrides for verl, applied last (they win)")
 
@@ -258,6 +259,7 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
         f"+genpage.validator_rm_dir={abs_(cfg.validator_rm_dir) if cfg.validator_rm_dir else 'null'}",
         f"+genpage.early_stop_patience={cfg.early_stop_patience}",  # rl/early_stopping.py, read by rl/trainer.py
         f"+genpage.early_stop_window={cfg.early_stop_window}",
+        f"+genpage.reward_after_rollout={cfg.reward_timing == 'after_rollout'}",  # read by rl/trainer.py
         # -- trainer ------------------------------------------------------------------------------------
         "trainer.use_v1=False",
         f"trainer.total_training_steps={cfg.steps}",

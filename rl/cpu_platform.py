@@ -39,6 +39,9 @@ def cpu_env() -> dict[str, str]:
         "VERL_ENGINE_DEVICE": "cuda",
         "VLLM_TARGET_DEVICE": "cpu",
         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),  # GiB
+        # vLLM's engine core and worker block instead of spinning 1 s on their shared-memory queue after each
+        # message: on a small machine the spin takes CPU from the rollout (policies.vllm_plugin.bound_shm_spin).
+        "GENPAGE_VLLM_SHM_SPIN_S": os.environ.get("GENPAGE_VLLM_SHM_SPIN_S", "0"),
     }
 
 

@@ -126,6 +126,25 @@ class GenPagePPOTrainer(RayPPOTrainer):
                   f"step {state.stopped_at} is the last")
         metrics[pm.EARLY_STOP_LAST_STEP] = float(self.total_training_steps)
 
+    def init_workers(self):
+        if self.config.genpage.get("reward_after_rollout", False):
+            self._score_after_rollout()
+        super().init_workers()
+
+    def _score_after_rollout(self) -> None:
+        """Score each step's pages in one batch after the rollout (`genpage.reward_after_rollout`), instead of
+        streaming every page to the reward worker as it finishes. That is verl's own path for a reward model that
+        shares the rollout's devices (`use_rm` without a resource pool of its own): the agent loop gets no reward
+        handles, and the trainer calls the reward loop's `compute_rm_score` on the whole batch, through the same
+        reward workers and `GenPageRewardManager`. The reward model is this project's, not verl's (no
+        `reward.reward_model`), so the role that path looks up gets the shared pool, as verl's own colocated
+        reward model does (`add_reward_model_resource_pool`); nothing is placed on it. verl's validation then also calls `sleep_replicas` (a no-op without `free_cache_engine`) and
+        re-syncs the unchanged weights."""
+        from verl.trainer.ppo.utils import Role
+
+        self.use_rm = True
+        self.resource_pool_manager.mapping.setdefault(Role.RewardModel, "global_pool")
+
     def _compute_ref_log_prob(self, batch):
         return super()._compute_ref_log_prob(worker_view(batch))
 

@@ -64,3 +64,45 @@ def test_without_an_entropy_in_the_update_the_entropy_is_estimated_from_the_samp
     assert moved[pm.ENTROPY] == pytest.approx(sampled_entropy(batch))
     uniform = DataProto.from_dict({"rollout_log_probs": torch.full((3, 5), -math.log(4)), "response_mask": torch.ones(3, 5)})
     assert sampled_entropy(uniform) == pytest.approx(math.log(4))
+
+
+def test_reward_after_rollout_takes_verls_colocated_reward_path():
+    """genpage.reward_after_rollout: the trainer counts as having a colocated reward model, so verl's init_workers
+    builds the agent loop without streaming reward handles and fit scores the whole batch (compute_rm_score);
+    the role that path looks up is the shared pool. Streamed (the flag off): verl's defaults, untouched."""
+    import inspect
+
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+    from verl.trainer.ppo.utils import Role
+
+    from rl.trainer import GenPagePPOTrainer
+
+    class Pools:
+        def __init__(self):
+            self.mapping = {Role.ActorRolloutRef: "global_pool"}
+
+    def prepared(flag: bool):
+        trainer = object.__new__(GenPagePPOTrainer)
+        trainer.config = OmegaConf.create({"genpage": {"reward_after_rollout": flag}})
+        trainer.use_rm, trainer.resource_pool_manager = False, Pools()
+        return trainer
+
+    after = prepared(True)
+    after._score_after_rollout()
+    assert after.use_rm and after.resource_pool_manager.mapping[Role.RewardModel] == "global_pool"
+    # What the flag relies on in verl: use_rm alone turns the streaming off and the batch scoring on.
+    init, fit = inspect.getsource(RayPPOTrainer.init_workers), inspect.getsource(RayPPOTrainer.fit)
+    assert "enable_agent_reward_loop = not self.use_rm or self.config.reward.reward_model.enable_resource_pool" in init
+    assert 'if self.use_rm and "rm_scores" not in batch.batch.keys():' in fit
+
+    streamed = prepared(False)
+    calls = []
+    RayPPOTrainer_init = RayPPOTrainer.init_workers
+    try:
+        RayPPOTrainer.init_workers = lambda self: calls.append(self.use_rm)
+        streamed.init_workers()
+        prepared(True).init_workers()
+    finally:
+        RayPPOTrainer.init_workers = RayPPOTrainer_init
+    assert calls == [False, True] and Role.RewardModel not in streamed.resource_pool_manager.mapping
