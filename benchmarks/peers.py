@@ -11,7 +11,8 @@ Each repeat runs both trainers, each in a fresh process (the order alternates be
 machine's speed falls on both), `--steps` steps of 16 prompts x 8 pages each, 2 torch threads:
 - **the project**: `recipes/dr_grpo.py credit=page seeds=[0] steps=N` (Dr. GRPO as published, one scalar reward per
   page: what TRL computes; the demo's token credit is not in TRL). Phases from verl's `timing_s/*`: generation
-  (vLLM rollouts with the reward scored inside them), reference log-probs, actor update, the rest.
+  (vLLM rollouts; with `reward_timing=streamed` the reward is scored inside them), reward (the whole batch after
+  the rollout, the default), reference log-probs, actor update, the rest.
 - **TRL**: `GRPOTrainer(loss_type="dr_grpo", scale_rewards="none", beta=kl_coef)` at the recipe's learning rate,
   grad clip and page budget (`max_completion_length`), HF `generate` on CPU with the project's `RuleMaskProcessor`
   as a logits processor, the training prompts the project's run wrote (its data/train.parquet), and as reward
@@ -44,7 +45,8 @@ from bench_common import machine_load, merge_summary, write_result  # noqa: E402
 from grpo_step import read_steps  # noqa: E402
 
 PHASES = ("generation", "reward", "ref_log_prob", "update", "other")
-PROJECT_PHASES = {"generation": "timing_s/gen", "ref_log_prob": "timing_s/ref", "update": "timing_s/update_actor"}
+PROJECT_PHASES = {"generation": "timing_s/gen", "reward": "timing_s/reward", "ref_log_prob": "timing_s/ref",
+                  "update": "timing_s/update_actor"}
 TRL_VERSION = "1.16.0"
 
 
@@ -248,10 +250,11 @@ def main() -> None:
             runs[who].append({"repeat": r, "wall_s": time.perf_counter() - t, "steps": steps})
             print(f"[peers] {who} repeat {r}: {medians(steps).get('step_s', float('nan')):.2f} s a step", flush=True)
     med = {who: medians([s for run in rs for s in run["steps"]]) for who, rs in runs.items()}
-    # The project's generation phase holds the reward scoring (verl scores inside the rollout); TRL's is timed apart.
-    trl_generation = med["trl"].get("generation", 0.0) + med["trl"].get("reward", 0.0)
+    # Generation and reward together: a streamed reward is scored inside the project's rollout, so only the sum
+    # compares like for like.
+    gen = {who: m.get("generation", 0.0) + m.get("reward", 0.0) for who, m in med.items()}
     ratio = {"step_s": med["project"]["step_s"] / med["trl"]["step_s"],
-             "generation_with_reward": med["project"]["generation"] / trl_generation,
+             "generation_with_reward": gen["project"] / gen["trl"],
              "ref_log_prob": med["project"]["ref_log_prob"] / med["trl"]["ref_log_prob"],
              "update": med["project"]["update"] / med["trl"]["update"]}
     result = {"machine": machine_load(), "trl_version": trl_version(),
