@@ -101,9 +101,13 @@ def bound_shm_spin() -> None:
     original = cls.wait
 
     def wait(self, timeout_ms=None):
-        limit = shm_spin_s()
-        if self.is_reader and limit is not None:  # also bounds queues made before the plugin loaded
-            self.busy_loop_s = min(self.busy_loop_s, limit)
+        # Once per reader, at its first wait (also bounds queues made before the plugin loaded): wait runs in
+        # vLLM's spin loop, so the setting is not read again on every call.
+        if self.is_reader and not getattr(self, "_genpage_bounded", False):
+            limit = shm_spin_s()
+            if limit is not None:
+                self.busy_loop_s = min(self.busy_loop_s, limit)
+            self._genpage_bounded = True
         return original(self, timeout_ms)
 
     wait._genpage_bounded = True

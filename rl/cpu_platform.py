@@ -25,6 +25,7 @@ from typing import Any, Optional
 import torch
 from verl.plugin.platform import PlatformBase, PlatformRegistry
 
+from policies.vllm_plugin import SHM_SPIN_ENV
 from rl.cpu_shims import VERL, UpstreamPin
 
 PLATFORM_NAME = "cpu"
@@ -41,7 +42,7 @@ def cpu_env() -> dict[str, str]:
         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),  # GiB
         # vLLM's engine core and worker block instead of spinning 1 s on their shared-memory queue after each
         # message: on a small machine the spin takes CPU from the rollout (policies.vllm_plugin.bound_shm_spin).
-        "GENPAGE_VLLM_SHM_SPIN_S": os.environ.get("GENPAGE_VLLM_SHM_SPIN_S", "0"),
+        SHM_SPIN_ENV: os.environ.get(SHM_SPIN_ENV, "0"),
     }
 
 

@@ -138,8 +138,8 @@ class GenPagePPOTrainer(RayPPOTrainer):
         handles, and the trainer calls the reward loop's `compute_rm_score` on the whole batch, through the same
         reward workers and `GenPageRewardManager`. The reward model is this project's, not verl's (no
         `reward.reward_model`), so the role that path looks up gets the shared pool, as verl's own colocated
-        reward model does (`add_reward_model_resource_pool`); nothing is placed on it. verl's validation then also calls `sleep_replicas` (a no-op without `free_cache_engine`) and
-        re-syncs the unchanged weights."""
+        reward model does (`add_reward_model_resource_pool`); nothing is placed on it. verl's validation then also
+        calls `sleep_replicas` (a no-op without `free_cache_engine`) and re-syncs the unchanged weights."""
         from verl.trainer.ppo.utils import Role
 
         self.use_rm = True

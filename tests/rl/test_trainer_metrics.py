@@ -66,7 +66,7 @@ def test_without_an_entropy_in_the_update_the_entropy_is_estimated_from_the_samp
     assert sampled_entropy(uniform) == pytest.approx(math.log(4))
 
 
-def test_reward_after_rollout_takes_verls_colocated_reward_path():
+def test_reward_after_rollout_takes_verls_colocated_reward_path(monkeypatch):
     """genpage.reward_after_rollout: the trainer counts as having a colocated reward model, so verl's init_workers
     builds the agent loop without streaming reward handles and fit scores the whole batch (compute_rm_score);
     the role that path looks up is the shared pool. Streamed (the flag off): verl's defaults, untouched."""
@@ -98,11 +98,7 @@ def test_reward_after_rollout_takes_verls_colocated_reward_path():
 
     streamed = prepared(False)
     calls = []
-    RayPPOTrainer_init = RayPPOTrainer.init_workers
-    try:
-        RayPPOTrainer.init_workers = lambda self: calls.append(self.use_rm)
-        streamed.init_workers()
-        prepared(True).init_workers()
-    finally:
-        RayPPOTrainer.init_workers = RayPPOTrainer_init
+    monkeypatch.setattr(RayPPOTrainer, "init_workers", lambda self: calls.append(self.use_rm))
+    streamed.init_workers()
+    prepared(True).init_workers()
     assert calls == [False, True] and Role.RewardModel not in streamed.resource_pool_manager.mapping
