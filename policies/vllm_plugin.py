@@ -4,14 +4,12 @@ vLLM loads general plugins in the driver, the engine core and each worker, which
 architecture must be known (registering only in the driver fails). Also registers the HF config so
 vLLM's `AutoConfig` lookup of model_type "genpage" works there, and drops the few vLLM log messages that are
 known to be harmless for GenPage (`HARMLESS_MESSAGES`) in each of those processes, including the ones verl's
-vLLM server starts inside Ray, and on CPU lets a run bound how long vLLM's processes spin waiting for each
-other (`bound_shm_spin`).
+vLLM server starts inside Ray.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -73,54 +71,8 @@ def install_log_filters() -> None:
             target.addFilter(DropHarmlessMessage(message))
 
 
-SHM_SPIN_ENV = "GENPAGE_VLLM_SHM_SPIN_S"
-
-
-def shm_spin_s() -> float | None:
-    """How long, after each message, a vLLM process waiting on its shared-memory queue keeps spinning before it
-    blocks until the writer's notification: `GENPAGE_VLLM_SHM_SPIN_S` seconds; None (vLLM's own 1 s) when unset."""
-    value = os.environ.get(SHM_SPIN_ENV, "")
-    return float(value) if value else None
-
-
-def bound_shm_spin() -> None:
-    """vLLM's engine core and its model worker (separate processes: on CPU vLLM always uses the multiprocessing
-    executor) pass each step through a shared-memory queue whose readers spin (`sched_yield` in a loop) for 1 s
-    after every message before they block on the writer's zmq notification (`SpinCondition`, vllm 0.30; vLLM has
-    no setting for it). With an idle core to spin on, that buys latency. Under verl on a small CPU machine there
-    is none: while the worker computes a decode step the engine core spins, and between steps the worker does,
-    taking CPU from the agent loop, the reward worker and each other. With `GENPAGE_VLLM_SHM_SPIN_S` set (the
-    Dr. GRPO recipe sets 0 on CPU), a reader spins at most that long and then blocks; the writer notifies after
-    every write and zmq keeps the notification, so no wake-up is lost. Unset, vLLM's behaviour is unchanged
-    (offline engines, latency benchmarks). Measurements in docs/benchmarks.md."""
-    from vllm.distributed.device_communicators import shm_broadcast
-
-    cls = shm_broadcast.SpinCondition
-    if getattr(cls.wait, "_genpage_bounded", False):
-        return
-    original = cls.wait
-
-    def wait(self, timeout_ms=None):
-        # Once per reader, at its first wait (also bounds queues made before the plugin loaded): wait runs in
-        # vLLM's spin loop, so the setting is not read again on every call.
-        if self.is_reader and not getattr(self, "_genpage_bounded", False):
-            limit = shm_spin_s()
-            if limit is not None:
-                self.busy_loop_s = min(self.busy_loop_s, limit)
-            self._genpage_bounded = True
-        return original(self, timeout_ms)
-
-    wait._genpage_bounded = True
-    cls.wait = wait
-
-
 def register() -> None:
     install_log_filters()
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        bound_shm_spin()
-
     from vllm import ModelRegistry
 
     import policies.modeling_genpage  # noqa: F401  (AutoConfig / AutoModel registration)

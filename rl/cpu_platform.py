@@ -25,7 +25,6 @@ from typing import Any, Optional
 import torch
 from verl.plugin.platform import PlatformBase, PlatformRegistry
 
-from policies.vllm_plugin import SHM_SPIN_ENV
 from rl.cpu_shims import VERL, UpstreamPin
 
 PLATFORM_NAME = "cpu"
@@ -40,9 +39,6 @@ def cpu_env() -> dict[str, str]:
         "VERL_ENGINE_DEVICE": "cuda",
         "VLLM_TARGET_DEVICE": "cpu",
         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),  # GiB
-        # vLLM's engine core and worker block instead of spinning 1 s on their shared-memory queue after each
-        # message: on a small machine the spin takes CPU from the rollout (policies.vllm_plugin.bound_shm_spin).
-        SHM_SPIN_ENV: os.environ.get(SHM_SPIN_ENV, "0"),
     }
 
 
