@@ -22,8 +22,10 @@ demo: setup
 	$(PY) recipes/dr_grpo.py
 
 # Post-training methods side by side on the demo's world, all judged on its ground truth (docs/wbc.md): WBC,
-# Dr. GRPO with page credit (as published) and the demo's (token credit), 3 seeds each, then one table.
+# Dr. GRPO with page credit (as published) and the demo's (token credit), 3 seeds each, then one table; and the
+# reward model beside its random-initialization ablation (paper Table 1; the demo's reward model skips it).
 compare: demo
+	$(PY) recipes/train_rm.py scratch_ablation=true out_dir=runs/rm_ablation
 	$(PY) recipes/wbc.py
 	$(PY) recipes/dr_grpo.py credit=page out_dir=runs/dr_grpo_page
 	$(PY) recipes/compare.py

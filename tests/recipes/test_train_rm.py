@@ -18,7 +18,8 @@ pytestmark = pytest.mark.recipe
 ROOT = Path(__file__).parents[2]
 TINY_WORLD = ["world.n_entities=60", "world.n_users=150", "world.n_impressions=2000", "world.batch_size=500"]
 TINY_RM = ["batch_size=16", "eval_sequences=200", "score_batch_size=64", "num_threads=1", "wandb_mode=offline",
-           "lr=0.003", "backbone_lr=0.001", "warmup_steps=5", "entity_loss_weight=4"]
+           "lr=0.003", "backbone_lr=0.001", "warmup_steps=5", "entity_loss_weight=4",
+           "scratch_ablation=true"]  # both initializations: what the pipeline tests are about
 
 
 def recipe(name: str, *args: str) -> list[str]:
