@@ -61,7 +61,7 @@ class DrGrpoConfig(StageConfig):
     prompt_seed: int = option(0, "which train-split logged contexts the training prompts are drawn from (rounds of recipes/iterate.py each draw their own)")
     prompt_source: Literal["logged", "environment"] = option("logged", "training prompts: 'logged' (contexts of train-split users in the logs) or 'environment' (fresh contexts the environment samples)")
     eval_temperature: float = option(1.0, "sampling temperature of the evaluation pages (the trained policy samples)")
-    reward_timing: Literal["after_rollout", "streamed"] = option("after_rollout", "when the rollout's pages are scored: 'after_rollout' = the whole batch in one reward-model pass when the rollout ends (verl's path for a reward model colocated with the rollout, rl/trainer.py; the default: it drops the per-page calls to the reward worker and its small reward-model batches, measurements in docs/benchmarks.md); 'streamed' = each page as it finishes, beside the pages still decoding (verl's default for rewards without a reward-model server); same rewards either way")
+    reward_timing: Literal["after_rollout", "streamed"] = option("after_rollout", "when the rollout's pages are scored: 'after_rollout' = the whole batch in one reward-model pass when the rollout ends, in the trainer's process (verl's path for a reward model colocated with the rollout, rl/trainer.py; the default: no per-page calls to a reward worker, no small reward-model batches, no batch sent to another process; measurements in docs/benchmarks.md); 'streamed' = each page as it finishes, beside the pages still decoding (verl's default for rewards without a reward-model server); same rewards either way")
     num_threads: int = option(2, "torch threads per process; verl's phases (rollout, log-probs, update) mostly take turns, so each may use every core of an idle machine (use 1 on a shared one; timings: docs/experiments/dr_grpo.md)")
     extra_verl_overrides: tuple[str, ...] = option((), "raw Hydra overrides for verl, applied last (they win)")
 
@@ -244,7 +244,8 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
         f"actor_rollout_ref.rollout.max_num_batched_tokens={max(4096, lengths.prompt + lengths.page + 8)}",
         "actor_rollout_ref.rollout.agent.num_workers=1",
         # -- reward: our manager (RM + format reward; ground truth only logged) --------------------------
-        "reward.num_workers=1",
+        # after the rollout the trainer scores the batch itself (rl/trainer.py): no reward worker to start
+        f"reward.num_workers={0 if cfg.reward_timing == 'after_rollout' else 1}",
         "reward.reward_manager.source=importlib",
         "reward.reward_manager.name=GenPageRewardManager",
         "reward.reward_manager.module.path=pkg://rl.reward_manager",

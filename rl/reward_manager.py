@@ -15,9 +15,10 @@ same judge.
 
 `GenPageRewardManager` is registered with verl's reward-loop registry as "genpage" and is loaded by the recipe
 through `reward.reward_manager.source=importlib` (`pkg://rl.reward_manager`), which imports this module in
-verl's reward workers. verl calls `run_single` once per sampled page (streamed from the agent loop as each
-rollout finishes); the manager collects concurrent calls into one batch (`_MicroBatcher`) so the reward model
-and the rule engine run batched.
+verl's reward workers. Streamed (`reward_timing=streamed`), verl calls `run_single` once per sampled page as each
+rollout finishes; the manager collects concurrent calls into one batch (`_MicroBatcher`) so the reward model and
+the rule engine run batched. After the rollout (the default), the trainer calls `score_batch` on the whole batch
+in its own process (rl/trainer.py).
 """
 
 from __future__ import annotations
@@ -244,11 +245,36 @@ class GenPageRewardManager(RewardManagerBase):
         return out
 
     async def run_single(self, data) -> dict:
-        data = data[-1:]  # single-turn: the last (only) sequence of the trajectory
-        prompt = data.batch["prompts"][0]
-        response = data.batch["responses"][0]
-        nt = data.non_tensor_batch
-        p_len = int(nt["prompt_len"][0]) if "prompt_len" in nt else len(prompt)
-        r_len = int(nt["response_len"][0]) if "response_len" in nt else int(data.batch["attention_mask"][0, len(prompt):].sum())
-        info = nt["extra_info"][0] if "extra_info" in nt else None
-        return await self.batcher.submit((prompt[:p_len].tolist(), response[:r_len].tolist(), dict(info or {})))
+        return await self.batcher.submit(batch_items(data[-1:])[0])  # single-turn: the last (only) sequence
+
+    def score_batch(self, data):
+        """A whole rollout batch scored in one judge pass, in the calling process: what verl's
+        `RewardLoopManager.compute_rm_score` returns (`rm_scores` [B, T] with each page's reward on its last token;
+        the extra info per key, stacked; `reward_extra_keys`), without sending the batch to a reward worker."""
+        from verl import DataProto
+
+        results = self._judge_batch(batch_items(data))
+        rm_scores = self.assemble_rm_scores(data, [r["reward_score"] for r in results])  # [B, T]
+        keys = list(results[0]["reward_extra_info"]) if results else []
+        extra = {k: np.array([r["reward_extra_info"][k] for r in results]) for k in keys}
+        return DataProto.from_dict(tensors={"rm_scores": rm_scores}, non_tensors=extra, meta_info={"reward_extra_keys": keys})
+
+
+def batch_items(data) -> list[tuple[list[int], list[int], dict]]:
+    """verl's rollout DataProto -> per page (prompt ids, page ids, the prompt's extra_info), padding removed. A batch
+    left-pads its prompts and right-pads its responses (`attention_mask` [B, P + T] marks the real tokens); one
+    rollout streamed from the agent loop also carries its lengths (`prompt_len`, `response_len`)."""
+    prompts, responses = data.batch["prompts"], data.batch["responses"]  # [B, P], [B, T]
+    width = prompts.shape[1]
+    mask = data.batch["attention_mask"].bool()  # [B, P + T]
+    nt = data.non_tensor_batch
+    items = []
+    for i in range(len(data)):
+        if "prompt_len" in nt:
+            prompt = prompts[i, : int(nt["prompt_len"][i])]
+            page = responses[i, : int(nt["response_len"][i])]
+        else:
+            prompt, page = prompts[i][mask[i, :width]], responses[i][mask[i, width:]]
+        info = nt["extra_info"][i] if "extra_info" in nt else None
+        items.append((prompt.tolist(), page.tolist(), dict(info or {})))
+    return items

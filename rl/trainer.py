@@ -138,12 +138,26 @@ class GenPagePPOTrainer(RayPPOTrainer):
         handles, and the trainer calls the reward loop's `compute_rm_score` on the whole batch, through the same
         reward workers and `GenPageRewardManager`. The reward model is this project's, not verl's (no
         `reward.reward_model`), so the role that path looks up gets the shared pool, as verl's own colocated
-        reward model does (`add_reward_model_resource_pool`); nothing is placed on it. verl's validation then also
-        calls `sleep_replicas` (a no-op without `free_cache_engine`) and re-syncs the unchanged weights."""
+        reward model does (`add_reward_model_resource_pool`); nothing is placed on it. The batch is then scored in this
+        process (`_compute_reward_colocate`), so no reward worker is started (`reward.num_workers=0`, rl/config.py).
+        verl's validation also calls `sleep_replicas` (a no-op without `free_cache_engine`) and re-syncs the
+        unchanged weights."""
         from verl.trainer.ppo.utils import Role
 
         self.use_rm = True
         self.resource_pool_manager.mapping.setdefault(Role.RewardModel, "global_pool")
+
+    _reward_manager = None
+
+    def _compute_reward_colocate(self, batch):
+        """The whole batch scored in this process by the project's reward manager (`score_batch`), where verl's
+        colocated path sends it to the reward workers (`compute_rm_score`: the batch's Ray transfer, one
+        `DataProto` slice and one task per page, the manager's batching window). Same judge, same output."""
+        if self._reward_manager is None:
+            from rl.reward_manager import GenPageRewardManager
+
+            self._reward_manager = GenPageRewardManager(self.config, self.tokenizer)
+        return self._reward_manager.score_batch(batch)
 
     def _compute_ref_log_prob(self, batch):
         return super()._compute_ref_log_prob(worker_view(batch))

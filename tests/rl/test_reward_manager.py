@@ -2,6 +2,7 @@
 batch; and verl's per-sample calls collected into one batched judgement."""
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -222,3 +223,63 @@ def test_manager_batches_verl_per_sample_calls(judge, small_world):
     rows = prompt_rows(tok, logged(contexts), "test")
     out = asyncio.run(run_all())
     assert all(pm.EXTRA_TOKEN_REWARD not in o["reward_extra_info"] for o in out)
+
+
+class PromptLengthRM(LengthRM):
+    """Stand-in reward model that also sees the prompt: 0.1 x page tokens + 0.01 x prompt tokens."""
+
+    def score(self, prompts, pages):
+        return np.array([0.1 * len(g) + 0.01 * len(p) for p, g in zip(prompts, pages)])
+
+
+def test_whole_batch_scored_like_its_pages_without_padding(judge, small_world):
+    """score_batch (the trainer's scoring after the rollout) on a verl batch (prompts left-padded, pages
+    right-padded) gives each page what run_single gives it alone: padding is not part of the prompt or the page,
+    the reward sits on the page's last token, and the extra info is stacked per key."""
+    from verl import DataProto
+
+    from rl.reward_manager import GenPageRewardManager, _MicroBatcher
+
+    manager = GenPageRewardManager.__new__(GenPageRewardManager)
+    manager.judge = PageJudge(judge.env, judge.tok, judge.rules, PromptLengthRM(), judge.format_weight,
+                              judge.entity_ids, judge.content)
+    manager.batcher, manager.token_width = _MicroBatcher(manager._judge_batch), None
+    tok = judge.tok
+    _, _, contexts = world_prompts(small_world, np.arange(3))
+    contexts[1] = dataclasses.replace(contexts[1], history=contexts[1].history[:-1])  # a shorter prompt: padding shows
+    rows = prompt_rows(tok, logged(contexts), "train")
+    prompts = [tok.encode_context(c) for c in contexts]
+    assert len({len(p) for p in prompts}) > 1
+    pages = [[tok.eop_id], [tok.vocab["row:genre_comedy"], tok.eop_id], [tok.vocab["row:genre_drama"]]]
+    P, T, pad = max(map(len, prompts)), max(map(len, pages)), tok.pad_id
+
+    def left(p):
+        return [pad] * (P - len(p)) + p
+
+    def right(g):
+        return g + [pad] * (T - len(g))
+
+    batch = DataProto.from_dict(
+        tensors={"prompts": torch.tensor([left(p) for p in prompts]), "responses": torch.tensor([right(g) for g in pages]),
+                 "attention_mask": torch.tensor([[0] * (P - len(p)) + [1] * (len(p) + len(g)) + [0] * (T - len(g))
+                                                 for p, g in zip(prompts, pages)])},
+        non_tensors={"extra_info": np.array([r["extra_info"] for r in rows], dtype=object)})
+    out = manager.score_batch(batch)
+
+    expected = [0.1 * len(g) + 0.01 * len(p) for p, g in zip(prompts, pages)]
+    scores = out.batch["rm_scores"]  # [3, T]
+    np.testing.assert_allclose(scores.sum(-1).numpy(), expected, rtol=1e-6)
+    assert [int(s.nonzero()[-1]) for s in scores] == [len(g) - 1 for g in pages]
+
+    def alone(i):
+        p, g = torch.tensor(prompts[i]), torch.tensor(pages[i])
+        return DataProto.from_dict(
+            tensors={"prompts": p[None], "responses": g[None], "attention_mask": torch.ones(1, len(p) + len(g), dtype=torch.long)},
+            non_tensors={"extra_info": np.array([rows[i]["extra_info"]], dtype=object),
+                         "prompt_len": np.array([len(p)]), "response_len": np.array([len(g)])})
+
+    single = [asyncio.run(manager.run_single(alone(i))) for i in range(3)]
+    np.testing.assert_allclose([s["reward_score"] for s in single], expected, rtol=1e-6)
+    assert out.meta_info["reward_extra_keys"] == list(single[0]["reward_extra_info"])
+    for key in out.meta_info["reward_extra_keys"]:
+        np.testing.assert_allclose(out.non_tensor_batch[key].astype(float), [s["reward_extra_info"][key] for s in single])

@@ -102,3 +102,17 @@ def test_reward_after_rollout_takes_verls_colocated_reward_path(monkeypatch):
     streamed.init_workers()
     prepared(True).init_workers()
     assert calls == [False, True] and Role.RewardModel not in streamed.resource_pool_manager.mapping
+
+    # The batch is scored in the trainer's process, so no reward worker is started; streamed keeps one.
+    from pathlib import Path
+
+    from rl.config import DrGrpoConfig, RunPaths, SequenceLengths, verl_overrides
+
+    def workers(timing):
+        o = verl_overrides(DrGrpoConfig(reward_timing=timing), "m", RunPaths(Path("/tmp/x"), 0), seed=0, cpu=True,
+                           lengths=SequenceLengths(90, 55))
+        return [x for x in o if x.startswith("reward.num_workers=")]
+
+    assert workers("after_rollout") == ["reward.num_workers=0"] and workers("streamed") == ["reward.num_workers=1"]
+    assert "_compute_reward_colocate" in GenPagePPOTrainer.__dict__  # verl's colocated hook, replaced
+    assert "self.reward_loop_manager.compute_rm_score(batch)" in inspect.getsource(RayPPOTrainer._compute_reward_colocate)
