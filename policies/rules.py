@@ -441,16 +441,22 @@ class RuleSet:
         """[N, V] allowed next tokens after N (prompt, page prefix) pairs."""
         return self.allowed(self.state_step(prompts, prefixes))
 
-    def allowed_all_positions(self, input_ids: torch.Tensor, page_start: torch.Tensor) -> torch.Tensor:
-        """[B, T, V]: at position t, the tokens allowed at t + 1 (all True outside an active page).
-
-        The rules run on the active positions only (a page is a few dozen of a sequence's ~150 positions)."""
+    def allowed_active(self, input_ids: torch.Tensor, page_start: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The active (row, position) pairs of input_ids [B, T] and the tokens allowed after each: b [N], t [N],
+        allowed [N, V]. Every other position allows every token. The rules run on these positions only (a page is a
+        few dozen of a sequence's ~150 positions), so the cost grows with the pages, not with B x T x V."""
         st = self.state_all_positions(input_ids, page_start)
         b, t = st.active.nonzero(as_tuple=True)  # [N] active (row, position) pairs
         active = PageState(st.active[b, t], st.used[b, t], st.n_rows[b, t], st.row_len[b, t], st.cur_row[b, t],
                            st.resumable[b, 0], st.profile_ok[b, 0])  # [N] states; resumable, profile_ok [B, 1, V]
+        return b, t, self.allowed(active)
+
+    def allowed_all_positions(self, input_ids: torch.Tensor, page_start: torch.Tensor) -> torch.Tensor:
+        """[B, T, V]: at position t, the tokens allowed at t + 1 (all True outside an active page)."""
+        b, t, allowed = self.allowed_active(input_ids, page_start)
         out = torch.ones(*input_ids.shape, self.vocab_size, dtype=torch.bool)
-        out[b, t] = self.allowed(active)
+        out[b, t] = allowed
         return out
 
     def mask_logits(self, logits: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -459,23 +465,26 @@ class RuleSet:
         finfo.min / 2 (finite: entropy stays defined). Sequences are found by the [PAGE] token; packed rows
         (position_ids restarting at 0 inside a row) are split per sequence. attention_mask [B, T] (optional): a
         restart inside padding is not a sequence (verl pads position_ids with 0s after each row's end), so
-        padded rows take the one batch-wide pass instead of the per-sequence loop."""
+        padded rows take the one batch-wide pass instead of the per-sequence loop. Only the active positions'
+        logits [N, V] are masked: no [B, T, V] mask is built."""
         neg = torch.finfo(logits.dtype).min / 2
         segments = _segments(input_ids, position_ids, attention_mask)
         if all(len(seg) == 1 for seg in segments):  # padded batch: one sequence per row, all rows at once
             is_page = input_ids == self.page_id
             T = input_ids.shape[1]
             page_start = torch.where(is_page.any(-1), is_page.long().argmax(-1) + 1, T + 1)  # [B]
-            allowed = self.allowed_all_positions(input_ids.cpu(), page_start.cpu()).to(logits.device)  # [B, T, V]
-            return logits.masked_fill(~allowed, neg)
+            b, t, allowed = self.allowed_active(input_ids.cpu(), page_start.cpu())  # [N], [N], [N, V]
+            b, t, allowed = b.to(logits.device), t.to(logits.device), allowed.to(logits.device)
+            return logits.index_put((b, t), logits[b, t].masked_fill(~allowed, neg))  # a new tensor, as masked_fill
         for b, segs in enumerate(segments):
             for lo, hi in segs:
                 ids = input_ids[b, lo:hi][None].cpu()  # [1, L]
                 hit = (ids[0] == self.page_id).nonzero()
                 if len(hit) == 0:
                     continue  # no page in this sequence (e.g. a bare prompt): nothing to mask
-                allowed = self.allowed_all_positions(ids, hit[:1, 0] + 1)[0].to(logits.device)  # [L, V]
-                logits[b, lo:hi] = logits[b, lo:hi].masked_fill(~allowed, neg)
+                _, t, allowed = self.allowed_active(ids, hit[:1, 0] + 1)  # [N], [N, V]
+                t, allowed = t.to(logits.device) + lo, allowed.to(logits.device)
+                logits[b, t] = logits[b, t].masked_fill(~allowed, neg)
         return logits
 
     # -- format reward ----------------------------------------------------------------------------------------

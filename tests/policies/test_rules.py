@@ -320,10 +320,37 @@ def test_verl_padded_rows_take_the_batch_wide_mask_replay(setup, monkeypatch):
     logits = torch.randn(len(seqs), T, len(tok))
     per_sequence = rules.mask_logits(logits.clone(), ids, pos)  # without the mask: the padding looks like a sequence
     calls = []
-    original = type(rules).allowed_all_positions
-    monkeypatch.setattr(type(rules), "allowed_all_positions", lambda self, *a: calls.append(1) or original(self, *a))
+    original = type(rules).allowed_active
+    monkeypatch.setattr(type(rules), "allowed_active", lambda self, *a: calls.append(1) or original(self, *a))
     batch_wide = rules.mask_logits(logits.clone(), ids, pos, attn)
     assert len(calls) == 1
     real = attn.bool()
     assert torch.equal(batch_wide[real], per_sequence[real])
     assert (batch_wide[real] != logits[real]).any()  # the mask did act
+
+
+def test_mask_replay_on_active_positions_equals_the_full_mask_and_its_gradient(setup):
+    """The batch-wide replay masks only the active positions' logits [N, V]; logits and gradients equal masking
+    with the materialized [B, T, V] mask of `allowed_all_positions`."""
+    world, tok, rules, _ = setup
+    rng = np.random.default_rng(2)
+    seqs = [prompt_of(world, tok, u) + walk(rules, tok, prompt_of(world, tok, u), rng, noise=0.3) for u in (4, 5, 6)]
+    T = max(map(len, seqs)) + 2
+    ids = torch.full((len(seqs), T), tok.pad_id)
+    attn = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)], attn[b, :len(s)] = torch.tensor(s), 1
+    pos = torch.arange(T).expand(len(seqs), T) * attn
+    raw = torch.randn(len(seqs), T, len(tok))
+    is_page = ids == rules.page_id
+    full = rules.allowed_all_positions(ids, is_page.long().argmax(-1) + 1)  # [B, T, V]
+    assert (~full).any()
+    a, b_ = raw.clone().requires_grad_(), raw.clone().requires_grad_()
+    got = rules.mask_logits(a, ids, pos, attn)
+    want = b_.masked_fill(~full, torch.finfo(raw.dtype).min / 2)
+    assert torch.equal(got, want)
+    weights = torch.randn_like(raw)
+    (got.log_softmax(-1) * weights).sum().backward()
+    (want.log_softmax(-1) * weights).sum().backward()
+    assert torch.allclose(a.grad, b_.grad, atol=1e-6)
+    assert torch.equal(a.detach(), raw)  # the caller's logits are not changed in place
