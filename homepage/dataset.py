@@ -495,8 +495,10 @@ def open_dataset(root: str | Path, on_bad_rows: str = "error", max_bad_fraction:
     return dataset, table, report
 
 
-def open_stage_dataset(cfg, out: str | Path):
+def open_stage_dataset(cfg, out: str | Path, quarantine: bool = True):
     """open_dataset for a stage config (`common.config.StageConfig`): its data_dir and bad-row policy, the
-    quarantine file in the stage's output directory."""
-    return open_dataset(cfg.data_dir, cfg.on_bad_rows, cfg.max_bad_fraction, Path(out) / QUARANTINE_FILE)
+    quarantine file in the stage's output directory (quarantine=False: not written, for the data-parallel
+    ranks but rank 0, which read the same rows)."""
+    return open_dataset(cfg.data_dir, cfg.on_bad_rows, cfg.max_bad_fraction,
+                        Path(out) / QUARANTINE_FILE if quarantine else None)
 

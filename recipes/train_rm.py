@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import distributed
 from common.cli import parse_recipe_args, reuse_or_start, write_summary
 from homepage.dataset import DatasetError, open_stage_dataset
 from homepage.environment import load_environment
@@ -87,13 +88,17 @@ def main() -> None:
     torch.set_num_threads(cfg.num_threads)
     pretrained = check_inputs(cfg)
     out = Path(cfg.out_dir)
-    if reuse_or_start(out, args.force, "train_rm", "summary.json", "model/config.json"):
+    ranks = distributed.init_ranks()  # under torchrun: this rank of the data-parallel group (common/distributed.py)
+    ranks.check_batch(cfg.batch_size)
+    reuse = ranks.is_main and reuse_or_start(out, args.force, "train_rm", "summary.json", "model/config.json")
+    if distributed.broadcast_flag(reuse, ranks):
         return
+    say = print if ranks.is_main else (lambda *a, **k: None)  # rank 0 speaks for the group
 
     # -- data: every logged impression, train users for training, valid users held out -------------------------
     tok = GenPageTokenizer.from_pretrained(pretrained)
     try:
-        dataset, table, report = open_stage_dataset(cfg, out)
+        dataset, table, report = open_stage_dataset(cfg, out, quarantine=ranks.is_main)
         logs = dataset.logs
         check_tokenizer_matches(tok, dataset, table, f"the pretrained checkpoint {pretrained}")
         env = load_environment(cfg.environment, dataset)
@@ -102,7 +107,7 @@ def main() -> None:
     except (DatasetError, ValueError) as e:
         raise SystemExit(f"dataset error: {e}") from None
     feedback_types = dataset.schema.rewards.feedback_types
-    print(f"[data] {report.summary()}")
+    say(f"[data] {report.summary()}")
     train, train_table = split_logs(table, tok, "train")
     valid, valid_table = split_logs(table, tok, "valid")
     if len(train) == 0 or len(valid) == 0:
@@ -116,12 +121,20 @@ def main() -> None:
             targets = entity_targets(train_table, logs, feedback_types)
         except ValueError as e:
             raise SystemExit(str(e)) from None
-        print("[data] reward system in the logs: " + ", ".join(
+        say("[data] reward system in the logs: " + ", ".join(
             f"{name} {v:+.3f} ({n} titles)" for name, v, n in zip(feedback_types, targets.feedback_rewards,
                                                                   targets.feedback_counts))
               + f"; thumbs-up {targets.thumbs_up_reward:+.3f} ({targets.thumbs_up_count} titles)")
-    print(f"[data] train {len(train)} impressions of {len(set(train.user_ids))} users; valid {len(valid)} of "
+    say(f"[data] train {len(train)} impressions of {len(set(train.user_ids))} users; valid {len(valid)} of "
           f"{len(set(valid.user_ids))} users; page reward mean {norm.mean:.3f}, std {norm.std:.3f}")
+
+    runs = [InitRun("pretrained", out / "model", out / "checkpoints" / "pretrained", out, "rm")]
+    if cfg.scratch_ablation:
+        runs.append(InitRun("scratch", out / "scratch_model", out / "checkpoints" / "scratch", out, "rm_scratch"))
+    if not ranks.is_main:  # the other ranks train their part of each batch; rank 0 evaluates and writes
+        train_inits(runs, cfg, train, valid, norm, tok, None, targets, ranks)
+        distributed.leave_group(ranks)
+        return
 
     # -- ground truth (with an environment only): logged pages, and pages the pretrained policy generates ------
     evalset = logged_eval_set(env, valid_table, valid) if env is not None else EvalSet(
@@ -133,10 +146,8 @@ def main() -> None:
         evalset.true_gen = np.asarray(generated["true"])
 
     # -- train and evaluate: pretrained initialization and the random-initialization ablation (at once) ------
-    runs = [InitRun("pretrained", out / "model", out / "checkpoints" / "pretrained", out, "rm")]
-    if cfg.scratch_ablation:
-        runs.append(InitRun("scratch", out / "scratch_model", out / "checkpoints" / "scratch", out, "rm_scratch"))
-    fitted = train_inits(runs, cfg, train, valid, norm, tok, evalset, targets)
+    fitted = train_inits(runs, cfg, train, valid, norm, tok, evalset, targets, ranks)
+    distributed.leave_group(ranks)
     results = {init: r.metrics for init, r in fitted.items()}
     preds = {f"RM ({init} init)": r.valid_pred for init, r in fitted.items()}
 
@@ -161,7 +172,7 @@ def main() -> None:
         "generated_true_mean": float(np.mean(generated["true"])) if generated else None,
         "feedback_rewards": dict(zip(feedback_types, targets.feedback_rewards)) if targets else None,
         "thumbs_up_reward": targets.thumbs_up_reward if targets else None,
-        "bad_rows": report.bad_rows(), "logs": str(logs), "environment": type(env).__name__ if env else None, "config": dataclasses.asdict(cfg),
+        "ranks": ranks.world, "bad_rows": report.bad_rows(), "logs": str(logs), "environment": type(env).__name__ if env else None, "config": dataclasses.asdict(cfg),
     })
     write_summary(out / "summary.json", summary)
     (out / "results.md").write_text(

@@ -24,8 +24,9 @@ from reward_model.data import EntityTargets, RewardNormalization, collate_token_
 DEFAULT_REWARD_HEAD = "entity_feedback"
 
 # (the model's output: a PageRewardOutput or RewardReadout, the batch's train-impression indices, their prompts,
-#  the batch width T) -> (scalar loss, metrics)
-EntityLoss = Callable[[RewardReadout, list[int], list[list[int]], int], tuple[torch.Tensor, dict[str, float]]]
+#  the batch width T) -> (scalar loss: a mean over the batch's titles, the number of titles it averages, metrics);
+#  the count lets a data-parallel run weigh each rank's mean by its share of the whole batch's titles.
+EntityLoss = Callable[[RewardReadout, list[int], list[list[int]], int], tuple[torch.Tensor, int, dict[str, float]]]
 
 
 def feedback_nll(logits: torch.Tensor, feedback: torch.Tensor, thumbs: torch.Tensor) -> torch.Tensor:
@@ -106,9 +107,10 @@ class EntityFeedbackHead(RewardHead):
 
     def entity_loss(self, targets):
         def loss(out, rows, prompts, T):
-            nll = feedback_nll(out.feedback_logits, collate_token_targets(prompts, [targets.feedback[i] for i in rows], T),
+            feedback = collate_token_targets(prompts, [targets.feedback[i] for i in rows], T)  # [B, T] NaN off titles
+            nll = feedback_nll(out.feedback_logits, feedback,
                                collate_token_targets(prompts, [targets.thumbs[i] for i in rows], T))
-            return nll, {"rm/train_feedback_nll": nll.item()}
+            return nll, int((~torch.isnan(feedback)).sum()), {"rm/train_feedback_nll": nll.item()}
 
         return loss
 
@@ -130,7 +132,7 @@ class EntitySumHead(RewardHead):
         def loss(out, rows, prompts, T):
             token_target = collate_token_targets(prompts, [targets.reward[i] for i in rows], T)  # [B, T] NaN off titles
             mse = token_reward_mse(out.token_rewards, token_target, scale)
-            return mse, {"rm/train_entity_loss": mse.item()}
+            return mse, int((~torch.isnan(token_target)).sum()), {"rm/train_entity_loss": mse.item()}
 
         return loss
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import distributed
 from policies.data import PageSequences
 from policies.tokenizer import GenPageTokenizer
 from reward_model.config import RewardModelConfig
@@ -67,15 +68,20 @@ def exit_with_parent(parent_pid: int, interval_s: float = 0.5) -> threading.Thre
 def train_and_evaluate(run: InitRun, cfg: RewardModelConfig, train: PageSequences, valid: PageSequences,
                        norm: RewardNormalization, tok: GenPageTokenizer, evalset: EvalSet,
                        targets: EntityTargets | None, num_threads: int, bar_position: int = 0,
-                       parent_pid: int | None = None) -> InitResult:
+                       parent_pid: int | None = None,
+                       ranks: distributed.Ranks = distributed.Ranks()) -> InitResult | None:
     """Trains (or resumes) one initialization, saves it, scores the evaluation sets with the saved model (what
     users load), and closes its wandb run with the evaluation in its summary. parent_pid: in a child process,
-    the recipe's process (the child exits when it is gone)."""
+    the recipe's process (the child exits when it is gone). ranks: under torchrun, every rank trains its part
+    of each batch; rank 0 alone saves and evaluates (the others return None)."""
     if parent_pid is not None:
         exit_with_parent(parent_pid)
     torch.set_num_threads(num_threads)
     result = fit(run.init, cfg, train, valid, norm, tok.pad_id, tok.eop_id, run.ckpt_dir, run.wandb_dir, run.name,
-                 targets, bar_position)
+                 targets, bar_position, ranks)
+    if not ranks.is_main:
+        result.wandb_run.finish()
+        return None
     result.model.save_pretrained(run.model_dir)
     tok.save_pretrained(run.model_dir)
     scorer = PageRewardScorer.from_pretrained(run.model_dir, batch_size=cfg.score_batch_size)
@@ -91,12 +97,14 @@ def train_and_evaluate(run: InitRun, cfg: RewardModelConfig, train: PageSequence
 
 def train_inits(runs: list[InitRun], cfg: RewardModelConfig, train: PageSequences, valid: PageSequences,
                 norm: RewardNormalization, tok: GenPageTokenizer, evalset: EvalSet,
-                targets: EntityTargets | None) -> dict[str, InitResult]:
+                targets: EntityTargets | None,
+                ranks: distributed.Ranks = distributed.Ranks()) -> dict[str, InitResult | None]:
     """Every run of `runs`, at once in child processes (cfg.parallel_inits, more than one run and at least as
-    many threads as runs) or in turn in this process. -> {init: result}"""
+    many threads as runs, one process) or in turn in this process (always under torchrun: each run is data
+    parallel over the ranks; rank 0's results are the results, the others' None). -> {init: result}"""
     args = (cfg, train, valid, norm, tok, evalset, targets)
-    if not cfg.parallel_inits or len(runs) < 2 or cfg.num_threads < len(runs):
-        return {run.init: train_and_evaluate(run, *args, num_threads=cfg.num_threads) for run in runs}
+    if ranks.distributed or not cfg.parallel_inits or len(runs) < 2 or cfg.num_threads < len(runs):
+        return {run.init: train_and_evaluate(run, *args, num_threads=cfg.num_threads, ranks=ranks) for run in runs}
     threads = cfg.num_threads // len(runs)
     print(f"[train_rm] training {', '.join(r.init for r in runs)} at once: {len(runs)} processes x {threads} thread(s)")
     # spawn: a fresh interpreter per run (no forked torch thread pools); the children import this module.

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common import distributed
 from common.training import cosine_lr, init_wandb, latest_checkpoint, load_trainer_state, save_checkpoint
 from policies.data import PageSequences
 from policies.modeling_genpage import GenPageForPageReward
@@ -156,17 +157,21 @@ class FitResult:
 
 def fit(init: str, cfg: RewardModelConfig, train: PageSequences, valid: PageSequences, norm: RewardNormalization,
         pad_id: int, eop_id: int, ckpt_dir: Path, wandb_dir: Path, name: str,
-        targets: EntityTargets | None = None, bar_position: int = 0) -> FitResult:
+        targets: EntityTargets | None = None, bar_position: int = 0,
+        ranks: distributed.Ranks = distributed.Ranks()) -> FitResult:
     """Trains one reward model with checkpoints in ckpt_dir; a killed run resumes from the last one.
 
     train/valid page_reward are in reward units; the loss is on (reward - mean) / std (norm).
     targets: the logged outcome of each page token of the train impressions (data.entity_targets), where the
     head needs them (`needs_entity_targets`: entity_feedback for its reward system and, with
     cfg.entity_loss_weight > 0, the feedback its per-title outputs are trained on; entity_sum when
-    cfg.entity_loss_weight > 0, its per-title rewards regressing the logged entity rewards)."""
+    cfg.entity_loss_weight > 0, its per-title rewards regressing the logged entity rewards).
+    ranks: under torchrun, this rank of the data-parallel group (common/distributed.py): each rank trains on its
+    rows of the same global batch through DDP, rank 0 alone evaluates, checkpoints and logs."""
     from transformers import AutoModelForSequenceClassification
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(ranks)  # every rank resumes from the same checkpoint
     resume = latest_checkpoint(ckpt_dir)
     if resume is not None:
         model = AutoModelForSequenceClassification.from_pretrained(resume, dtype=torch.float32)
@@ -175,6 +180,7 @@ def fit(init: str, cfg: RewardModelConfig, train: PageSequences, valid: PageSequ
         model = build_reward_model(cfg.pretrained_dir, init, norm, cfg.seed, cfg.reward_head, mean_tokens,
                                    cfg.shrink_perturb, targets)
     model.train()
+    trained = distributed.wrap(model, ranks)  # forward/backward through DDP: gradients averaged over the ranks
     reward_head = get_reward_head(model.config.reward_head)
     entity_loss = None  # the head's per-title loss, weighted by cfg.entity_loss_weight
     if cfg.entity_loss_weight > 0 and reward_head.needs_entity_targets(cfg.entity_loss_weight):
@@ -200,30 +206,36 @@ def fit(init: str, cfg: RewardModelConfig, train: PageSequences, valid: PageSequ
         return float(np.mean((pred - target_valid) ** 2))
 
     history = extra.get("history", [])
-    if not history:  # the untrained model's loss: the reference the smoke test compares to
+    if not history and ranks.is_main:  # the untrained model's loss: the reference the smoke test compares to
         history.append({"step": 0, "valid_loss": valid_loss()})
-    if resume is not None:
+    if resume is not None and ranks.is_main:
         print(f"[{name}] resuming from {resume} at step {start}")
-    run = init_wandb(cfg.wandb_project, wandb_dir, {**dataclasses.asdict(cfg), "init": init}, cfg.wandb_mode, name,
-                     extra.get("wandb_id"))
+    run = init_wandb(cfg.wandb_project, wandb_dir, {**dataclasses.asdict(cfg), "init": init},
+                     cfg.wandb_mode if ranks.is_main else "disabled", name, extra.get("wandb_id"))
     target_train = torch.as_tensor(norm.normalize(train.page_reward), dtype=torch.float32)  # [N]
 
     t_train = 0.0
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, unit="step", position=bar_position)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, unit="step", position=bar_position,
+               disable=not ranks.is_main)
     for step in bar:
         batch_rng = np.random.default_rng([cfg.seed, step])  # batch order is a function of the step: resumable
         idx = batch_rng.choice(len(train), size=min(cfg.batch_size, len(train)), replace=False)
+        idx = ranks.shard(idx)  # this rank's rows of the global batch (the page MSE: equal shares, DDP's average)
+        if ranks.distributed:  # each rank its own fallback-token draws, a function of the step (resumable)
+            torch.manual_seed(int(np.random.default_rng([cfg.seed, step, ranks.rank]).integers(2**62)))
         batch = collate_pages([train.prompts[i] for i in idx], [train.pages[i] for i in idx], pad_id, eop_id)
         for group, base in zip(optimizer.param_groups, peak):
             group["lr"] = cosine_lr(step, cfg.steps, cfg.warmup_steps, base)
         prompts, T = [train.prompts[i] for i in idx], batch["input_ids"].shape[1]
         t0 = time.perf_counter()
-        out = model(**batch)
+        out = trained(**batch)
         loss, metrics = reward_mse(out.logits[:, 0], target_train[idx])
         if entity_loss is not None:
-            extra, extra_metrics = entity_loss(out, idx, prompts, T)
+            extra, titles, extra_metrics = entity_loss(out, idx, prompts, T)
             metrics.update(extra_metrics)
-            loss = loss + cfg.entity_loss_weight * extra
+            # DDP averages the ranks' gradients: each rank's per-title mean weighs by its share of all titles
+            share = distributed.global_scale(titles, distributed.global_sum(titles, ranks), ranks)
+            loss = loss + cfg.entity_loss_weight * share * extra
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(backbone + head, cfg.grad_clip)
@@ -232,12 +244,12 @@ def fit(init: str, cfg: RewardModelConfig, train: PageSequences, valid: PageSequ
         t_train += time.perf_counter() - t0
         metrics.update({"rm/grad_norm": grad_norm.item(), "rm/lr_head": optimizer.param_groups[1]["lr"],
                         "rm/lr_backbone": optimizer.param_groups[0]["lr"]})
-        if (step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.steps:
+        if ranks.is_main and ((step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.steps):
             metrics["rm/valid_loss"] = valid_loss()
             history.append({"step": step + 1, "valid_loss": metrics["rm/valid_loss"]})
             bar.set_postfix(loss=f"{loss.item():.3f}", valid=f"{metrics['rm/valid_loss']:.3f}")
         run.log(metrics, step=step + 1)
-        if (step + 1) % cfg.checkpoint_interval == 0 or step + 1 == cfg.steps:
+        if ranks.is_main and ((step + 1) % cfg.checkpoint_interval == 0 or step + 1 == cfg.steps):
             state = {"history": history, "wandb_id": run.id, **({"ema": ema.avg} if cfg.ema_decay else {})}
             save_checkpoint(ckpt_dir, step + 1, model, optimizer, state)
     ema.swap()  # the averaged weights are the result

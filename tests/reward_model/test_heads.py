@@ -77,18 +77,18 @@ def test_entity_sum_loss_by_hand():
     loss_fn = get_reward_head("entity_sum").entity_loss(TARGETS)
     # prompt of one token, the page at positions 1..4, T = 6; each page token predicts reward 2
     out = RewardReadout(torch.zeros(1, 1), token_rewards=torch.tensor([[0.0, 2.0, 2.0, 2.0, 2.0, 0.0]]))
-    loss, metrics = loss_fn(out, [0], [[7]], 6)
-    # titles at 2, 3 with rewards 0, 4 (std 2): errors (2 - 0) / 2 = 1 and (2 - 4) / 2 = -1 -> MSE 1
-    assert loss.item() == pytest.approx(1.0) and metrics == {"rm/train_entity_loss": pytest.approx(1.0)}
+    loss, n, metrics = loss_fn(out, [0], [[7]], 6)
+    # titles at 2, 3 with rewards 0, 4 (std 2): errors (2 - 0) / 2 = 1 and (2 - 4) / 2 = -1 -> MSE 1 over 2 titles
+    assert loss.item() == pytest.approx(1.0) and n == 2 and metrics == {"rm/train_entity_loss": pytest.approx(1.0)}
 
 
 def test_entity_feedback_loss_by_hand():
     loss_fn = get_reward_head("entity_feedback").entity_loss(TARGETS)
     logits = torch.zeros(1, 6, 3)  # each feedback type 1/2, thumbs-up 1/2
     logits[0, 0] = 100.0  # the prompt's prediction does not count
-    loss, metrics = loss_fn(RewardReadout(torch.zeros(1, 1), feedback_logits=logits), [0], [[7]], 6)
+    loss, n, metrics = loss_fn(RewardReadout(torch.zeros(1, 1), feedback_logits=logits), [0], [[7]], 6)
     # titles at 2, 3: cross-entropy log 2 each, binary cross-entropy log 2 each: mean CE + mean BCE = 2 log 2
-    assert loss.item() == pytest.approx(2 * math.log(2.0), rel=1e-6)
+    assert loss.item() == pytest.approx(2 * math.log(2.0), rel=1e-6) and n == 2
     assert metrics == {"rm/train_feedback_nll": pytest.approx(2 * math.log(2.0), rel=1e-6)}
 
 
