@@ -59,6 +59,8 @@ class StageConfig:
                                     "quarantine.parquet, counts them by reason in summary.json and goes on")
     max_bad_fraction: float = option(0.01, "quarantine mode: stop when more than this share of the rows is bad "
                                      "(a producer bug, not a few bad rows)")
+    cache_dir: str = option("runs/cache/encoded", "encoded impressions, memory-mapped and shared by every stage on "
+                            "the same logs and tokenizer (keyed by both: a change re-encodes); '' to encode in memory")
 
 
 # -- the OmegaConf schema of a dataclass ------------------------------------------------------------------------

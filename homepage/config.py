@@ -55,3 +55,5 @@ class MakeWorldConfig:
 
     out_dir: str = option("runs/world", "the dataset directory to write (dataset.yaml, catalog.parquet, logs/, simulator/) and summary.json")
     world: WorldConfig = option(factory=WorldConfig, help="size, behaviour, rewards, logging policy")
+    workers: int = option(1, "processes writing log parts at once (each part has its own generator: the logs are "
+                          "the same for any number)")

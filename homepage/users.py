@@ -35,8 +35,8 @@ class Users:
     hist_action: np.ndarray  # [U, H] int8 into ACTIONS
     hist_days_ago: np.ndarray  # [U, H] float32
     hist_fraction: np.ndarray  # [U, H] float32 share of the title watched
-    resume: np.ndarray  # [U, N] bool partially watched (eligible for Continue Watching)
-    completed: np.ndarray  # [U, N] bool watched to the end
+    resume: "UserTitleSets"  # [U, N] bool partially watched (eligible for Continue Watching)
+    completed: "UserTitleSets"  # [U, N] bool watched to the end
 
     @property
     def n(self) -> int:
@@ -44,6 +44,53 @@ class Users:
 
     def index_of(self) -> dict[str, int]:
         return {u: i for i, u in enumerate(self.user_ids)}
+
+
+class UserTitleSets:
+    """A [U, N] boolean (user u holds title n) where each user holds at most H titles, stored as [U, H] title
+    indices (-1 = none): the dense array would be 8 GB at 200,000 users x 20,000 titles. Reads like the dense
+    array: sets[u] -> [N], sets[users] -> [B, N], sets[users, titles] -> broadcast shape, sets.any(1) -> [U]."""
+
+    def __init__(self, titles: np.ndarray, n_titles: int):
+        self.titles = np.asarray(titles, dtype=np.int32)  # [U, H]
+        self.n_titles = n_titles
+
+    @classmethod
+    def from_dense(cls, dense: np.ndarray) -> "UserTitleSets":
+        """From a [U, N] boolean (a world saved before the sets were stored sparse)."""
+        H = max(int(dense.sum(1).max()), 1) if dense.size else 1
+        order = np.argsort(~dense, axis=1, kind="stable")[:, :H]  # each user's titles first
+        return cls(np.where(np.take_along_axis(dense, order, 1), order, -1), dense.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.titles), self.n_titles)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):  # (users, titles): membership, broadcast like dense indexing
+            users, titles = key
+            return (self.titles[users][..., :] == np.asarray(titles)[..., None]).any(-1)
+        rows = self.titles[key]  # [..., H]
+        flat = rows.reshape(-1, rows.shape[-1])
+        out = np.zeros((len(flat), self.n_titles + 1), dtype=bool)  # column N takes the -1 padding
+        out[np.arange(len(flat))[:, None], np.where(flat >= 0, flat, self.n_titles)] = True
+        return out[:, :-1].reshape(*rows.shape[:-1], self.n_titles)
+
+    def __setitem__(self, key, value) -> None:
+        """sets[user, titles] = False removes the titles (tests make titles unwatched)."""
+        if value is not False or not isinstance(key, tuple):
+            raise TypeError("UserTitleSets supports only sets[user, titles] = False")
+        user, titles = key
+        row = self.titles[user]
+        row[np.isin(row, np.asarray(titles))] = -1
+
+    def any(self, axis: int) -> np.ndarray:
+        if axis != 1:
+            raise ValueError("UserTitleSets.any: axis=1 (per user) only")
+        return (self.titles >= 0).any(1)
+
+    def dense(self) -> np.ndarray:
+        return self[np.arange(len(self.titles))]
 
 
 @dataclass
@@ -74,6 +121,31 @@ def sample_requests(rng: np.random.Generator, profile_type: np.ndarray) -> Reque
     dow = rng.integers(0, 7, size=B)
     device = rng.choice(len(DEVICES), size=B, p=[0.45, 0.3, 0.15, 0.1])
     return Requests(hours.astype(np.int8), dow.astype(np.int8), device.astype(np.int8))
+
+
+USER_CHUNK_CELLS = 2 ** 24  # user x title cells per chunk of history sampling (~130 MB per float64 array)
+
+
+def history_titles(rng: np.random.Generator, catalog: Catalog, taste: np.ndarray, profile: np.ndarray,
+                   H: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's H history titles, drawn by appeal with Gumbel noise (top-H), and their appeal, in chunks of
+    users: the [U, N] appeal is never whole (30 GB at 200,000 users x 20,000 titles). The noise is drawn chunk
+    after chunk, the same stream as one [U, N] draw.  -> (titles [U, H] best first, appeal [U, H])"""
+    U, N = len(taste), catalog.n
+    base = catalog.quality + 0.3 * np.log(catalog.popularity)  # [N]
+    mature = ~catalog.kids_safe
+    order = np.empty((U, H), dtype=np.int64)
+    top = np.empty((U, H))
+    step = max(1, USER_CHUNK_CELLS // N)
+    for s in range(0, U, step):
+        e = min(U, s + step)
+        appeal = taste[s:e] @ catalog.latent.T + base  # [u, N]
+        appeal = np.where((profile[s:e, None] == 1) & mature[None, :], -np.inf, appeal)
+        noisy = -(appeal + rng.gumbel(size=appeal.shape) * 1.5)
+        part = np.argpartition(noisy, H - 1, axis=1)[:, :H] if H < N else np.tile(np.arange(N), (e - s, 1))
+        part = np.take_along_axis(part, np.argsort(np.take_along_axis(noisy, part, 1), axis=1), 1)  # best first
+        order[s:e], top[s:e] = part, np.take_along_axis(appeal, part, 1)
+    return order, top
 
 
 def make_users(
@@ -111,11 +183,8 @@ def make_users(
     # History: titles drawn by appeal (Gumbel top-k), outcomes by match quality.
     H = history_max
     length = rng.integers(history_min, history_max + 1, size=n_users)
-    appeal = taste @ catalog.latent.T + catalog.quality + 0.3 * np.log(catalog.popularity)  # [U, N]
-    mature = ~catalog.kids_safe
-    appeal = np.where((profile[:, None] == 1) & mature[None, :], -np.inf, appeal)
-    order = np.argsort(-(appeal + rng.gumbel(size=appeal.shape) * 1.5), axis=1)[:, :H]  # [U, H]
-    sat = 1 / (1 + np.exp(-(np.take_along_axis(appeal, order, 1) - 0.5)))  # [U, H]
+    order, top_appeal = history_titles(rng, catalog, taste, profile, H)  # [U, H] each
+    sat = 1 / (1 + np.exp(-(top_appeal - 0.5)))  # [U, H]
     u01 = rng.random((n_users, H))
     fraction = np.where(u01 < sat, rng.uniform(0.9, 1.0, (n_users, H)), rng.uniform(0.02, 0.5, (n_users, H)))
     # A third of the titles the user would finish are still in progress: these feed Continue Watching.
@@ -130,13 +199,9 @@ def make_users(
 
     valid = np.arange(H)[None, :] < length[:, None]
     hist_entity = np.where(valid, order, -1).astype(np.int32)
-    resume = np.zeros((n_users, N), dtype=bool)
-    completed = np.zeros((n_users, N), dtype=bool)
-    uu = np.repeat(np.arange(n_users)[:, None], H, 1)
     partial = valid & (fraction >= 0.05) & (fraction < 0.9)
-    resume[uu[partial], order[partial]] = True
-    done = valid & (fraction >= 0.9)
-    completed[uu[done], order[done]] = True
+    resume = UserTitleSets(np.where(partial, order, -1), N)  # a user's history titles are distinct
+    completed = UserTitleSets(np.where(valid & (fraction >= 0.9), order, -1), N)
 
     split_draw = rng.random(n_users)
     split = np.where(split_draw < split_fractions[0], 0, np.where(split_draw < split_fractions[0] + split_fractions[1], 1, 2))

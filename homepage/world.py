@@ -21,7 +21,7 @@ from homepage.catalog import Catalog, make_catalog
 from homepage.config import WorldConfig
 from homepage.logging_policy import LoggingPolicy
 from homepage.pages import PageBatch
-from homepage.users import Requests, Users, make_users, sample_requests
+from homepage.users import Requests, Users, UserTitleSets, make_users, sample_requests
 
 WORLD_FORMAT_VERSION = 1
 SIMULATOR_DIR = "simulator"  # inside the dataset directory make_world writes: the hidden state
@@ -50,7 +50,9 @@ class ImpressionBatch:
 def _save_dataclass(obj, prefix: str, arrays: dict, meta: dict) -> None:
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
-        if isinstance(v, np.ndarray):
+        if isinstance(v, UserTitleSets):  # [U, H] title indices; N is the catalog's
+            arrays[f"{prefix}.{f.name}"] = v.titles
+        elif isinstance(v, np.ndarray):
             arrays[f"{prefix}.{f.name}"] = v
         else:
             meta[f"{prefix}.{f.name}"] = v
@@ -62,6 +64,15 @@ def _load_dataclass(cls, prefix: str, arrays, meta: dict):
         key = f"{prefix}.{f.name}"
         kw[f.name] = arrays[key] if key in arrays else meta[key]
     return cls(**kw)
+
+
+def _title_sets(users: Users, n_titles: int) -> Users:
+    """Loaded users with resume/completed as UserTitleSets: [U, H] indices, or a dense [U, N] boolean (a world
+    saved before they were stored sparse)."""
+    for name in ("resume", "completed"):
+        v = getattr(users, name)
+        setattr(users, name, UserTitleSets.from_dense(v) if v.dtype == bool else UserTitleSets(v, n_titles))
+    return users
 
 
 class World:
@@ -109,7 +120,7 @@ class World:
         with np.load(directory / "world_state.npz") as arrays:
             arrays = dict(arrays)
         catalog = _load_dataclass(Catalog, "catalog", arrays, meta)
-        users = _load_dataclass(Users, "users", arrays, meta)
+        users = _title_sets(_load_dataclass(Users, "users", arrays, meta), catalog.n)
         return cls(config, catalog, users)
 
     # -- lookups -----------------------------------------------------------------------------------------
@@ -149,16 +160,23 @@ class World:
     def iter_logs(self, n_impressions: int | None = None, seed: int | None = None) -> Iterator[ImpressionBatch]:
         """The logging policy serving `n_impressions` requests, in deterministic batches."""
         n = n_impressions or self.config.n_impressions
+        for k in range(-(-n // self.config.batch_size)):
+            yield self.log_batch(k, n, seed)
+
+    def log_batch(self, k: int, n_impressions: int | None = None, seed: int | None = None) -> ImpressionBatch:
+        """Batch k of iter_logs, on its own: each batch has its own generator, so batches can be made in any
+        order or in parallel (recipes/make_world.py's workers)."""
+        n = n_impressions or self.config.n_impressions
         seed = self.config.seed if seed is None else seed
         bs = self.config.batch_size
-        for k, start in enumerate(range(0, n, bs)):
-            rng = np.random.default_rng([seed, 1, k])
-            b = min(bs, n - start)
-            user = self.sample_users(rng, b)
-            req = self.sample_requests(rng, user)
-            pages = self.logging_policy.act(user, req, rng)
-            fb = self.simulate(user, req, pages, rng)
-            yield ImpressionBatch(np.arange(start, start + b, dtype=np.int64), user, req, pages, fb)
+        start = k * bs
+        rng = np.random.default_rng([seed, 1, k])
+        b = min(bs, n - start)
+        user = self.sample_users(rng, b)
+        req = self.sample_requests(rng, user)
+        pages = self.logging_policy.act(user, req, rng)
+        fb = self.simulate(user, req, pages, rng)
+        return ImpressionBatch(np.arange(start, start + b, dtype=np.int64), user, req, pages, fb)
 
 
 def _ragged_positions(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

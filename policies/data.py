@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
@@ -16,13 +18,56 @@ from policies.tokenizer import EncodeStats, GenPageTokenizer
 IGNORE_INDEX = -100  # labels of prompt and padding positions (no loss)
 
 
+class TokenLists(Sequence):
+    """Token-id lists stored flat: item i is values[starts[i]:ends[i]] as a list[int]. `values` may be a
+    memory-mapped cache file (EncodedLogs), so a subset is new (starts, ends) over the same values, not a copy."""
+
+    def __init__(self, values: np.ndarray, starts: np.ndarray, ends: np.ndarray):
+        self.values, self.starts, self.ends = values, np.asarray(starts, np.int64), np.asarray(ends, np.int64)
+
+    @classmethod
+    def from_lists(cls, lists: Sequence[Sequence[int]]) -> "TokenLists":
+        lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
+        ends = np.cumsum(lengths)
+        values = np.fromiter((t for x in lists for t in x), dtype=np.int32, count=int(ends[-1]) if len(ends) else 0)
+        return cls(values, ends - lengths, ends)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.values[self.starts[i]:self.ends[i]].tolist()
+
+    def lengths(self) -> np.ndarray:
+        return self.ends - self.starts  # [N]
+
+    def flat(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every token with the index of its list, in order.  -> (list index [T], token id [T])"""
+        lengths = self.lengths()
+        index = np.repeat(np.arange(len(self)), lengths)
+        first = np.cumsum(lengths) - lengths  # each list's position in the output
+        return index, np.asarray(self.values)[self.starts[index] + np.arange(int(lengths.sum())) - first[index]]
+
+    def take(self, idx) -> "TokenLists":
+        idx = np.asarray(idx, dtype=np.int64)
+        return TokenLists(self.values, self.starts[idx], self.ends[idx])
+
+    def contains_any(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Whether each list holds any of `token_ids`.  -> [N] bool"""
+        hit = np.concatenate([[0], np.cumsum(np.isin(self.values, np.asarray(list(token_ids), dtype=np.int64)))])
+        return hit[self.ends] > hit[self.starts]
+
+
 @dataclass
 class PageSequences:
-    """Encoded impressions. prompts[i] ends with [PAGE]; pages[i] ends with [EOP]."""
+    """Encoded impressions. prompts[i] ends with [PAGE]; pages[i] ends with [EOP] (lists of token ids, or a
+    TokenLists over an encoded cache)."""
 
-    prompts: list[list[int]]
-    pages: list[list[int]]
-    user_ids: list[str]
+    prompts: Sequence[list[int]]
+    pages: Sequence[list[int]]
+    user_ids: Sequence[str]
     page_reward: np.ndarray  # [N] observed page reward
     stats: EncodeStats
 
@@ -30,48 +75,192 @@ class PageSequences:
         return len(self.prompts)
 
     def subset(self, idx) -> "PageSequences":
-        idx = list(idx)
-        return PageSequences(
-            [self.prompts[i] for i in idx], [self.pages[i] for i in idx], [self.user_ids[i] for i in idx],
-            self.page_reward[idx], self.stats,
-        )
+        idx = np.asarray(list(idx) if not isinstance(idx, np.ndarray) else idx, dtype=np.int64)
+        pick = lambda xs: xs.take(idx) if isinstance(xs, TokenLists) else [xs[i] for i in idx]  # noqa: E731
+        users = self.user_ids[idx] if isinstance(self.user_ids, np.ndarray) else [self.user_ids[i] for i in idx]
+        return PageSequences(pick(self.prompts), pick(self.pages), users, self.page_reward[idx], self.stats)
+
+
+ENCODE_CHUNK = 20_000  # impressions turned into Python objects at once while encoding (bounds memory, not speed)
+ENCODER_VERSION = 1  # bump when the encoded arrays change meaning: old cache entries are then never read
+
+
+@dataclass
+class EncodedLogs:
+    """Every impression of a validated log table, encoded once: prompts and pages as TokenLists, each row's split,
+    user and page reward. Held in memory, or as memory-mapped arrays in a cache directory (`encode_logs`), so a
+    stage's memory is its batches', not the log's, and the next stage on the same logs and tokenizer skips encoding."""
+
+    prompts: TokenLists
+    pages: TokenLists
+    split: np.ndarray  # [N] str
+    user_ids: np.ndarray  # [N] str
+    page_reward: np.ndarray  # [N] float32
+    stats: EncodeStats
+    cache_dir: Path | None = None  # where the arrays live (None: in memory)
+    from_cache: bool = False  # read from an earlier stage's encoding
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def select(self, tok: GenPageTokenizer, split: str | None = None, min_page_reward: float | None = None,
+               exclude_entities: frozenset[str] = frozenset()) -> tuple[PageSequences, dict[str, int]]:
+        """One split, positive pages only, or without some titles (in the prompt's history or on the page).
+        -> (sequences, counts of impressions left out by each filter, in that order: reported, never silent)"""
+        keep = np.ones(len(self), dtype=bool)
+        skipped = {"other_split": 0, "not_positive": 0, "holds_excluded_title": 0}
+        if split is not None:
+            out = self.split != split
+            skipped["other_split"] = int(out.sum())
+            keep &= ~out
+        if min_page_reward is not None:
+            out = keep & (self.page_reward <= min_page_reward)
+            skipped["not_positive"] = int(out.sum())
+            keep &= ~out
+        if exclude_entities:
+            ids = [tok.vocab[f"ent:{e}"] for e in exclude_entities if f"ent:{e}" in tok.vocab]
+            out = keep & (self.prompts.contains_any(ids) | self.pages.contains_any(ids))
+            skipped["holds_excluded_title"] = int(out.sum())
+            keep &= ~out
+        idx = np.flatnonzero(keep)
+        return PageSequences(self.prompts.take(idx), self.pages.take(idx), self.user_ids[idx],
+                             self.page_reward[idx], self.stats), skipped
+
+
+def _encode_arrays(table: pa.Table, tok: GenPageTokenizer, progress: bool) -> dict:
+    """Chunk by chunk of ENCODE_CHUNK rows: flat prompt and page token arrays with offsets, and per-row columns."""
+    from tqdm import tqdm
+
+    stats = EncodeStats()
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("prompt_values", "page_values", "prompt_len", "page_len",
+                                                          "split", "user_ids", "page_reward")}
+    chunks = range(0, table.num_rows, ENCODE_CHUNK)
+    for s in tqdm(chunks, desc="encode", unit="chunk", disable=not progress or len(chunks) < 2):
+        pv, gv, pl, gl, sp, us, rw = [], [], [], [], [], [], []
+        for imp in iter_impressions(table.slice(s, ENCODE_CHUNK)):
+            p, g = tok.encode(imp, stats)
+            pv.extend(p), gv.extend(g), pl.append(len(p)), gl.append(len(g))
+            sp.append(imp.split), us.append(imp.context.user_id), rw.append(imp.page_reward)
+        for name, values, dtype in (("prompt_values", pv, np.int32), ("page_values", gv, np.int32),
+                                    ("prompt_len", pl, np.int64), ("page_len", gl, np.int64), ("split", sp, str),
+                                    ("user_ids", us, str), ("page_reward", rw, np.float32)):
+            parts[name].append(np.asarray(values, dtype=dtype))
+    cat = {k: np.concatenate(v) if v else np.zeros(0, np.int32) for k, v in parts.items()}
+    return {"prompt_values": cat["prompt_values"], "page_values": cat["page_values"],
+            "prompt_ends": np.cumsum(cat["prompt_len"], dtype=np.int64),
+            "page_ends": np.cumsum(cat["page_len"], dtype=np.int64),
+            "split": cat["split"].astype(str), "user_ids": cat["user_ids"].astype(str),
+            "page_reward": cat["page_reward"].astype(np.float32)}, stats
+
+
+def _from_arrays(a: dict, stats: EncodeStats, cache_dir: Path | None = None, from_cache: bool = False) -> EncodedLogs:
+    def lists(name: str) -> TokenLists:
+        ends = np.asarray(a[f"{name}_ends"])
+        return TokenLists(a[f"{name}_values"], np.concatenate([[0], ends[:-1]]) if len(ends) else ends, ends)
+
+    return EncodedLogs(lists("prompt"), lists("page"), np.asarray(a["split"]), np.asarray(a["user_ids"]),
+                       np.asarray(a["page_reward"]), stats, cache_dir, from_cache)
+
+
+def encoding_key(table: pa.Table, tok: GenPageTokenizer, sources: Sequence[Path] = ()) -> str:
+    """What the encoding depends on: the encoder version, the tokenizer's whole vocabulary, the source files'
+    bytes (the dataset's log files) and the validated table's rows (their count and impression ids: bad rows
+    quarantined away change it)."""
+    import hashlib
+    import json
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps({"encoder": ENCODER_VERSION, "tokens": tok.tokens, "max_history": tok.max_history,
+                         "rows": table.num_rows}).encode())
+    for path in sources:
+        h.update(str(Path(path).name).encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    h.update(np.ascontiguousarray(table.column("impression_id").to_numpy()).tobytes())
+    return h.hexdigest()
+
+
+def encode_logs(table: pa.Table, tok: GenPageTokenizer, cache_root: str | Path | None = None,
+                sources: Sequence[Path] = (), progress: bool = True) -> EncodedLogs:
+    """Every impression of `table` encoded (EncodedLogs). cache_root: reuse the encoding an earlier stage left
+    under cache_root/<encoding_key> (memory-mapped), or write it there (to a temporary name renamed when whole:
+    a kill never leaves half an entry). None: encode in memory."""
+    import json
+    import os
+    import shutil
+
+    if cache_root is None:
+        arrays, stats = _encode_arrays(table, tok, progress)
+        return _from_arrays(arrays, stats)
+    entry = Path(cache_root) / encoding_key(table, tok, sources)
+    if not (entry / "meta.json").exists():
+        arrays, stats = _encode_arrays(table, tok, progress)
+        tmp = entry.with_name(f".tmp_{entry.name}_{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for name, value in arrays.items():
+            np.save(tmp / f"{name}.npy", value)
+        (tmp / "meta.json").write_text(json.dumps({"encoder": ENCODER_VERSION, "rows": table.num_rows,
+                                                   "stats": dataclasses.asdict(stats)}))
+        try:
+            tmp.rename(entry)
+        except OSError:  # another rank or stage wrote the same entry meanwhile: theirs is as good
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not (entry / "meta.json").exists():
+            raise RuntimeError(f"could not write the encoding cache entry {entry}")
+        fresh = True
+    else:
+        fresh = False
+    meta = json.loads((entry / "meta.json").read_text())
+    arrays = {p.stem: np.load(p, mmap_mode="r") for p in entry.glob("*.npy")}
+    return _from_arrays(arrays, EncodeStats(**meta["stats"]), entry, from_cache=not fresh)
+
+
+def log_files(logs: str | Path) -> list[Path]:
+    """The Parquet files of a dataset's logs (a file, or a directory of parts), in name order."""
+    logs = Path(logs)
+    return sorted(logs.rglob("*.parquet")) if logs.is_dir() else [logs]
+
+
+def encode_stage_logs(cfg, dataset, table: pa.Table, tok: GenPageTokenizer, ranks=None) -> EncodedLogs:
+    """A stage's encoding of its validated logs (cfg: a `common.config.StageConfig`): from cfg.cache_dir when an
+    earlier stage left it there, else encoded and cached. Under torchrun rank 0 encodes, the others then read its
+    entry (ranks: common.distributed.Ranks)."""
+    from common import distributed
+
+    ranks = ranks or distributed.Ranks()
+    cache = cfg.cache_dir or None
+    if ranks.is_main or cache is None:
+        encoded = encode_logs(table, tok, cache, log_files(dataset.logs), progress=ranks.is_main)
+    distributed.barrier(ranks)
+    if not ranks.is_main and cache is not None:
+        encoded = encode_logs(table, tok, cache, log_files(dataset.logs), progress=False)
+    return encoded
 
 
 def encode_table(table: pa.Table, tok: GenPageTokenizer, split: str | None = None, min_page_reward: float | None = None,
                  exclude_entities: frozenset[str] = frozenset()) -> tuple[PageSequences, dict[str, int]]:
-    """Encodes logged impressions, optionally one split, positive pages only, or without some titles.
+    """Encodes logged impressions in memory, optionally one split, positive pages only, or without some titles.
 
-    Returns the sequences and counts of impressions left out by each filter (reported, never silent).
-    """
-    skipped = {"other_split": 0, "not_positive": 0, "holds_excluded_title": 0}
-    stats = EncodeStats()
-    prompts, pages, users, rewards = [], [], [], []
-    for imp in iter_impressions(table):
-        if split is not None and imp.split != split:
-            skipped["other_split"] += 1
-            continue
-        if min_page_reward is not None and imp.page_reward <= min_page_reward:
-            skipped["not_positive"] += 1
-            continue
-        if exclude_entities and (
-            exclude_entities.intersection(imp.page.entity_ids)
-            or exclude_entities.intersection(h.entity_id for h in imp.context.history)
-        ):
-            skipped["holds_excluded_title"] += 1
-            continue
-        p, g = tok.encode(imp, stats)
-        prompts.append(p)
-        pages.append(g)
-        users.append(imp.context.user_id)
-        rewards.append(imp.page_reward)
-    return PageSequences(prompts, pages, users, np.asarray(rewards, dtype=np.float32), stats), skipped
+    Returns the sequences and counts of impressions left out by each filter (reported, never silent)."""
+    other = 0
+    if split is not None and "split" in table.column_names:  # only the split's rows are encoded
+        part = table.filter(pc.equal(table.column("split"), split))
+        other, table = table.num_rows - part.num_rows, part
+    seqs, skipped = encode_logs(table, tok, progress=False).select(tok, split, min_page_reward, exclude_entities)
+    return seqs, {**skipped, "other_split": skipped["other_split"] + other}
 
 
-def split_logs(table: pa.Table, tok: GenPageTokenizer, split: str) -> tuple[PageSequences, pa.Table]:
+def split_logs(table: pa.Table, tok: GenPageTokenizer, split: str,
+               encoded: EncodedLogs | None = None) -> tuple[PageSequences, pa.Table]:
     """One split of validated logs (all impressions, positive or not), encoded; the table rows stay aligned
-    with the sequences (row i of the returned table is sequence i), for the ground truth and per-token targets."""
+    with the sequences (row i of the returned table is sequence i), for the ground truth and per-token targets.
+    encoded: the whole table's encoding (encode_logs), reused instead of encoding the split again."""
     part = table.filter(pc.equal(table.column("split"), split))
-    seqs, _ = encode_table(part, tok)
+    if encoded is None:
+        seqs, _ = encode_table(part, tok)
+    else:
+        seqs, _ = encoded.select(tok, split)
     return seqs, part
 
 

@@ -27,6 +27,21 @@ from homepage.config import MakeWorldConfig
 from homepage.world import SIMULATOR_DIR, World, batch_from_table, catalog_table, dataset_schema
 
 
+_WORLD: World | None = None  # the world and logs directory forked workers write parts of
+_LOGS: Path | None = None
+
+
+def _write_part(k: int, world: World | None = None, logs_dir: Path | None = None) -> int:
+    """Log part k, written to a temporary name and renamed when whole (a kill leaves no half part)."""
+    world, logs_dir = world or _WORLD, logs_dir or _LOGS
+    batch = world.log_batch(k)
+    name = f"part-{k:05d}.parquet"
+    tmp = logs_dir / f".{name}.tmp"
+    pq.write_table(batch_to_table(batch, world), tmp, compression="zstd")
+    tmp.rename(logs_dir / name)
+    return len(batch.user)
+
+
 def main() -> None:
     cfg, args = parse_recipe_args(MakeWorldConfig, "recipes/configs/world.yaml", __doc__.splitlines()[1])
     out = Path(cfg.out_dir)
@@ -53,16 +68,20 @@ def main() -> None:
     logs_dir.mkdir(parents=True, exist_ok=True)
     n_parts = -(-cfg.world.n_impressions // cfg.world.batch_size)
     existing = {p.name for p in logs_dir.glob("part-*.parquet")}
-    generated = 0
+    todo = [k for k in range(n_parts) if f"part-{k:05d}.parquet" not in existing]
     t0 = time.perf_counter()
-    for k, batch in enumerate(tqdm(world.iter_logs(), total=n_parts, desc="logs", unit="part")):
-        name = f"part-{k:05d}.parquet"
-        if name in existing:
-            continue
-        tmp = logs_dir / f".{name}.tmp"
-        pq.write_table(batch_to_table(batch, world), tmp, compression="zstd")
-        tmp.rename(logs_dir / name)
-        generated += len(batch.user)
+    if cfg.workers > 1 and len(todo) > 1:  # forked workers share the world copy-on-write
+        import multiprocessing
+
+        global _WORLD, _LOGS
+        _WORLD, _LOGS = world, logs_dir
+        with multiprocessing.get_context("fork").Pool(cfg.workers) as pool:
+            counts = list(tqdm(pool.imap_unordered(_write_part, todo), total=n_parts, initial=n_parts - len(todo),
+                               desc="logs", unit="part"))
+    else:
+        counts = [_write_part(k, world, logs_dir) for k in tqdm(todo, total=n_parts, initial=n_parts - len(todo),
+                                                               desc="logs", unit="part")]
+    generated = sum(counts)
     gen_seconds = time.perf_counter() - t0
     if generated:
         print(f"[logs] wrote {generated} impressions in {gen_seconds:.1f}s ({generated / gen_seconds:.0f}/s)")

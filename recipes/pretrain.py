@@ -29,7 +29,7 @@ from homepage.environment import load_environment
 from policies.build import build_model
 from policies.cold_start import cold_start_report
 from policies.config import PretrainConfig
-from policies.data import collate, encode_table, page_token_nll
+from policies.data import collate, encode_stage_logs, page_token_nll
 from policies.evaluation import popularity_page_loss, unigram_page_loss
 from policies.pretraining import evaluate_pretrained, heldout_loss, pick_cold_start_titles
 from policies.rules import build_ruleset
@@ -58,8 +58,10 @@ def main() -> None:
     say = print if ranks.is_main else (lambda *a, **k: None)  # rank 0 speaks for the group
     say(f"[data] {report.summary()}; environment: {type(env).__name__ if env else 'none (offline metrics only)'}")
     cold = pick_cold_start_titles(table, tok.entity_ids, cfg.cold_start_titles, cfg.seed)
-    train, skipped_train = encode_table(table, tok, split="train", min_page_reward=0.0, exclude_entities=frozenset(cold))
-    valid, skipped_valid = encode_table(table, tok, split="valid", min_page_reward=0.0, exclude_entities=frozenset(cold))
+    encoded = encode_stage_logs(cfg, dataset, table, tok, ranks)  # every impression, once (cached for train_rm)
+    say(f"[data] {len(encoded)} impressions encoded" + (f" (reused: {encoded.cache_dir})" if encoded.from_cache else ""))
+    train, skipped_train = encoded.select(tok, "train", min_page_reward=0.0, exclude_entities=frozenset(cold))
+    valid, skipped_valid = encoded.select(tok, "valid", min_page_reward=0.0, exclude_entities=frozenset(cold))
     valid = valid.subset(range(min(len(valid), cfg.eval_sequences)))
     say(f"[data] train {len(train)} positive pages (left out: {skipped_train}); held-out {len(valid)} (left out: {skipped_valid})")
     say(f"[data] cold-start titles held out of training: {cold}")

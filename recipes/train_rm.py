@@ -29,7 +29,7 @@ from homepage.logs import LogSchemaError, sample_impressions
 from policies.evaluation import pages_from_tokens
 from policies.tokenizer import GenPageTokenizer, check_tokenizer_matches
 from reward_model.config import RewardModelConfig
-from policies.data import split_logs
+from policies.data import encode_stage_logs, split_logs
 from reward_model.data import RewardNormalization, check_disjoint_users, entity_targets
 from reward_model.evaluation import (BagOfEntitiesRidge, EvalSet, evaluate, logged_eval_set, results_table,
                                      scatter_plot)
@@ -108,12 +108,17 @@ def main() -> None:
         raise SystemExit(f"dataset error: {e}") from None
     feedback_types = dataset.schema.rewards.feedback_types
     say(f"[data] {report.summary()}")
-    train, train_table = split_logs(table, tok, "train")
-    valid, valid_table = split_logs(table, tok, "valid")
+    encoded = encode_stage_logs(cfg, dataset, table, tok, ranks)  # pretraining's encoding when it is cached
+    say(f"[data] {len(encoded)} impressions encoded" + (f" (reused: {encoded.cache_dir})" if encoded.from_cache else ""))
+    train, train_table = split_logs(table, tok, "train", encoded)
+    valid, valid_table = split_logs(table, tok, "valid", encoded)
     if len(train) == 0 or len(valid) == 0:
         raise SystemExit(f"{logs}: {len(train)} train and {len(valid)} valid impressions; both splits are needed "
                          "(the `split` column, or user ids hashed into splits when it is absent)")
     check_disjoint_users(train, valid)
+    if cfg.eval_impressions and len(valid) > cfg.eval_impressions:  # held-out figures on a sample (valid_impressions)
+        keep = np.sort(np.random.default_rng(cfg.seed).choice(len(valid), cfg.eval_impressions, replace=False))
+        valid, valid_table = valid.subset(keep), valid_table.take(keep)
     norm = RewardNormalization.fit(train.page_reward)
     targets = None  # each title's logged outcome, and the reward system read off the logs
     if get_reward_head(cfg.reward_head).needs_entity_targets(cfg.entity_loss_weight):

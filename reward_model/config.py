@@ -30,6 +30,7 @@ class RewardModelConfig(StageConfig):
     grad_clip: float = option(1.0, "max gradient norm")
     eval_interval: int = option(400, "steps between validation-loss evaluations (each one scores eval_sequences impressions)")
     eval_sequences: int = option(1000, "validation impressions used for the validation loss during training")
+    eval_impressions: int = option(0, "validation impressions the held-out figures are computed on: a random sample of this many (0: all; a large log's validation split takes long to score)")
     checkpoint_interval: int = option(100, "steps between resumable checkpoints")
     scratch_ablation: bool = option(False, "also train from a randomly initialized backbone (paper Table 1 ablation; it doubles the training, so the demo leaves it to `make compare`)")
     parallel_inits: bool = option(True, "train the two initializations at once, one process each with num_threads // 2 threads (the model's matrix products are too small to keep two threads busy; timings: docs/experiments/reward_model.md)")

@@ -88,6 +88,7 @@ def train_and_evaluate(run: InitRun, cfg: RewardModelConfig, train: PageSequence
     valid_pred = scorer.score(evalset.prompts, evalset.pages)  # [N] the validation impressions, reward units
     metrics = evaluate(scorer.score, evalset, valid_pred)
     metrics.update({"valid_loss_history": result.history, "train_s": result.train_s,
+                    "tokens_per_s": result.train_tokens / result.train_s if result.train_s else None,
                     "resumed_from_step": result.resumed_from})
     result.wandb_run.summary.update({f"rm/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     result.wandb_run.finish()

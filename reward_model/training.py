@@ -152,6 +152,7 @@ class FitResult:
     history: list[dict] = field(default_factory=list)  # {"step", "valid_loss"} at each evaluation (step 0 included)
     resumed_from: int | None = None  # step a killed run resumed from
     train_s: float = 0.0  # wall time of the optimizer steps of this process
+    train_tokens: int = 0  # tokens (context + page) those steps trained on, all ranks together
     wandb_run: object = None  # the open wandb run (the caller logs the evaluation and finishes it)
 
 
@@ -214,7 +215,7 @@ def fit(init: str, cfg: RewardModelConfig, train: PageSequences, valid: PageSequ
                      cfg.wandb_mode if ranks.is_main else "disabled", name, extra.get("wandb_id"))
     target_train = torch.as_tensor(norm.normalize(train.page_reward), dtype=torch.float32)  # [N]
 
-    t_train = 0.0
+    t_train, tokens = 0.0, 0
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, unit="step", position=bar_position,
                disable=not ranks.is_main)
     for step in bar:
@@ -242,7 +243,8 @@ def fit(init: str, cfg: RewardModelConfig, train: PageSequences, valid: PageSequ
         optimizer.step()
         ema.update(step)
         t_train += time.perf_counter() - t0
-        metrics.update({"rm/grad_norm": grad_norm.item(), "rm/lr_head": optimizer.param_groups[1]["lr"],
+        tokens += int(distributed.global_sum(int(batch["attention_mask"].sum()), ranks))
+        metrics.update({"rm/tokens_per_s": tokens / t_train, "rm/grad_norm": grad_norm.item(), "rm/lr_head": optimizer.param_groups[1]["lr"],
                         "rm/lr_backbone": optimizer.param_groups[0]["lr"]})
         if ranks.is_main and ((step + 1) % cfg.eval_interval == 0 or step + 1 == cfg.steps):
             metrics["rm/valid_loss"] = valid_loss()
@@ -254,4 +256,4 @@ def fit(init: str, cfg: RewardModelConfig, train: PageSequences, valid: PageSequ
             save_checkpoint(ckpt_dir, step + 1, model, optimizer, state)
     ema.swap()  # the averaged weights are the result
     model.eval()
-    return FitResult(model, history, start if resume is not None else None, t_train, run)
+    return FitResult(model, history, start if resume is not None else None, t_train, tokens, run)

@@ -28,9 +28,9 @@ def toy_tokenizer(entity_ids, max_history: int = 24, entity_types=None) -> GenPa
     return GenPageTokenizer(ids, TOY_VOCAB, ROW_IDS, types, max_history)
 
 
-def world_tokenizer(world) -> GenPageTokenizer:
+def world_tokenizer(world, max_history: int | None = None) -> GenPageTokenizer:
     c = world.catalog
-    return toy_tokenizer(c.entity_ids, world.config.history_max, [ENTITY_TYPES[t] for t in c.entity_type])
+    return toy_tokenizer(c.entity_ids, max_history or world.config.history_max, [ENTITY_TYPES[t] for t in c.entity_type])
 
 
 def world_dataset(world, directory: str | Path):

@@ -47,8 +47,15 @@ def test_catalog_has_the_required_kinds_of_titles(small_world):
     np.testing.assert_allclose(np.linalg.norm(c.content_emb, axis=1), 1.0, rtol=1e-5)
 
 
-def test_logging_policy_pages_respect_row_categories_and_profiles(small_world):
-    w = small_world
+def few_candidates_world(small_world) -> World:
+    """The small world's logging policy filling rows from 30 of its 120 titles per request (candidate generation)."""
+    policy = dataclasses.replace(small_world.config.logging_policy, candidates=30)
+    return World(dataclasses.replace(small_world.config, logging_policy=policy), small_world.catalog, small_world.users)
+
+
+@pytest.mark.parametrize("candidates", ["all", 30])
+def test_logging_policy_pages_respect_row_categories_and_profiles(small_world, candidates):
+    w = small_world if candidates == "all" else few_candidates_world(small_world)
     c, us = w.catalog, w.users
     elig = c.row_static_eligibility()
     cfg = w.config.logging_policy
@@ -154,3 +161,16 @@ def test_batch_from_table_refuses_ids_outside_the_world(small_world):
                              pa.array(ents, table.schema.field("page_entity_ids").type))
     with pytest.raises(KeyError, match="movie_from_elsewhere"):
         batch_from_table(small_world, table)
+
+
+def test_candidate_generation_keeps_resumable_titles_and_changes_pages_only_below_the_catalog_size(small_world):
+    """With 30 candidates Continue Watching still finds every resumable title, and pages differ from the
+    all-candidates policy; a candidate count of at least the catalog's size is the all-candidates policy."""
+    few = few_candidates_world(small_world)
+    cw = ROW_IDS.index(CONTINUE_WATCHING)
+    a, b = next(small_world.iter_logs()), next(few.iter_logs())
+    assert (a.pages.rows == cw).any(1).mean() == pytest.approx((b.pages.rows == cw).any(1).mean(), abs=0.02)
+    assert not np.array_equal(a.pages.entities, b.pages.entities)
+    policy = dataclasses.replace(small_world.config.logging_policy, candidates=small_world.catalog.n)
+    same = World(dataclasses.replace(small_world.config, logging_policy=policy), small_world.catalog, small_world.users)
+    np.testing.assert_array_equal(next(same.iter_logs()).pages.entities, a.pages.entities)

@@ -36,3 +36,94 @@ def test_collate_labels_only_page_tokens():
     assert b["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     no = IGNORE_INDEX
     assert b["labels"].tolist() == [[no, no, 10, 11], [no, 12, no, no]]
+
+
+# -- encoded logs: every impression encoded once, in memory or as a memory-mapped cache -----------------------
+
+def small_logs(world):
+    import pyarrow as pa
+
+    from homepage.logs import batch_to_table
+
+    return pa.concat_tables([batch_to_table(b, world) for b in world.iter_logs()])
+
+
+def test_token_lists_read_take_and_search_like_lists():
+    from policies.data import TokenLists
+
+    lists = [[1, 2], [3], [4, 5, 6], [7]]
+    tl = TokenLists.from_lists(lists)
+    assert len(tl) == 4 and [tl[i] for i in range(4)] == lists and tl[1:3] == lists[1:3]
+    assert tl.lengths().tolist() == [2, 1, 3, 1]
+    sub = tl.take([2, 0])
+    assert [sub[0], sub[1]] == [[4, 5, 6], [1, 2]] and sub.values is tl.values  # a view, not a copy
+    assert tl.contains_any([5, 7]).tolist() == [False, False, True, True]
+
+
+def test_encoded_logs_are_the_tokenizers_encoding_of_every_impression(small_world, monkeypatch):
+    import policies.data as data
+    from homepage.logs import iter_impressions
+    from tests.toy import world_tokenizer
+
+    table, tok = small_logs(small_world), world_tokenizer(small_world)
+    monkeypatch.setattr(data, "ENCODE_CHUNK", 7)  # chunk boundaries inside the table
+    enc = data.encode_logs(table, tok, progress=False)
+    imps = list(iter_impressions(table))
+    assert len(enc) == len(imps) == table.num_rows
+    for i in (0, 6, 7, 8, len(imps) - 1):
+        p, g = tok.encode(imps[i])
+        assert enc.prompts[i] == p and enc.pages[i] == g
+        assert (enc.split[i], enc.user_ids[i]) == (imps[i].split, imps[i].context.user_id)
+        assert enc.page_reward[i] == pytest.approx(imps[i].page_reward)
+    assert enc.stats.impressions == len(imps)
+
+
+def test_selecting_a_split_positive_pages_and_no_excluded_title_counts_what_it_leaves_out(small_world):
+    from homepage.logs import iter_impressions
+    from policies.data import encode_logs, encode_table
+    from tests.toy import world_tokenizer
+
+    table, tok = small_logs(small_world), world_tokenizer(small_world)
+    excluded = frozenset(tok.entity_ids[3:6])
+    seqs, skipped = encode_logs(table, tok, progress=False).select(tok, "train", 0.0, excluded)
+    expected, counts = [], {"other_split": 0, "not_positive": 0, "holds_excluded_title": 0}
+    for imp in iter_impressions(table):  # the filters by hand, in their order
+        if imp.split != "train":
+            counts["other_split"] += 1
+        elif imp.page_reward <= 0.0:
+            counts["not_positive"] += 1
+        elif excluded & {*imp.page.entity_ids, *(h.entity_id for h in imp.context.history)}:
+            counts["holds_excluded_title"] += 1
+        else:
+            expected.append(tok.encode(imp))
+    assert skipped == counts and all(counts.values())
+    assert [(seqs.prompts[i], seqs.pages[i]) for i in range(len(seqs))] == expected
+    in_memory, skipped_again = encode_table(table, tok, "train", 0.0, excluded)  # encodes the split's rows only
+    assert skipped_again == counts and [in_memory.pages[i] for i in range(len(in_memory))] == [g for _, g in expected]
+
+
+def test_the_cache_is_read_back_memory_mapped_and_keyed_by_tokenizer_and_files(small_world, tmp_path, monkeypatch):
+    import numpy as np
+
+    from policies.data import encode_logs
+    from tests.toy import world_tokenizer
+
+    table, tok = small_logs(small_world), world_tokenizer(small_world)
+    source = tmp_path / "part-0.parquet"
+    source.write_bytes(b"logs, version 1")
+    first = encode_logs(table, tok, tmp_path / "cache", [source], progress=False)
+    assert not first.from_cache and first.cache_dir.parent == tmp_path / "cache"
+    monkeypatch.setattr(type(tok), "encode", lambda *a, **k: pytest.fail("encoded again"))
+    again = encode_logs(table, tok, tmp_path / "cache", [source], progress=False)
+    assert again.from_cache and again.cache_dir == first.cache_dir
+    assert isinstance(again.prompts.values, np.memmap)
+    assert [again.pages[i] for i in range(len(again))] == [first.pages[i] for i in range(len(first))]
+    assert again.stats == first.stats
+    monkeypatch.undo()
+    source.write_bytes(b"logs, version 2")  # other log bytes, another entry
+    other_logs = encode_logs(table, tok, tmp_path / "cache", [source], progress=False)
+    other_tok = encode_logs(table, world_tokenizer(small_world, max_history=8), tmp_path / "cache", [source],
+                            progress=False)
+    assert len({first.cache_dir, other_logs.cache_dir, other_tok.cache_dir}) == 3
+    assert not other_tok.from_cache and other_tok.prompts[0] != first.prompts[0]
+    assert not list((tmp_path / "cache").glob(".tmp_*"))  # entries are renamed into place whole

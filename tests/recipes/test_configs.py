@@ -61,3 +61,27 @@ def test_every_recipe_help_lists_its_fields():
         assert procs[recipe].returncode == 0, f"{recipe}: {stderr[-2000:]}"
         for field, _, _, help_text in config_fields(cls):
             assert f"  {field}  (" in stdout and help_text in stdout, f"{recipe}: {field}"
+
+
+# The scale ladder (docs/scale.md): recipes/configs/scale/<rung>/<stage>.yaml, each stage's config by file name.
+SCALE_STAGES = {"world.yaml": MakeWorldConfig, "pretrain.yaml": PretrainConfig, "train_rm.yaml": RewardModelConfig,
+                "dr_grpo.yaml": DrGrpoConfig}
+
+
+def test_every_scale_preset_loads_and_medium_has_the_ladders_sizes():
+    rungs = {p.name: p for p in (ROOT / "recipes" / "configs" / "scale").iterdir() if p.is_dir()}
+    assert {"medium", "large"} <= set(rungs)
+    for rung in rungs.values():
+        for path in sorted(rung.glob("*.yaml")):
+            assert path.name in SCALE_STAGES, f"{path}: not a stage's config"
+            assert path.read_text().startswith("#") and "recipes/" in path.read_text(), f"{path} must give its command"
+            load_config(SCALE_STAGES[path.name], path)
+    world = load_config(MakeWorldConfig, rungs["medium"] / "world.yaml").world
+    assert (world.n_entities, world.n_users, world.n_impressions) == (20_000, 200_000, 2_000_000)
+    model = load_config(PretrainConfig, rungs["medium"] / "pretrain.yaml").model
+    # untied input and output embeddings over ~20,100 tokens, plus the layers: about 10 M parameters
+    h, f, layers = model.hidden_size, model.intermediate_size, model.num_hidden_layers
+    params = 2 * 20_100 * h + layers * (4 * h * h + 3 * h * f)
+    assert 8e6 < params < 12e6 and h // model.num_attention_heads == 64
+    for stage in ("pretrain.yaml", "train_rm.yaml", "dr_grpo.yaml"):  # each rung's stages read its own world
+        assert load_config(SCALE_STAGES[stage], rungs["medium"] / stage).data_dir == "runs/scale/medium/world"

@@ -82,3 +82,19 @@ def test_binomial_standard_error_of_a_pairwise_accuracy():
     assert binomial_se(0.75, 1875) == pytest.approx(0.01)
     assert binomial_se(0.5, 100) == pytest.approx(0.05)
     assert np.isnan(binomial_se(0.5, 0))
+
+
+def test_the_ridge_by_conjugate_gradients_is_the_closed_form_solution():
+    """The sparse solver (what a 20,000-title catalog needs) against the closed form on the same data."""
+    ent = [TOK.vocab[f"ent:{e}"] for e in ENTITIES]
+    rng = np.random.default_rng(1)
+    pages = [[TOK.vocab["row:trending_now"]] + rng.choice(ent, size=rng.integers(1, 5)).tolist() + [TOK.eop_id]
+             for _ in range(300)]
+    prompts = [[TOK.bos_id] + rng.choice(ent, size=3).tolist() + [TOK.page_id] for _ in range(300)]
+    y = rng.normal(size=300) + np.array([p.count(ent[1]) for p in pages])
+    exact = BagOfEntitiesRidge(TOK, ridge_lambda=0.5).fit(prompts, pages, y)
+    sparse = BagOfEntitiesRidge(TOK, ridge_lambda=0.5, dense_cells=0).fit(prompts, pages, y)
+    assert exact.solver["method"] == "closed_form" and sparse.solver["method"] == "conjugate_gradient"
+    assert sparse.solver["relative_residual"] < 1e-9
+    np.testing.assert_allclose(sparse.w, exact.w, atol=1e-7)
+    np.testing.assert_allclose(sparse.predict(prompts, pages), exact.features(prompts, pages) @ exact.w, atol=1e-7)
