@@ -6,7 +6,7 @@ VLLM_EXTRA ?= cpu
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(VLLM_EXTRA)
 
-.PHONY: setup demo compare long iterate test test-fast bench bench-peers clean
+.PHONY: setup demo compare long iterate test test-fast bench bench-peers bench-scale clean
 
 setup: $(STAMP)
 
@@ -69,6 +69,12 @@ bench: setup
 bench-peers: demo
 	$(PY) -m pip install --no-deps "trl==1.16.0"
 	$(PY) benchmarks/peers.py
+
+# The scale ladder (docs/scale.md): every stage at the toy and the medium preset (20,000 titles, 2,000,000
+# impressions), bounded steps, costs per unit and peak memory -> runs/bench/scale.json. About 1.5 hours on 2 cores,
+# most of it simulating the medium world (reused when runs/scale/medium/world exists).
+bench-scale: setup
+	$(PY) benchmarks/scale.py
 
 clean:
 	rm -rf runs

@@ -46,7 +46,7 @@ def commands(preset: str, p: dict[str, Path], bound: dict) -> dict[str, list[str
     shared = [f"data_dir={p['world']}", f"cache_dir={p['cache']}", "num_threads=2"]
     steps_p, steps_r = bound["pretrain_steps"], bound["rm_steps"]
     return {
-        "world": [py, "recipes/make_world.py", "--config", f"{cfg}/world.yaml", f"out_dir={p['world']}"],
+        "world": [py, "recipes/make_world.py", "--config", f"{cfg}/world.yaml", f"out_dir={p['world']}", "workers=2"],
         "data": [py, __file__, "--measure-data", str(p["world"]), "--cache", str(p["cache"])],
         "pretrain": [py, "recipes/pretrain.py", "--config", f"{cfg}/pretrain.yaml", f"out_dir={p['pretrain']}", *shared,
                      f"steps={steps_p}", f"eval_interval={steps_p}", f"checkpoint_interval={steps_p}",
@@ -143,9 +143,31 @@ def stage_figures(stage: str, p: dict[str, Path], logs: Path) -> dict:
     raise ValueError(stage)
 
 
-UNIT = {"world": ("gen_impressions_per_s", "impressions/s"), "pretrain": ("tokens_per_s", "tokens/s"),
-        "train_rm": ("tokens_per_s", "tokens/s"), "generation": ("masked_pages_per_s", "pages/s"),
-        "dr_grpo": ("step_s", "s/step")}
+# The per-unit figure of each stage (stage, key in its figures, unit); the memory is the stage's whole run.
+UNITS = (("world", "gen_impressions_per_s", "impressions/s"), ("data", "validate_rows_per_s", "rows/s validated"),
+         ("data", "encode_impressions_per_s", "impressions/s encoded"), ("pretrain", "tokens_per_s", "tokens/s"),
+         ("train_rm", "tokens_per_s", "tokens/s"), ("generation", "masked_pages_per_s", "masked pages/s"),
+         ("generation", "mask_share", "masks' share of generation"), ("dr_grpo", "step_s", "s per step"))
+
+
+def table(result: dict) -> list[dict]:
+    """Toy against medium, per unit of work, with each stage's peak memory (summed PSS of its process tree)."""
+    rows = []
+    for stage, key, unit in UNITS:
+        toy, med = result["runs"].get(f"toy/{stage}"), result["runs"].get(f"medium/{stage}")
+        a, b = (r["figures"].get(key) if r else None for r in (toy, med))
+        rows.append({"stage": stage, "unit": unit, "toy": a, "medium": b, "medium_over_toy": b / a if a and b else None,
+                     "peak_mb_toy": round(toy["peak_pss_mb"]) if toy else None,
+                     "peak_mb_medium": round(med["peak_pss_mb"]) if med else None})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    fmt = lambda v: "" if v is None else f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"  # noqa: E731
+    lines = ["| stage | per unit | toy | medium | medium / toy | peak MB toy | peak MB medium |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['unit']} | {fmt(r['toy'])} | {fmt(r['medium'])} | {fmt(r['medium_over_toy'])} | "
+              f"{fmt(r['peak_mb_toy'])} | {fmt(r['peak_mb_medium'])} |" for r in rows]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -192,19 +214,9 @@ def main() -> None:
             f = result["runs"][key]
             print(f"[scale] {key}: {f['wall_s']:.0f} s, peak {f['peak_pss_mb']:.0f} MB, {json.dumps(f['figures'])}")
 
-    rows = []
-    for stage in STAGES:
-        toy, med = result["runs"].get(f"toy/{stage}"), result["runs"].get(f"medium/{stage}")
-        unit = UNIT.get(stage, ("encode_impressions_per_s", "impressions/s"))
-        a = toy and toy["figures"].get(unit[0])
-        b = med and med["figures"].get(unit[0])
-        rows.append({"stage": stage, "unit": unit[1], "toy": a, "medium": b,
-                     "medium_over_toy": b / a if a and b else None,
-                     "peak_mb": {k: r and round(r["peak_pss_mb"]) for k, r in (("toy", toy), ("medium", med))}})
-    result["table"] = rows
+    result["table"] = table(result)
     write_result(args.out, "scale", result)
-    for r in rows:
-        print(r)
+    print(markdown(result["table"]))
 
 
 if __name__ == "__main__":

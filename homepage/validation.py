@@ -333,12 +333,16 @@ def check_unique_ids(check: RowChecker, seen: dict[int, tuple[str, int]]) -> Non
             bad[r] = True
         else:
             first_in_part[i] = r
-    where = {**seen, **{i: (str(check.path), int(check.index[r])) for i, r in first_in_part.items()}}
+    path = str(check.path)
+    here = {i: (path, int(check.index[r])) for i, r in first_in_part.items()}  # this part's first rows
+
+    def first_read(i: int) -> tuple[str, int]:  # `seen` is looked up, never copied: parts cost their own rows
+        return seen[i] if i in seen else here[i]
+
     check.refuse(bad, "impression_id", "duplicate impression id", lambda r: (
-        f"impression {int(ids[r])} was already read at {where[int(ids[r])][0]} row {where[int(ids[r])][1]}; "
+        f"impression {int(ids[r])} was already read at {first_read(int(ids[r]))[0]} row {first_read(int(ids[r]))[1]}; "
         "impression ids must be unique across all log parts"))
-    for i, r in first_in_part.items():
-        seen[i] = where[i]
+    seen.update(here)
 
 
 # -- one part ---------------------------------------------------------------------------------------------------

@@ -157,7 +157,11 @@ def main() -> None:
     preds = {f"RM ({init} init)": r.valid_pred for init, r in fitted.items()}
 
     # -- baselines: the training mean; a bag-of-entities ridge regression ------------------------------------
-    ridge = BagOfEntitiesRidge(tok, cfg.ridge_lambda).fit(train.prompts, train.pages, train.page_reward)
+    fit_on = train
+    if cfg.ridge_impressions and len(train) > cfg.ridge_impressions:  # a sample (ridge_impressions in the summary)
+        fit_on = train.subset(np.sort(np.random.default_rng(cfg.seed).choice(len(train), cfg.ridge_impressions,
+                                                                            replace=False)))
+    ridge = BagOfEntitiesRidge(tok, cfg.ridge_lambda).fit(fit_on.prompts, fit_on.pages, fit_on.page_reward)
     preds["bag-of-entities ridge"] = ridge.predict(evalset.prompts, evalset.pages)
     baselines = {"mean": evaluate(lambda prompts, pages: np.full(len(prompts), norm.mean), evalset),
                  "linear": evaluate(ridge.predict, evalset, preds["bag-of-entities ridge"])}
@@ -172,7 +176,7 @@ def main() -> None:
         summary.update({f"baseline_{name}_{k}": v for k, v in metrics.items()})
     summary.update({
         "reward_mean": norm.mean, "reward_std": norm.std, "train_impressions": len(train),
-        "valid_impressions": len(valid), "train_users": len(set(train.user_ids)), "valid_users": len(set(valid.user_ids)),
+        "valid_impressions": len(valid), "ridge_impressions": len(fit_on), "ridge_solver": ridge.solver, "train_users": len(set(train.user_ids)), "valid_users": len(set(valid.user_ids)),
         "generated_decode_report": generated["decode_report"] if generated else None,
         "generated_true_mean": float(np.mean(generated["true"])) if generated else None,
         "feedback_rewards": dict(zip(feedback_types, targets.feedback_rewards)) if targets else None,

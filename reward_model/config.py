@@ -35,6 +35,7 @@ class RewardModelConfig(StageConfig):
     scratch_ablation: bool = option(False, "also train from a randomly initialized backbone (paper Table 1 ablation; it doubles the training, so the demo leaves it to `make compare`)")
     parallel_inits: bool = option(True, "train the two initializations at once, one process each with num_threads // 2 threads (the model's matrix products are too small to keep two threads busy; timings: docs/experiments/reward_model.md)")
     ridge_lambda: float = option(100.0, "L2 penalty of the bag-of-entities linear baseline")
+    ridge_impressions: int = option(0, "train impressions the linear baseline is fitted on: a random sample of this many (0: all; beyond ~1 M its sparse solve takes minutes and GBs)")
     generated_users: int = option(300, "held-out (valid-split) logged contexts that get 2 pages from the pretrained policy; 0 skips")
     eval_backend: Literal["vllm", "hf"] = option("vllm", "what generates the pages of the generated-page evaluation: vllm (the serving engine) or hf (transformers generate)")
     max_new_tokens: int = option(64, "longest generated page")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from policies.data import PageSequences, pad_batch
@@ -65,16 +66,36 @@ def same_user_pairs(user_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
 
 
-def _per_token(rows_per_impression: list, value) -> list[np.ndarray]:
-    """[row][column] cells -> per impression [len(page)] float32: NaN at each row token and the final [EOP]."""
-    return [np.asarray([*(v for row in rows for v in (float("nan"), *map(value, row))), float("nan")], np.float32)
-            for rows in rows_per_impression]
+def _per_token(table: pa.Table, column: str, values: np.ndarray) -> list[np.ndarray]:
+    """A [row][column] log column as per-impression page-token arrays, aligned with GenPageTokenizer.encode_page
+    (row token, its titles, ..., [EOP]): each title's value, NaN at row tokens and [EOP]. values: the column's
+    cells flattened, as numbers. Built on flat arrays (no Python object per cell: 200 M cells at medium scale);
+    the result is views of one float32 array.  -> N arrays [len(page)]"""
+    from homepage.validation import list_lengths
+
+    col = table.column(column)
+    rows_per_page = list_lengths(col)  # [N]
+    titles_per_row = list_lengths(pc.list_flatten(col))  # [R] all pages' rows in order
+    page_of_row = np.repeat(np.arange(len(rows_per_page)), rows_per_page)
+    block = titles_per_row + 1  # the row token and its titles
+    row_start = np.cumsum(block) - block + page_of_row  # every earlier page also holds its [EOP]
+    first_title = np.cumsum(titles_per_row) - titles_per_row
+    leaf_row = np.repeat(np.arange(len(titles_per_row)), titles_per_row)
+    leaf_pos = row_start[leaf_row] + 1 + np.arange(len(leaf_row)) - first_title[leaf_row]
+    page_len = np.bincount(page_of_row, weights=block, minlength=len(rows_per_page)).astype(np.int64) + 1
+    out = np.full(int(page_len.sum()), np.nan, dtype=np.float32)
+    out[leaf_pos] = values
+    return np.split(out, np.cumsum(page_len)[:-1])
+
+
+def _leaves(table: pa.Table, column: str):
+    return pc.list_flatten(pc.list_flatten(table.column(column)))
 
 
 def page_token_rewards(table: pa.Table) -> list[np.ndarray]:
     """Per impression, the logged entity reward of each page token (NaN at row tokens and [EOP]), aligned
     with GenPageTokenizer.encode_page (row token, its entities, ..., [EOP]).  -> N arrays [len(page)]"""
-    return _per_token(table.column("entity_rewards").to_pylist(), float)
+    return _per_token(table, "entity_rewards", _leaves(table, "entity_rewards").to_numpy(zero_copy_only=False))
 
 
 REWARD_SYSTEM_TOLERANCE = 1e-3  # |logged entity reward - fitted reward of its feedback| allowed (float32 logs)
@@ -118,11 +139,14 @@ def entity_targets(table: pa.Table, source, feedback_types: tuple[str, ...]) -> 
 
     feedback_types = tuple(feedback_types)
     feedback_index = {name: i for i, name in enumerate(feedback_types)}
-    feedback_col = table.column("feedback").to_pylist()
-    thumbs_col = table.column("thumbs_up").to_pylist()
     reward = page_token_rewards(table)
-    feedback = _per_token(feedback_col, feedback_index.__getitem__)
-    thumbs = _per_token(thumbs_col, float)
+    cells = pc.dictionary_encode(_leaves(table, "feedback")).combine_chunks()  # each title's feedback, coded
+    unknown = [v for v in cells.dictionary.to_pylist() if v not in feedback_index]
+    if unknown:
+        raise ValueError(f"{source}: feedback {unknown[0]!r} is not one of the dataset's types {list(feedback_types)}")
+    code_of = np.array([feedback_index[v] for v in cells.dictionary.to_pylist()], dtype=np.float32)
+    feedback = _per_token(table, "feedback", code_of[cells.indices.to_numpy(zero_copy_only=False)])
+    thumbs = _per_token(table, "thumbs_up", _leaves(table, "thumbs_up").to_numpy(zero_copy_only=False).astype(np.float32))
     F = len(feedback_types)
     codes = np.concatenate([f[~np.isnan(f)] for f in feedback]).astype(np.int64) if feedback else np.zeros(0, np.int64)
     up = np.concatenate([t[~np.isnan(t)] for t in thumbs]) if thumbs else np.zeros(0)

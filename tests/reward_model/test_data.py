@@ -93,3 +93,19 @@ def test_entity_targets_refuse_rewards_that_are_not_a_function_of_the_feedback()
     with pytest.raises(ValueError, match=r"logs/: .*not a function of \(feedback, thumbs_up\).*impression_id (7|9).*"
                                          r"reward_head=entity_sum"):
         entity_targets(table, "logs/", FEEDBACK_TYPES)
+
+
+def test_per_token_targets_of_a_whole_log_are_the_cell_by_cell_ones(small_world):
+    """The flat-array construction against the obvious loop over each page's rows, on a simulated log."""
+    import pyarrow as pa
+
+    from homepage.logs import batch_to_table
+    from reward_model.data import page_token_rewards
+
+    table = pa.concat_tables([batch_to_table(b, small_world) for b in small_world.iter_logs(500)])
+    by_hand = [np.asarray([v for row in page for v in (np.nan, *row)] + [np.nan], np.float32)
+               for page in table.column("entity_rewards").to_pylist()]
+    got = page_token_rewards(table)
+    assert len(got) == len(by_hand) == 500
+    for a, b in zip(got, by_hand):
+        np.testing.assert_array_equal(a, b)
