@@ -71,8 +71,8 @@ bench-peers: demo
 	$(PY) benchmarks/peers.py
 
 # The scale ladder (docs/scale.md): every stage at the toy and the medium preset (20,000 titles, 2,000,000
-# impressions), bounded steps, costs per unit and peak memory -> runs/bench/scale.json. About 1.5 hours on 2 cores,
-# most of it simulating the medium world (reused when runs/scale/medium/world exists).
+# impressions), bounded steps, costs per unit and peak memory -> runs/bench/scale.json. Most of its time goes to
+# simulating the medium world (reused when runs/scale/medium/world exists).
 bench-scale: setup
 	$(PY) benchmarks/scale.py
 

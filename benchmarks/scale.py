@@ -69,7 +69,8 @@ def measure_data(world: str, cache: str) -> dict:
     import shutil
 
     from homepage.dataset import open_dataset
-    from policies.data import encode_logs, log_files
+    from homepage.logs import log_parts
+    from policies.data import encode_logs
     from policies.tokenizer import GenPageTokenizer
 
     t0 = time.perf_counter()
@@ -78,7 +79,7 @@ def measure_data(world: str, cache: str) -> dict:
     tok = GenPageTokenizer.from_dataset(dataset, table)
     shutil.rmtree(cache, ignore_errors=True)  # time a fresh encoding (the stages after it read this entry)
     t0 = time.perf_counter()
-    encoded = encode_logs(table, tok, cache, log_files(dataset.logs))
+    encoded = encode_logs(table, tok, cache, log_parts(dataset.logs))
     encode_s = time.perf_counter() - t0
     return {"rows": table.num_rows, "validate_s": validate_s, "validate_rows_per_s": table.num_rows / validate_s,
             "encode_s": encode_s, "encode_impressions_per_s": table.num_rows / encode_s,

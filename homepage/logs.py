@@ -234,6 +234,12 @@ class LogWriter:
 # ----------------------------------------------------------------------------------------------------------
 # Reading (the checks are in homepage/validation.py)
 # ----------------------------------------------------------------------------------------------------------
+def log_parts(path: str | Path) -> list[Path]:
+    """The Parquet files read_logs reads: a file, or a directory's *.parquet parts in name order."""
+    path = Path(path)
+    return sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+
+
 def read_logs(
     path: str | Path, schema=None, known_entity_ids: set[str] | frozenset[str] | None = None,
     on_bad_rows: str = "error", max_bad_fraction: float = 0.0, quarantine_path: str | Path | None = None,
@@ -255,7 +261,7 @@ def read_logs(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such log file; generate one with `python recipes/make_world.py`")
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    files = log_parts(path)
     if not files:
         raise FileNotFoundError(f"{path}: directory holds no .parquet files")
     tables, quarantine, seen_ids, rows_read = [], Quarantine(), {}, 0

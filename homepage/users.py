@@ -69,7 +69,7 @@ class UserTitleSets:
     def __getitem__(self, key):
         if isinstance(key, tuple):  # (users, titles): membership, broadcast like dense indexing
             users, titles = key
-            return (self.titles[users][..., :] == np.asarray(titles)[..., None]).any(-1)
+            return (self.titles[users] == np.asarray(titles)[..., None]).any(-1)
         rows = self.titles[key]  # [..., H]
         flat = rows.reshape(-1, rows.shape[-1])
         out = np.zeros((len(flat), self.n_titles + 1), dtype=bool)  # column N takes the -1 padding

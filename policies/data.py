@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from homepage.logs import iter_impressions
+from homepage.logs import iter_impressions, log_parts
 from policies.tokenizer import EncodeStats, GenPageTokenizer
 
 IGNORE_INDEX = -100  # labels of prompt and padding positions (no loss)
@@ -88,8 +88,8 @@ ENCODER_VERSION = 1  # bump when the encoded arrays change meaning: old cache en
 @dataclass
 class EncodedLogs:
     """Every impression of a validated log table, encoded once: prompts and pages as TokenLists, each row's split,
-    user and page reward. Held in memory, or as memory-mapped arrays in a cache directory (`encode_logs`), so a
-    stage's memory is its batches', not the log's, and the next stage on the same logs and tokenizer skips encoding."""
+    user and page reward. Held in memory, or as memory-mapped arrays in a cache directory (`encode_logs`): no Python list per sequence,
+    and the next stage on the same logs and tokenizer skips encoding."""
 
     prompts: TokenLists
     pages: TokenLists
@@ -216,12 +216,6 @@ def encode_logs(table: pa.Table, tok: GenPageTokenizer, cache_root: str | Path |
     return _from_arrays(arrays, EncodeStats(**meta["stats"]), entry, from_cache=not fresh)
 
 
-def log_files(logs: str | Path) -> list[Path]:
-    """The Parquet files of a dataset's logs (a file, or a directory of parts), in name order."""
-    logs = Path(logs)
-    return sorted(logs.rglob("*.parquet")) if logs.is_dir() else [logs]
-
-
 def encode_stage_logs(cfg, dataset, table: pa.Table, tok: GenPageTokenizer, ranks=None) -> EncodedLogs:
     """A stage's encoding of its validated logs (cfg: a `common.config.StageConfig`): from cfg.cache_dir when an
     earlier stage left it there, else encoded and cached. Under torchrun rank 0 encodes, the others then read its
@@ -231,10 +225,10 @@ def encode_stage_logs(cfg, dataset, table: pa.Table, tok: GenPageTokenizer, rank
     ranks = ranks or distributed.Ranks()
     cache = cfg.cache_dir or None
     if ranks.is_main or cache is None:
-        encoded = encode_logs(table, tok, cache, log_files(dataset.logs), progress=ranks.is_main)
+        encoded = encode_logs(table, tok, cache, log_parts(dataset.logs), progress=ranks.is_main)
     distributed.barrier(ranks)
     if not ranks.is_main and cache is not None:
-        encoded = encode_logs(table, tok, cache, log_files(dataset.logs), progress=False)
+        encoded = encode_logs(table, tok, cache, log_parts(dataset.logs), progress=False)
     return encoded
 
 
