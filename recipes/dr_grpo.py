@@ -239,6 +239,7 @@ def main() -> None:
     summary["wall_s"] = time.perf_counter() - t0
     summary["config"] = to_dict(cfg)
     summary["sequence_lengths"] = lengths._asdict()
+    summary["ranks"] = cfg.nnodes * cfg.ranks_per_node  # verl's data-parallel size (FSDP ranks)
     bad_rows = out / "data" / "bad_rows.json"
     summary["bad_rows"] = json.loads(bad_rows.read_text()) if bad_rows.exists() else None
     write_summary(out / "summary.json", summary)

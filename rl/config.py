@@ -62,6 +62,11 @@ class DrGrpoConfig(StageConfig):
     prompt_source: Literal["logged", "environment"] = option("logged", "training prompts: 'logged' (contexts of train-split users in the logs) or 'environment' (fresh contexts the environment samples)")
     eval_temperature: float = option(1.0, "sampling temperature of the evaluation pages (the trained policy samples)")
     reward_timing: Literal["after_rollout", "streamed"] = option("after_rollout", "when the rollout's pages are scored: 'after_rollout' = the whole batch in one reward-model pass when the rollout ends, in the trainer's process (verl's path for a reward model colocated with the rollout, rl/trainer.py; the default: no per-page calls to a reward worker, no small reward-model batches, no batch sent to another process; measurements in docs/benchmarks.md); 'streamed' = each page as it finishes, beside the pages still decoding (verl's default for rewards without a reward-model server); same rewards either way")
+    nnodes: int = option(1, "machines of the Ray cluster the run trains on (verl trainer.nnodes); more than one: start Ray on every node and run the recipe on the head (docs/scale.md)")
+    ranks_per_node: int = option(1, "data-parallel FSDP ranks per machine (verl trainer.n_gpus_per_node): one per GPU; on CPU, processes that split each step's batch (the global batch, prompts_per_step x group_size, stays the same and must divide by nnodes x ranks_per_node)")
+    rollout_tp: int = option(1, "vLLM tensor-parallel size of each rollout replica (rollout.tensor_model_parallel_size): the run serves nnodes x ranks_per_node / rollout_tp replicas")
+    micro_batch_pages: int | None = option(None, "pages per forward/backward on each rank (actor update, reference and rollout log-probs); None: the rank's whole mini-batch in one. The logits are [pages, positions, vocabulary], so a large catalog needs a bound here")
+    rollout_seeding: Literal["engine", "request"] = option("engine", "how rollouts are seeded: 'engine' = each vLLM replica once (verl's rollout.seed + replica rank), so a step's pages depend on how requests spread over replicas; 'request' = each page its own seed from (seed, step, prompt, copy) (rl/rollout_seeds.py): the same pages on any number of ranks and after a resume")
     num_threads: int = option(2, "torch threads per process; verl's phases (rollout, log-probs, update) mostly take turns, so each may use every core of an idle machine (use 1 on a shared one; timings: docs/experiments/dr_grpo.md)")
     extra_verl_overrides: tuple[str, ...] = option((), "raw Hydra overrides for verl, applied last (they win)")
 
@@ -97,6 +102,16 @@ class DrGrpoConfig(StageConfig):
             problems.append("max_page_tokens and max_prompt_tokens must be >= 2 (or None: from the policy checkpoint)")
         if self.temperature <= 0:
             problems.append("temperature must be > 0 (rollouts sample)")
+        ranks = self.nnodes * self.ranks_per_node
+        if min(self.nnodes, self.ranks_per_node, self.rollout_tp) < 1 or ranks % self.rollout_tp:
+            problems.append(f"nnodes, ranks_per_node and rollout_tp must be >= 1 and nnodes x ranks_per_node ({ranks}) a "
+                            f"multiple of rollout_tp ({self.rollout_tp})")
+        elif self.micro_batch_pages is not None and self.micro_batch_pages < 1:
+            problems.append("micro_batch_pages must be >= 1 (or null: a rank's whole mini-batch)")
+        elif (self.prompts_per_step // self.mini_batches * self.group_size) % ranks:
+            problems.append(f"each mini-batch's pages (prompts_per_step / mini_batches x group_size = "
+                            f"{self.prompts_per_step // self.mini_batches * self.group_size}) must split evenly over "
+                            f"nnodes x ranks_per_node = {ranks} ranks")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -174,6 +189,10 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
     resumed policy is no longer the pretrained one, and when another seed of the run has validated it)."""
     abs_ = lambda p: str(Path(p).resolve())  # noqa: E731  (Ray workers do not share the driver's cwd)
     n_rollouts = cfg.prompts_per_step * cfg.group_size
+    ranks = cfg.nnodes * cfg.ranks_per_node  # verl's data-parallel size: each rank takes 1/ranks of every batch
+    per_rank = n_rollouts // cfg.mini_batches // ranks  # one rank's pages of a mini-batch
+    micro = min(per_rank, cfg.micro_batch_pages or per_rank)
+    micro_log_prob = min(n_rollouts // ranks, cfg.micro_batch_pages or n_rollouts)
     o = [
         # -- data: logged contexts as chat prompts (the template appends [PAGE]) --------------------------
         f"data.train_files={abs_(paths.data / 'train.parquet')}",
@@ -220,7 +239,7 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
         f"actor_rollout_ref.actor.grad_clip={cfg.grad_clip}",
         f"actor_rollout_ref.actor.ppo_epochs={cfg.ppo_epochs}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={cfg.prompts_per_step // cfg.mini_batches}",
-        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={n_rollouts // cfg.mini_batches}",
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro}",
         f"actor_rollout_ref.actor.data_loader_seed={seed}",
         f"actor_rollout_ref.actor.fsdp_config.seed={seed}",
         # fp32 end to end: without an explicit mixed_precision verl's FSDP engine computes in bf16 (autocast),
@@ -229,7 +248,7 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
         "actor_rollout_ref.ref.fsdp_config.model_dtype=fp32",
         f"+actor_rollout_ref.actor.fsdp_config.mixed_precision={FP32}",
         f"+actor_rollout_ref.ref.fsdp_config.mixed_precision={FP32}",
-        f"actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu={n_rollouts}",
+        f"actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu={micro_log_prob}",
         "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
         # -- rollout: vLLM, fp32, the whole group in one request batch ---------------------------------
         "actor_rollout_ref.rollout.name=vllm",
@@ -237,9 +256,9 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
         f"actor_rollout_ref.rollout.n={cfg.group_size}",
         f"actor_rollout_ref.rollout.temperature={cfg.temperature}",
         "actor_rollout_ref.rollout.dtype=float32",
-        "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
+        f"actor_rollout_ref.rollout.tensor_model_parallel_size={cfg.rollout_tp}",
         f"actor_rollout_ref.rollout.seed={seed}",
-        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={n_rollouts}",
+        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={micro_log_prob}",
         f"actor_rollout_ref.rollout.max_model_len={lengths.prompt + lengths.page + 8}",
         f"actor_rollout_ref.rollout.max_num_batched_tokens={max(4096, lengths.prompt + lengths.page + 8)}",
         "actor_rollout_ref.rollout.agent.num_workers=1",
@@ -278,13 +297,15 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
         f"actor_rollout_ref.rollout.val_kwargs.temperature={cfg.eval_temperature}",
         "actor_rollout_ref.rollout.val_kwargs.n=1",
         f"data.val_batch_size={cfg.eval_users}",
-        "trainer.nnodes=1",
-        "trainer.n_gpus_per_node=1",
+        f"trainer.nnodes={cfg.nnodes}",
+        f"trainer.n_gpus_per_node={cfg.ranks_per_node}",
         f"trainer.project_name={cfg.wandb_project}",
         f"trainer.experiment_name=dr_grpo_seed{seed}",
         "trainer.logger=[console,wandb,file]" if cfg.wandb_mode != "disabled" else "trainer.logger=[console,file]",
         "+ray_kwargs.ray_init.include_dashboard=False",
     ]
+    if cfg.rollout_seeding == "request":  # verl's hook for its agent loop manager class
+        o += ["+actor_rollout_ref.rollout.agent.agent_loop_manager_class=rl.rollout_seeds.SeededAgentLoopManager"]
     if cpu:
         o += [
             "trainer.device=cpu",
@@ -299,8 +320,9 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
             "actor_rollout_ref.rollout.gpu_memory_utilization=0.3",
             "actor_rollout_ref.rollout.free_cache_engine=False",
             "+actor_rollout_ref.rollout.enable_sleep_mode=False",
-            "+ray_kwargs.ray_init.num_gpus=1",
-            f"+ray_kwargs.ray_init.num_cpus={max(os.cpu_count() or 2, 4)}",
+            f"+ray_kwargs.ray_init.num_gpus={cfg.ranks_per_node}",  # one "GPU" bundle per CPU rank
+            # logical CPUs: verl's placement group asks 3 per "GPU" bundle (RayResourcePool's max_colocate_count)
+            f"+ray_kwargs.ray_init.num_cpus={max(os.cpu_count() or 2, 4) + 3 * (cfg.ranks_per_node - 1)}",
         ]
     return o + list(cfg.extra_verl_overrides)
 
@@ -330,6 +352,7 @@ def seed_run(cfg: DrGrpoConfig, paths: RunPaths, wandb_id: str, attempt: int, va
         "resume": resume,  # continue from the seed's own latest checkpoint (else start from the pretrained policy)
         "config": {
             "data.seed": paths.seed,
+            "actor_rollout_ref.rollout.seed": paths.seed,  # rl.trainer passes it to the rollout (rollout_seeding=request)
             "actor_rollout_ref.actor.data_loader_seed": paths.seed,
             "trainer.default_local_dir": str(paths.checkpoints.resolve()),
             "trainer.validation_data_dir": str((paths.run / "validation").resolve()),

@@ -294,6 +294,8 @@ class GenPageTaskRunner(BaseTaskRunner):
             if i > 0:  # the first seed's dataloader was built with its seed
                 trainer._create_dataloader(train_dataset, val_dataset, collate_fn, create_rl_sampler(config.data, train_dataset))
             os.environ.update(run["env"])
+            if hasattr(trainer.async_rollout_manager, "set_run_seed"):  # rollout_seeding=request (rl/rollout_seeds.py)
+                trainer.async_rollout_manager.set_run_seed(int(config.actor_rollout_ref.rollout.seed))
             print(f"[genpage] seed {run['seed']}: {'resuming' if run['resume'] else 'from the pretrained policy'}")
             trainer.fit()
             _finish_tracking()

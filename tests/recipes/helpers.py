@@ -19,9 +19,10 @@ TINY_PRETRAIN = ["model.hidden_size=64", "model.num_hidden_layers=1", "model.num
                  "cold_start_titles=0", "lr=0.01"]
 TINY_MODEL = [*TINY_PRETRAIN, "steps=20", "eval_interval=20", "checkpoint_interval=20"]
 # Dr. GRPO at smoke size. Training prompts sampled by the world's environment here; tests/recipes/test_foreign_dataset.py
-# covers logged ones; token credit: tests/recipes/test_dr_grpo.py's ensemble test.
+# covers logged ones; token credit: tests/recipes/test_dr_grpo.py's ensemble test. Seeded per page, so a 2-rank run
+# samples the same step-1 pages (test_dr_grpo.py's data-parallel test).
 TINY_RL = ["steps=2", "seeds=[0,1]", "prompts_per_step=4", "group_size=4", "eval_users=8", "save_freq=1", "lr=0.01",
-           "wandb_mode=offline", "prompt_source=environment", "credit=page"]
+           "wandb_mode=offline", "prompt_source=environment", "credit=page", "rollout_seeding=request"]
 ROOT = Path(__file__).parents[2]
 
 

@@ -85,3 +85,12 @@ def test_every_scale_preset_loads_and_medium_has_the_ladders_sizes():
     assert 8e6 < params < 12e6 and h // model.num_attention_heads == 64
     for stage in ("pretrain.yaml", "train_rm.yaml", "dr_grpo.yaml"):  # each rung's stages read its own world
         assert load_config(SCALE_STAGES[stage], rungs["medium"] / stage).data_dir == "runs/scale/medium/world"
+    # The multi-node GPU run is configuration: verl's nodes, GPUs per node and vLLM tensor parallel size.
+    from rl.config import RunPaths, SequenceLengths, compose_verl_config, verl_overrides
+
+    large = load_config(DrGrpoConfig, rungs["large"] / "dr_grpo.yaml")
+    verl = compose_verl_config(verl_overrides(large, "m", RunPaths(Path("/tmp/x"), 0), 0, cpu=False,
+                                              lengths=SequenceLengths(90, 55)))
+    assert (verl.trainer.nnodes, verl.trainer.n_gpus_per_node) == (large.nnodes, large.ranks_per_node) and large.nnodes > 1
+    assert verl.actor_rollout_ref.rollout.tensor_model_parallel_size == large.rollout_tp
+    assert verl.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu == large.micro_batch_pages

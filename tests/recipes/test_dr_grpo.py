@@ -165,3 +165,43 @@ def test_token_credit_refuses_a_reward_model_without_per_token_rewards(rl_inputs
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "'last' head" in proc.stderr and "reward_head=entity_feedback" in proc.stderr
     assert not (tmp_path / "rl").exists()  # refused before anything is written
+
+
+@pytest.mark.timeout(600)
+def test_two_fsdp_ranks_take_the_one_rank_step(rl_inputs, rl_smoke_run, tmp_path):
+    """ranks_per_node=2: verl's FSDP actor and reference on 2 CPU ranks (gloo), one vLLM replica each, the same
+    global batch (4 prompts x 4 pages, 8 pages per rank). Pages are seeded per request (rollout_seeding=request),
+    so step 1 samples the pages the one-rank smoke run sampled, and the step must be the same.
+
+    Tolerances: the gradient norm within 1e-5 (relative) and the loss within 1e-6 (each rank sums its half of the
+    batch, then the halves are averaged: another order of the same float sum); the weights after the step within
+    1e-7 on average and 1e-3 (a tenth of the step, lr=0.01) at most: Adam's first step is lr x g / (|g| + eps), so a
+    weight whose gradient is near zero turns a last-bit difference of g into a visible one."""
+    import torch
+    from safetensors.torch import load_file
+
+    world, policy, rm = rl_inputs
+    one, _, _ = rl_smoke_run
+    two = tmp_path / "rl2"
+    args = [a for a in TINY_RL if not a.startswith("seeds=")]  # steps too: they size the prompt set it shuffles
+    run("dr_grpo.py", f"data_dir={world}", f"policy_dir={policy}", f"rm_dir={rm}", f"out_dir={two}", *args,
+        "seeds=[0]", "ranks_per_node=2", "num_threads=1", "wandb_mode=disabled")
+
+    def step_1(out: Path) -> dict:
+        lines = [json.loads(x) for x in (out / "seed_0" / "metrics" / "attempt_0.jsonl").read_text().splitlines()]
+        return {r["step"]: r["data"] for r in lines}[1]
+
+    a, b = step_1(one), step_1(two)
+    for key in ("rollout/rm_reward", "rollout/true_reward", "page/diversity", "response_length/mean"):
+        assert b[key] == pytest.approx(a[key], abs=1e-9), key  # the same pages
+    assert b["actor/grad_norm"] == pytest.approx(a["actor/grad_norm"], rel=1e-5)
+    assert b["actor/pg_loss"] == pytest.approx(a["actor/pg_loss"], abs=1e-6)
+    assert a["actor/grad_norm"] > 0 and abs(a["actor/pg_loss"]) > 1e-4  # a step that moved something
+
+    hf = Path("checkpoints") / "global_step_1" / "actor" / "huggingface" / "model.safetensors"
+    before, w1, w2 = (load_file(p) for p in (policy / "model.safetensors", one / "seed_0" / hf, two / "seed_0" / hf))
+    diff = torch.cat([(w1[k] - w2[k]).abs().flatten() for k in w1])
+    moved = torch.cat([(w1[k] - before[k]).abs().flatten() for k in w1 if k in before])
+    assert moved.max() > 5e-3  # one Adam step of lr 0.01
+    assert diff.mean() < 1e-7 and diff.max() < 1e-3, (diff.mean().item(), diff.max().item())
+    assert (two / "seed_0" / "model" / "model.safetensors").exists() and json.loads((two / "summary.json").read_text())["ranks"] == 2

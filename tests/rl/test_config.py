@@ -147,3 +147,49 @@ def test_vectorized_logprobs_equal_verls_fallback_and_patch_the_engine():
     bf16 = flat.to(torch.bfloat16)  # other dtypes keep verl's path
     torch.testing.assert_close(engine.logprobs_from_logits(bf16, labels.reshape(-1)),
                                logprobs_from_logits_v2(bf16, labels.reshape(-1)))
+
+
+def test_data_parallel_ranks_split_the_same_global_batch_and_compose(tmp_path):
+    """ranks_per_node / nnodes / rollout_tp reach verl's own keys; the global batch stays prompts x group, so each
+    rank's micro-batch is its share of it, and a split that does not come out even is refused up front."""
+    from rl.config import compose_verl_config
+
+    lengths = SequenceLengths(90, 55)
+    one = verl_overrides(DrGrpoConfig(prompts_per_step=8, group_size=4), "m", RunPaths(tmp_path, 0), seed=0, cpu=True,
+                         lengths=lengths)
+    cfg = DrGrpoConfig(prompts_per_step=8, group_size=4, ranks_per_node=2)
+    two = verl_overrides(cfg, "m", RunPaths(tmp_path, 0), seed=0, cpu=True, lengths=lengths)
+    assert "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=32" in one
+    assert "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16" in two
+    assert "trainer.n_gpus_per_node=2" in two and "+ray_kwargs.ray_init.num_gpus=2" in two
+    bounded = verl_overrides(DrGrpoConfig(prompts_per_step=8, group_size=4, ranks_per_node=2, micro_batch_pages=4), "m",
+                             RunPaths(tmp_path, 0), seed=0, cpu=True, lengths=lengths)
+    assert "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4" in bounded
+    assert "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=4" in bounded
+    assert "data.train_batch_size=8" in one and "data.train_batch_size=8" in two  # the global batch
+    composed = compose_verl_config(verl_overrides(DrGrpoConfig(prompts_per_step=64, nnodes=4, ranks_per_node=8,
+                                                               rollout_tp=2), "m", RunPaths(tmp_path, 0), seed=0,
+                                                  cpu=False, lengths=lengths))
+    assert (composed.trainer.nnodes, composed.trainer.n_gpus_per_node) == (4, 8)
+    assert composed.actor_rollout_ref.rollout.tensor_model_parallel_size == 2
+    assert composed.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu == 64 * 8 // 32
+    with pytest.raises(ConfigError, match="split evenly over nnodes x ranks_per_node = 3"):
+        load_config(DrGrpoConfig, None, ["prompts_per_step=4", "group_size=4", "ranks_per_node=3"])
+    with pytest.raises(ConfigError, match="multiple of rollout_tp"):
+        load_config(DrGrpoConfig, None, ["ranks_per_node=2", "rollout_tp=4"])
+
+
+def test_request_seeding_installs_the_seeded_agent_loop_manager(tmp_path):
+    from rl.config import compose_verl_config
+
+    o = verl_overrides(DrGrpoConfig(rollout_seeding="request"), "m", RunPaths(tmp_path, 0), seed=0, cpu=True,
+                       lengths=SequenceLengths(90, 55))
+    manager = compose_verl_config(o).actor_rollout_ref.rollout.agent.agent_loop_manager_class
+    from verl.utils.import_utils import load_class_from_fqn
+
+    from rl.rollout_seeds import SeededAgentLoopManager
+
+    assert load_class_from_fqn(manager, "AgentLoopManager") is SeededAgentLoopManager
+    plain = verl_overrides(DrGrpoConfig(), "m", RunPaths(tmp_path, 0), seed=0, cpu=True, lengths=SequenceLengths(90, 55))
+    assert not any("agent_loop_manager_class" in x for x in plain)
+    assert seed_run(DrGrpoConfig(), RunPaths(tmp_path, 3), "id", 0)["config"]["actor_rollout_ref.rollout.seed"] == 3
