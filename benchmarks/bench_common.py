@@ -107,8 +107,9 @@ def run_monitored(cmd: list[str], log_path: str | Path, milestones: dict[str, st
 
     Returns wall_s, rc, peak_rss_mb (sum of RSS over the tree; shared pages counted once per process),
     peak_pss_mb (sum of PSS: shared pages split between processes, the tree's real footprint),
-    peak_single_rss_mb (largest process), processes_max, and milestones {name: seconds of the first output
-    line containing the given text}."""
+    peak_single_rss_mb (largest process), processes_max, peak_processes (at the sample of peak PSS, the
+    largest processes as [command line, PSS in MB]: where the memory is) and milestones {name: seconds of the
+    first output line containing the given text}."""
     import re
     import subprocess
     import threading
@@ -117,7 +118,7 @@ def run_monitored(cmd: list[str], log_path: str | Path, milestones: dict[str, st
 
     milestones = milestones or {}
     seen: dict[str, float] = {}
-    peak = {"rss": 0.0, "pss": 0.0, "single": 0.0, "procs": 0}
+    peak = {"rss": 0.0, "pss": 0.0, "single": 0.0, "procs": 0, "at_peak": []}
     done = threading.Event()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
@@ -131,14 +132,18 @@ def run_monitored(cmd: list[str], log_path: str | Path, milestones: dict[str, st
             except psutil.Error:
                 break
             rss = pss = single = 0.0
+            each = []
             for p in procs:
                 try:
                     mem = p.memory_full_info()
+                    each.append((getattr(mem, "pss", mem.rss), " ".join(p.cmdline())[:80]))
                 except psutil.Error:
                     continue
                 rss += mem.rss
                 pss += getattr(mem, "pss", mem.rss)
                 single = max(single, mem.rss)
+            if pss > peak["pss"]:
+                peak["at_peak"] = sorted(each, reverse=True)[:6]
             peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
             peak["single"], peak["procs"] = max(peak["single"], single), max(peak["procs"], len(procs))
             done.wait(interval)
@@ -161,4 +166,4 @@ def run_monitored(cmd: list[str], log_path: str | Path, milestones: dict[str, st
     mb = 1024 ** 2
     return {"cmd": " ".join(cmd), "rc": rc, "wall_s": time.perf_counter() - t0, "peak_rss_mb": peak["rss"] / mb,
             "peak_pss_mb": peak["pss"] / mb, "peak_single_rss_mb": peak["single"] / mb, "processes_max": peak["procs"],
-            "milestones": seen, "log": str(log_path)}
+            "peak_processes": [[cmd, round(b / mb)] for b, cmd in peak["at_peak"]], "milestones": seen, "log": str(log_path)}
