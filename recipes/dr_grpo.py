@@ -67,6 +67,17 @@ def policy_lengths(cfg: DrGrpoConfig, init: Path) -> SequenceLengths:
         raise SystemExit(f"config error: {e}") from None
 
 
+def release_freed_memory() -> None:
+    """Hands Arrow's freed blocks back to the OS. Its allocator (mimalloc) keeps them after a table is dropped: at the
+    medium rung the 3 GB validated log table stayed in this process (4.9 GB) for the whole verl session; 0.7 GB after."""
+    import gc
+
+    import pyarrow as pa
+
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+
+
 def write_prompts(cfg: DrGrpoConfig, out: Path, init: Path, lengths: SequenceLengths) -> None:
     """Training prompts: logged contexts of train-split users (drawn with replacement, enough for every step);
     held-out: test-split logged contexts, with their logged page (the logging policy's row of the table)."""
@@ -220,6 +231,7 @@ def main() -> None:
         init = prepare_policy(cfg, out)
         lengths = policy_lengths(cfg, init)
         write_prompts(cfg, out, init, lengths)
+        release_freed_memory()  # the validated log table is gone: give its pages back before verl's processes start
         pending = []
         for seed in cfg.seeds:
             paths = RunPaths(out, seed)
