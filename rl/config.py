@@ -112,8 +112,16 @@ class DrGrpoConfig(StageConfig):
             problems.append(f"each mini-batch's pages (prompts_per_step / mini_batches x group_size = "
                             f"{self.prompts_per_step // self.mini_batches * self.group_size}) must split evenly over "
                             f"nnodes x ranks_per_node = {ranks} ranks")
+        elif self.micro_batch_pages and self._rank_pages(ranks) % min(self._rank_pages(ranks), self.micro_batch_pages):
+            per_rank = self._rank_pages(ranks)
+            problems.append(f"micro_batch_pages ({self.micro_batch_pages}) must divide each rank's pages of a mini-batch "
+                            f"({per_rank}): verl accumulates whole micro-batches")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _rank_pages(self, ranks: int) -> int:
+        """One rank's pages of a mini-batch."""
+        return self.prompts_per_step // self.mini_batches * self.group_size // ranks
 
 
 class SequenceLengths(NamedTuple):
@@ -190,7 +198,7 @@ def verl_overrides(cfg: DrGrpoConfig, policy_dir: str | Path, paths: RunPaths, s
     abs_ = lambda p: str(Path(p).resolve())  # noqa: E731  (Ray workers do not share the driver's cwd)
     n_rollouts = cfg.prompts_per_step * cfg.group_size
     ranks = cfg.nnodes * cfg.ranks_per_node  # verl's data-parallel size: each rank takes 1/ranks of every batch
-    per_rank = n_rollouts // cfg.mini_batches // ranks  # one rank's pages of a mini-batch
+    per_rank = cfg._rank_pages(ranks)  # one rank's pages of a mini-batch
     micro = min(per_rank, cfg.micro_batch_pages or per_rank)
     micro_log_prob = min(n_rollouts // ranks, cfg.micro_batch_pages or n_rollouts)
     o = [

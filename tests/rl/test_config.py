@@ -175,6 +175,8 @@ def test_data_parallel_ranks_split_the_same_global_batch_and_compose(tmp_path):
     assert composed.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu == 64 * 8 // 32
     with pytest.raises(ConfigError, match="split evenly over nnodes x ranks_per_node = 3"):
         load_config(DrGrpoConfig, None, ["prompts_per_step=4", "group_size=4", "ranks_per_node=3"])
+    with pytest.raises(ConfigError, match="must divide each rank's pages of a mini-batch"):
+        load_config(DrGrpoConfig, None, ["prompts_per_step=4", "group_size=4", "ranks_per_node=2", "micro_batch_pages=3"])
     with pytest.raises(ConfigError, match="multiple of rollout_tp"):
         load_config(DrGrpoConfig, None, ["ranks_per_node=2", "rollout_tp=4"])
 
