@@ -86,7 +86,7 @@ def main() -> None:
     tok = GenPageTokenizer.from_pretrained(model_dir)
     EOP[0] = tok.eop_id
     cfg = json.loads((model_dir / "config.json").read_text())
-    rules = RuleSet.from_dict(cfg["business_rules"]) if cfg.get("business_rules") else dataset_ruleset(world_dir, tok=tok)
+    rules = RuleSet.from_pretrained(model_dir) if cfg.get("business_rules") else dataset_ruleset(world_dir, tok=tok)
     pinned = RuleSet(dataclasses.replace(rules.config, pinned_rows={TRENDING: 0}), rules.tables)
 
     # Varied prompts: held-out users (adults and kids profiles, with and without titles to resume).

@@ -48,8 +48,9 @@ class GenPageConfig(LlamaConfig):
     page_token_id: id of the [PAGE] token that ends every prompt (the prompt/page boundary).
     reward_mean, reward_std: the reward model's target normalization (paper section 5.3): it predicts
         (page_reward - reward_mean) / reward_std; set by recipes/train_rm.py, unused by the generator.
-    business_rules: the deployment's ruleset (policies.rules.RuleSet.to_dict()), so every process that loads
-        the checkpoint (trainer, vLLM workers, evaluation) enforces the same rules.
+    business_rules: the header of the deployment's ruleset (policies.rules.RuleSet.header(): its config, per-row
+        facts, and the name and SHA-256 of the per-title tables file beside config.json), so every process
+        that loads the checkpoint (trainer, vLLM workers, evaluation) enforces the same rules.
     mask_logits: replay the rule mask inside `forward` on full sequences (paper section 6.3): the trainer's
         log-probs are then those of the masked distribution vLLM sampled from. Incremental decoding with a
         KV cache is masked by the logits-processor adapters instead (vLLM, policies.hf_generation).
@@ -153,7 +154,9 @@ class GenPageModel(LlamaModel):
 class _FrozenContentMixin:
     """After from_pretrained: the content table stays frozen (loading materializes parameters with
     requires_grad=True), and the non-persistent fallback map is rebuilt from the config (loading initializes
-    on the meta device, which leaves non-persistent buffers undefined)."""
+    on the meta device, which leaves non-persistent buffers undefined). The checkpoint's rules are read at load
+    (their directory may be gone by the time they are needed) and their tables file is written with every
+    save_pretrained, so a copy made by saving carries them."""
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -161,7 +164,33 @@ class _FrozenContentMixin:
         model.model.content_embeddings.requires_grad_(False)
         fallback = model.config.token_fallback or [-1] * model.config.vocab_size
         model.model.token_fallback = torch.tensor(fallback, dtype=torch.long, device=model.model.content_embeddings.device)
+        if model.config.business_rules:
+            model.rules  # noqa: B018 (read now, from the directory it was loaded from)
         return model
+
+    @property
+    def rules(self):
+        """The checkpoint's RuleSet: the one attached, else the one config.business_rules names (read once
+        from the directory the config was loaded from)."""
+        if getattr(self, "_rules", None) is None:
+            from policies.rules import RuleSet
+
+            self._rules = RuleSet.from_model_config(self.config)
+            if self._rules is None:
+                raise ValueError("config.business_rules is empty: attach rules with `model.attach_rules(rules)` or "
+                                 "`python -m policies.rules --model DIR`")
+        return self._rules
+
+    def attach_rules(self, rules) -> None:
+        """Makes `rules` this model's ruleset: held here, its header in the config, its tables file written by
+        save_pretrained."""
+        self._rules = rules
+        self.config.business_rules = rules.header()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self.config.business_rules and kwargs.get("is_main_process", True):
+            self.rules.write_tables(save_directory)
 
 
 class GenPageForCausalLM(_FrozenContentMixin, LlamaForCausalLM):
@@ -197,18 +226,6 @@ class GenPageForCausalLM(_FrozenContentMixin, LlamaForCausalLM):
         loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                       hidden_states=out.hidden_states, attentions=out.attentions)
-
-    @property
-    def rules(self):
-        """The checkpoint's RuleSet (built once from config.business_rules)."""
-        if getattr(self, "_rules", None) is None:
-            from policies.rules import RuleSet
-
-            self._rules = RuleSet.from_model_config(self.config)
-            if self._rules is None:
-                raise ValueError("config.mask_logits is set but config.business_rules is empty: attach rules with "
-                                 "`python -m policies.rules --model DIR`")
-        return self._rules
 
     def set_content_embeddings(self, content: torch.Tensor) -> None:
         """content: [V, C] per-token content vectors (zeros for tokens without content)."""

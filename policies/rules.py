@@ -28,16 +28,21 @@ Rules (each with an enforcement mode: "mask" = hard, never violated; "reward" = 
 "Can be filled" means: at least min_row_len titles satisfying the entity rules not set to "off" remain. A pin
 or critical row that cannot be filled for this user is void (it does not block the page).
 
-The ruleset (config + per-token tables built from the dataset) is a plain dict saved in the checkpoint's
-config.json (`GenPageConfig.business_rules`), so every process that loads the checkpoint has the same rules.
-Per-title tables are bit-packed masks over the vocabulary (V / 8 bytes each, base64), not lists of ids.
+A checkpoint carries its ruleset in two parts, so every process that loads it has the same rules: the config and
+the per-row facts (row tokens, history rows, duration buckets) in config.json (`GenPageConfig.business_rules`),
+and the per-title tables in a file of their own, `business_rules.npz`, as bit-packed uint8 arrays over
+the vocabulary (V / 8 bytes per row or profile: a catalog of 10^5 titles and 100 rows is 1.25 MB there, and
+config.json stays a few KB). config.json names the file and its SHA-256, so a file that does not belong to the
+config is refused at load.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
+import hashlib
+import io
 import json
+import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +59,10 @@ RULES = ("structure", "dedup", "category", "maturity", "pinning", "critical_rows
 RuleMode = Literal["mask", "reward", "off"]  # hard mask, soft format reward, not enforced
 MODES = typing.get_args(RuleMode)
 ENTITY_RULES = ("dedup", "category", "maturity")  # rules that decide which titles can fill a row
-RULESET_VERSION = 2
+RULESET_VERSION = 3
+# The per-title tables, beside config.json in a checkpoint. NumPy's .npz, read without pickle: not .safetensors,
+# which vLLM's and HF's weight loaders take for a weights file of the model.
+RULES_FILE = "business_rules.npz"
 
 
 @dataclass(frozen=True)
@@ -193,7 +201,7 @@ class FormatReport(NamedTuple):
 
 class RuleSet:
     """The rules of one deployment over one vocabulary: per-token tables + config. Build with
-    `build_ruleset`, load with `from_dict` / `from_model_config` / `from_pretrained`."""
+    `build_ruleset`, save with `attach_rules`, load with `from_pretrained` / `from_model_config`."""
 
     def __init__(self, config: RuleConfig, tables: dict):
         self.row_ids = tuple(tables["row_ids"])
@@ -234,28 +242,94 @@ class RuleSet:
         return set(self.row_elig[self.row_ids.index(row)].nonzero().flatten().tolist())
 
     # -- serialization ----------------------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return {"version": RULESET_VERSION, "config": _config_to_dict(self.config), "tables": self.tables}
+    def serialize(self) -> tuple[dict, bytes]:
+        """-> (the header for config.json's business_rules, the bytes of RULES_FILE). The file holds
+        entities [V/8], row_eligible [R', V/8] (the non-history rows, in row_ids order) and restricted [P, V/8]
+        (one row per restricted profile token, in header order), all uint8 bit-packed masks."""
+        t = self.tables
+        history = set(t["history_rows"])
+        eligible_rows = [r for r in self.row_ids if r not in history]
+        profiles = sorted(t["restricted"], key=int)
+        width = (self.vocab_size + 7) // 8
+        arrays = {
+            "entities": t["entities"],
+            "row_eligible": np.stack([t["row_eligible"][r] for r in eligible_rows]) if eligible_rows
+            else np.zeros((0, width), np.uint8),
+            "restricted": np.stack([t["restricted"][p] for p in profiles]) if profiles else np.zeros((0, width), np.uint8),
+        }
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        data = buffer.getvalue()
+        header = {
+            "version": RULESET_VERSION, "config": _config_to_dict(self.config), "file": RULES_FILE,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            **{k: t[k] for k in ("vocab_size", "eop_id", "page_id", "row_ids", "row_tokens", "history_rows",
+                                 "partial_duration_buckets")},
+            "eligible_rows": eligible_rows, "restricted_profiles": [int(p) for p in profiles],
+        }
+        return header, data
+
+    def header(self) -> dict:
+        """What config.json's business_rules holds for this ruleset (see serialize)."""
+        return self.serialize()[0]
+
+    def write_tables(self, model_dir: str | Path) -> dict:
+        """Writes RULES_FILE into model_dir (atomically: a kill leaves the old file or none) -> its header."""
+        header, data = self.serialize()
+        path = Path(model_dir) / RULES_FILE
+        tmp = path.with_name(f".{RULES_FILE}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return header
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RuleSet":
-        if data.get("version") != RULESET_VERSION:
-            raise ValueError(f"business_rules version {data.get('version')!r} is not {RULESET_VERSION}: rebuild the ruleset")
+    def from_header(cls, header: dict, model_dir: str | Path) -> "RuleSet":
+        """The ruleset a config.json header names, with its tables read from model_dir."""
         from common.config import from_dict
 
-        return cls(from_dict(RuleConfig, data["config"], "business_rules.config"), data["tables"])
+        if header.get("version") != RULESET_VERSION:
+            raise ValueError(f"{model_dir}/config.json: business_rules version {header.get('version')!r} is not "
+                             f"{RULESET_VERSION}: rebuild the ruleset with `python -m policies.rules --model {model_dir}`")
+        path = Path(model_dir) / header["file"]
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: config.json's business_rules name it; copy the checkpoint "
+                                    f"whole, or rebuild it with `python -m policies.rules --model {model_dir}`")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != header["sha256"]:
+            raise ValueError(f"{path} does not match config.json's business_rules (SHA-256 differs): the file belongs "
+                             f"to another ruleset; rebuild with `python -m policies.rules --model {model_dir}`")
+        arrays = dict(np.load(io.BytesIO(data), allow_pickle=False))
+        tables = {k: header[k] for k in ("vocab_size", "eop_id", "page_id", "row_ids", "row_tokens", "history_rows",
+                                         "partial_duration_buckets")}
+        tables["entities"] = arrays["entities"]
+        tables["row_eligible"] = dict(zip(header["eligible_rows"], arrays["row_eligible"]))
+        tables["restricted"] = {str(p): m for p, m in zip(header["restricted_profiles"], arrays["restricted"])}
+        return cls(from_dict(RuleConfig, header["config"], f"{model_dir}/config.json business_rules.config"), tables)
 
     @classmethod
-    def from_model_config(cls, config) -> "RuleSet | None":
-        rules = getattr(config, "business_rules", None)
-        return cls.from_dict(rules) if rules else None
+    def from_model_config(cls, config, model_dir: str | Path | None = None) -> "RuleSet | None":
+        """The ruleset of a loaded HF config (None without one); its tables come from model_dir, by default the
+        directory the config was loaded from."""
+        header = getattr(config, "business_rules", None)
+        if not header:
+            return None
+        model_dir = model_dir or getattr(config, "name_or_path", "")
+        if not model_dir:
+            raise ValueError(f"config.business_rules names {header.get('file')}, but the config was not loaded from a "
+                             "checkpoint directory: pass model_dir, or attach the RuleSet to the model (attach_rules)")
+        return cls.from_header(header, model_dir)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "RuleSet":
         cfg = json.loads((Path(model_dir) / "config.json").read_text())
         if not cfg.get("business_rules"):
             raise ValueError(f"{model_dir}/config.json has no business_rules: attach them with `python -m policies.rules --model {model_dir}`")
-        return cls.from_dict(cfg["business_rules"])
+        return cls.from_header(cfg["business_rules"], model_dir)
+
+    def with_modes(self, **modes: RuleMode) -> "RuleSet":
+        """The same tables with some rules' modes changed (e.g. category="reward")."""
+        config = dataclasses.replace(self.config, modes=dataclasses.replace(self.config.modes, **modes))
+        return RuleSet(config, self.tables)
 
     # -- page states ------------------------------------------------------------------------------------------
     def prompt_facts(self, input_ids: torch.Tensor, page_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -548,7 +622,7 @@ def build_ruleset(tok: GenPageTokenizer, dataset, config: RuleConfig = RuleConfi
     token_of = np.array([tok.vocab.get(f"ent:{e}", -1) for e in dataset.entity_ids])  # [N] catalog -> token, -1 unknown
     known = token_of >= 0
 
-    def to_vocab(mask: np.ndarray) -> str:  # [N] bool over the catalog -> packed [V] mask
+    def to_vocab(mask: np.ndarray) -> np.ndarray:  # [N] bool over the catalog -> packed [V / 8] uint8
         out = np.zeros(V, dtype=bool)
         out[token_of[known & mask]] = True
         return pack_mask(out)
@@ -585,23 +659,25 @@ def dataset_ruleset(data_dir: str | Path, config: RuleConfig = RuleConfig(), tok
 
 
 def attach_rules(model_dir: str | Path, ruleset: RuleSet, mask_logits: bool | None = None) -> None:
-    """Writes the ruleset into a checkpoint's config.json (and optionally the mask-replay switch)."""
+    """Writes the ruleset into a checkpoint: its tables file, then config.json's header (and optionally the
+    mask-replay switch)."""
+    header = ruleset.write_tables(model_dir)
     path = Path(model_dir) / "config.json"
     cfg = json.loads(path.read_text())
-    cfg["business_rules"] = ruleset.to_dict()
+    cfg["business_rules"] = header
     if mask_logits is not None:
         cfg["mask_logits"] = mask_logits
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def pack_mask(mask: np.ndarray) -> str:
-    """[V] bool -> base64 of its bits (V / 8 bytes)."""
-    return base64.b64encode(np.packbits(np.asarray(mask, dtype=bool)).tobytes()).decode()
+def pack_mask(mask: np.ndarray) -> np.ndarray:
+    """[V] bool -> [ceil(V / 8)] uint8, its bits."""
+    return np.packbits(np.asarray(mask, dtype=bool))
 
 
-def unpack_mask(packed: str, V: int) -> torch.Tensor:
+def unpack_mask(packed: np.ndarray, V: int) -> torch.Tensor:
     """The inverse of pack_mask -> [V] bool."""
-    bits = np.unpackbits(np.frombuffer(base64.b64decode(packed), dtype=np.uint8))[:V]
+    bits = np.unpackbits(np.asarray(packed, dtype=np.uint8))[:V]
     return torch.from_numpy(bits.astype(bool))
 
 
@@ -651,7 +727,7 @@ if __name__ == "__main__":
 
     from common.config import load_config
 
-    parser = argparse.ArgumentParser(description="Attach business rules to a GenPage checkpoint (written into config.json).")
+    parser = argparse.ArgumentParser(description=f"Attach business rules to a GenPage checkpoint ({RULES_FILE} and config.json).")
     parser.add_argument("--model", required=True, help="checkpoint directory")
     parser.add_argument("--data", default="runs/world", help="dataset directory (catalog, row taxonomy, logs)")
     parser.add_argument("--config", default=None, help="YAML with RuleConfig fields (default: the default rules)")
@@ -659,4 +735,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     attach_rules(args.model, dataset_ruleset(args.data, load_config(RuleConfig, args.config, args.overrides),
                                              GenPageTokenizer.from_pretrained(args.model)))
-    print(f"business rules written into {args.model}/config.json")
+    print(f"business rules written into {args.model}/{RULES_FILE} and config.json")

@@ -35,7 +35,8 @@ class GenPageRulesLogitsProcessor(LogitsProcessor):
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         hf_config = vllm_config.model_config.hf_config
-        self.rules = RuleSet.from_model_config(hf_config) if getattr(hf_config, "model_type", None) == "genpage" else None
+        self.rules = (RuleSet.from_model_config(hf_config, vllm_config.model_config.model)
+                      if getattr(hf_config, "model_type", None) == "genpage" else None)
         self.device = device
         self.requests: dict[int, _Request] = {}
         V = self.rules.vocab_size if self.rules is not None else 0

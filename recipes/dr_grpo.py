@@ -43,13 +43,11 @@ def prepare_policy(cfg: DrGrpoConfig, out: Path) -> Path:
     tmp = out / ".init_model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(cfg.policy_dir, tmp)
-    try:
-        rules = RuleSet.from_pretrained(tmp)
-    except ValueError:
+    if json.loads((tmp / "config.json").read_text()).get("business_rules"):
+        rules = RuleSet.from_pretrained(tmp)  # a checkpoint whose rules do not load is an error, not a fallback
+    else:
         rules = dataset_ruleset(cfg.data_dir, tok=GenPageTokenizer.from_pretrained(tmp))
-    spec = rules.to_dict()
-    spec["config"]["modes"].update({rule: "reward" for rule in cfg.reward_rules})
-    attach_rules(tmp, RuleSet.from_dict(spec))
+    attach_rules(tmp, rules.with_modes(**{rule: "reward" for rule in cfg.reward_rules}))
     tmp.rename(init)
     return init
 
@@ -186,8 +184,8 @@ def export_model(paths: RunPaths, init: Path) -> None:
     tmp = paths.run / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(hf, tmp)
-    for f in init.iterdir():  # tokenizer files (and anything else the HF export lacks)
-        if not (tmp / f.name).exists() and f.is_file() and f.suffix != ".safetensors":
+    for f in init.iterdir():  # tokenizer files, the rules' tables (anything the HF export lacks but the weights)
+        if not (tmp / f.name).exists() and f.is_file() and not f.name.startswith(("model.", "model-")):
             shutil.copy2(f, tmp / f.name)
     config = json.loads((tmp / "config.json").read_text())
     config["dtype"] = "float32"  # verl writes the config of its bf16 template; the weights are fp32

@@ -140,7 +140,7 @@ def main() -> None:
     # -- final HF directory -----------------------------------------------------------------------------------
     model.eval()
     model_dir = out / "model"
-    model.config.business_rules = rules.to_dict()
+    model.attach_rules(rules)  # its header in config.json, its tables file beside it
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
 

@@ -98,7 +98,7 @@ def train_seed(cfg: WbcConfig, seed: int, tok, rules, table, env, train: WbcData
     model, history, resumed = fit(model, cfg, seed, train, valid, run_dir / "checkpoints", f"seed{seed}", out)
     train_s = time.perf_counter() - t0  # the training budget (a resumed run counts only this attempt's steps)
     model_dir = run_dir / "model"
-    model.save_pretrained(model_dir)  # rules travel in config.json
+    model.save_pretrained(model_dir)  # with the checkpoint's rules (config.json and their tables file)
     tok.save_pretrained(model_dir)
     pages = evaluate_pretrained(model, model_dir, tok, rules, table, env, valid.seqs, cfg.eval_users,
                                 cfg.eval_backend, cfg.max_new_tokens, seed=0)  # the pretraining recipe's contexts

@@ -155,7 +155,7 @@ def test_rule_tables_are_bit_packed_masks():
     mask = np.zeros(21, dtype=bool)
     mask[[0, 7, 8, 20]] = True
     packed = pack_mask(mask)
-    assert len(packed) == 4  # 21 bits -> 3 bytes -> 4 base64 characters
+    assert packed.dtype == np.uint8 and packed.shape == (3,)  # 21 bits -> 3 bytes
     assert unpack_mask(packed, 21).numpy().tolist() == mask.tolist()
 
 

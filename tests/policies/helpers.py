@@ -45,7 +45,7 @@ def tiny_checkpoint(world, directory: Path, max_history: int = 20):
     rng = np.random.default_rng(0)
     content = {e: rng.normal(size=8).astype(np.float32) for e in c.entity_ids}
     model = build_model(tok, content, ModelSize(hidden_size=128, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128)).eval()
-    model.config.business_rules = rules.to_dict()
+    model.attach_rules(rules)
     model.save_pretrained(directory / "model")
     tok.save_pretrained(directory / "model")
     return directory / "model", model, tok, rules

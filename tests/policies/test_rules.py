@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from homepage.catalog import CONTINUE_WATCHING, GENRES, KIDS, MATURITY, NEW_RELEASES, TRENDING
 from policies.hybrid import allowed_fill
-from policies.rules import MODES, RULES, RuleConfig, RuleModes, RuleSet, build_ruleset
+from policies.rules import MODES, RULES, RULES_FILE, RuleConfig, RuleModes, RuleSet, attach_rules, build_ruleset
 from policies.rules_reference import reference_allowed, reference_rule_masks
 from tests.policies.helpers import CONFIG, SHAPE, prompt_of, walk
 from tests.toy import world_dataset, world_tokenizer
@@ -240,10 +240,24 @@ def test_a_pinned_row_is_forced_at_its_position_and_the_page_cannot_end_before_i
     assert rows_allowed == [tok.vocab[f"row:{NEW_RELEASES}"]]  # the only row that may open at position 1
 
 
-def test_ruleset_round_trips_through_a_dict_and_rejects_bad_configs(setup):
+def same_tables(a: dict, b: dict) -> bool:
+    def plain(v):
+        if isinstance(v, np.ndarray):
+            return v.tolist()
+        return {k: plain(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+    return plain(a) == plain(b)
+
+
+def test_ruleset_round_trips_through_a_checkpoint_and_rejects_bad_configs(setup, tmp_path):
     _, _, rules, _ = setup
-    again = RuleSet.from_dict(rules.to_dict())
-    assert again.config == rules.config and again.tables == rules.tables
+    (tmp_path / "config.json").write_text("{}")
+    attach_rules(tmp_path, rules)
+    again = RuleSet.from_pretrained(tmp_path)
+    assert again.config == rules.config and same_tables(again.tables, rules.tables)
+    assert torch.equal(again.row_elig, rules.row_elig) and torch.equal(again.is_entity, rules.is_entity)
+    assert again.restricted.keys() == rules.restricted.keys() and len(rules.restricted) > 0
+    assert all(torch.equal(again.restricted[k], m) for k, m in rules.restricted.items())
     def bad(**kw):
         RuleSet(dataclasses.replace(rules.config, **kw), rules.tables)
 
@@ -257,13 +271,56 @@ def test_ruleset_round_trips_through_a_dict_and_rejects_bad_configs(setup):
         bad(pinned_rows={TRENDING: 0}, critical_rows={CONTINUE_WATCHING: 1})
 
 
+def test_rule_tables_live_in_their_own_file_checked_against_config_json(setup, tmp_path):
+    import json
+    import shutil
+
+    from policies.build import ModelSize, build_model
+
+    _, tok, rules, _ = setup
+    model = build_model(tok, {}, ModelSize(hidden_size=32, num_hidden_layers=1, num_attention_heads=1, intermediate_size=32))
+    model.attach_rules(rules)
+    src, copy = tmp_path / "src", tmp_path / "copy"
+    model.save_pretrained(src)
+    header = json.loads((src / "config.json").read_text())["business_rules"]
+    V8 = (len(tok) + 7) // 8
+    # config.json holds the header only: no per-title mask, whatever the catalog's size
+    assert header["file"] == RULES_FILE and "entities" not in header and "restricted" not in header
+    assert (src / RULES_FILE).stat().st_size >= V8 * (1 + len(header["eligible_rows"]) + len(rules.restricted))
+    assert [p.name for p in src.glob("*.safetensors")] == ["model.safetensors"]  # vLLM loads every one as weights
+    # a model loaded from the checkpoint has its rules after the directory is gone, and saves them again
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(src)
+    shutil.rmtree(src)
+    loaded.save_pretrained(copy)
+    again = RuleSet.from_pretrained(copy)
+    assert torch.equal(again.row_elig, rules.row_elig) and again.config == rules.config
+    # a tables file that is not the one config.json names is refused, and so is a missing one
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")
+    attach_rules(tmp_path / "other", rules.with_modes(category="reward"))
+    entities = rules.tables["entities"].copy()
+    entities[0] ^= 1  # another catalog: one title more or less
+    attach_rules(copy, RuleSet(rules.config, {**rules.tables, "entities": entities}))
+    shutil.copy(copy / RULES_FILE, tmp_path / "stale")
+    attach_rules(copy, rules)
+    shutil.copy(tmp_path / "stale", copy / RULES_FILE)
+    with pytest.raises(ValueError, match=f"{RULES_FILE} does not match config.json"):
+        RuleSet.from_pretrained(copy)
+    (copy / RULES_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=f"{RULES_FILE} not found"):
+        RuleSet.from_pretrained(copy)
+    assert RuleSet.from_pretrained(tmp_path / "other").config.modes.category == "reward"
+
+
 def test_mask_replay_in_forward_equals_the_engine_mask_with_padding_and_packing(setup):
     from policies.build import ModelSize, build_model
 
     world, tok, rules, _ = setup
     rng = np.random.default_rng(0)
     model = build_model(tok, {}, ModelSize(hidden_size=64, num_hidden_layers=1, num_attention_heads=1, intermediate_size=64)).eval()
-    model.config.business_rules = rules.to_dict()
+    model.attach_rules(rules)
     seqs = []
     for user in (0, 1, 2):
         prompt = prompt_of(world, tok, user)

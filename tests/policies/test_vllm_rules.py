@@ -80,8 +80,9 @@ def test_processor_follows_vllms_persistent_batch_through_adds_moves_swaps_and_r
 
     with tempfile.TemporaryDirectory() as d:
         rules = build_ruleset(tok, world_dataset(small_world, Path(d) / "data"), CONFIG)
-    proc = GenPageRulesLogitsProcessor(SimpleNamespace(model_config=SimpleNamespace(
-        hf_config=GenPageConfig(vocab_size=len(tok), business_rules=rules.to_dict()))), torch.device("cpu"), False)
+        header = rules.write_tables(d)  # the processor reads the tables from the engine's model directory
+        proc = GenPageRulesLogitsProcessor(SimpleNamespace(model_config=SimpleNamespace(
+            model=d, hf_config=GenPageConfig(vocab_size=len(tok), business_rules=header))), torch.device("cpu"), False)
     rng = np.random.default_rng(0)
     prompts = [prompt_of(small_world, tok, u, seed=u) for u in range(5)]
     pages = [walk(rules, tok, p, rng)[: 2 + 3 * u] for u, p in enumerate(prompts)]  # different prefix lengths

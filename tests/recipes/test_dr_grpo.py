@@ -41,7 +41,10 @@ def test_smoke_run_moves_the_policy_and_writes_metrics(rl_inputs, rl_smoke_run):
         moved = max((after[k] - before[k]).abs().max().item() for k in before)
         assert moved > 1e-4, (seed, moved)
         assert all(v.dtype == torch.float32 for v in after.values())
-    assert json.loads((out / "model" / "config.json").read_text())["business_rules"]
+    from policies.rules import RuleSet
+
+    exported = RuleSet.from_pretrained(out / "model")  # the rules' tables file came through verl's HF export
+    assert exported.config == RuleSet.from_pretrained(out / "init_model").config
 
     # Per-step metrics from verl's logger: ours next to verl's, for both steps.
     lines = [json.loads(x) for x in (out / "seed_1" / "metrics" / "attempt_0.jsonl").read_text().splitlines()]

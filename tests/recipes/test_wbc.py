@@ -66,6 +66,9 @@ def test_smoke_run_lowers_heldout_bce_reports_table_1_and_serves_on_vllm(inputs,
     assert np.isfinite(summary["per_seed"]["1"]["true_reward_masked_greedy"]) and len(summary["train_s_per_seed"]) == 2
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["business_rules"] and (out / "model" / "genpage_tokenizer.json").exists()
+    from policies.rules import RuleSet
+
+    assert RuleSet.from_pretrained(out / "model").row_ids  # the rules' tables file saved with the model
     assert "reusing" in recipe("wbc.py", f"data_dir={world}", f"pretrained_dir={pretrained}", f"out_dir={out}",
                                *TINY_WBC).stdout
     # Checkpoints side by side (recipes/compare.py): Table 1 as the recipe's, on the same held-out pages; the
