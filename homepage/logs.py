@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from homepage.pages import Page, Row
 
@@ -240,6 +241,42 @@ def log_parts(path: str | Path) -> list[Path]:
     return sorted(path.glob("*.parquet")) if path.is_dir() else [path]
 
 
+VALIDATE_BATCH_ROWS = 65_536  # rows of a part validated at once: the checks' temporaries grow with it, not the part
+
+
+def _validated_parts(files: list[Path], schema, on_bad_rows: str, quarantine, seen_ids) -> Iterator[tuple[pa.Table, int]]:
+    """Each part's rows in batches of VALIDATE_BATCH_ROWS, validated. -> (rows kept, rows read) per batch"""
+    from homepage.validation import validate_table
+
+    for f in files:
+        try:
+            pf = pq.ParquetFile(f)
+            meta = pf.schema_arrow.metadata or {}
+            version = meta.get(SCHEMA_VERSION_KEY, SCHEMA_VERSION.encode()).decode()
+            if version != SCHEMA_VERSION:
+                raise LogSchemaError(f"{f}: schema version {version!r}; this reader understands {SCHEMA_VERSION!r}")
+            batches = pf.iter_batches(batch_size=VALIDATE_BATCH_ROWS)
+        except LogSchemaError:
+            raise
+        except Exception as e:  # pyarrow raises several types for a corrupt or truncated file
+            raise LogSchemaError(f"{f}: not a readable Parquet file ({type(e).__name__}: {e})") from e
+        first = 0
+        while True:
+            try:
+                batch = next(batches, None)
+            except Exception as e:  # a corrupt page or row group, found when it is decoded
+                raise LogSchemaError(f"{f}: not a readable Parquet file ({type(e).__name__}: {e})") from e
+            if batch is None and first > 0:
+                break
+            # an empty part still has its columns checked
+            part = pa.Table.from_batches([batch]) if batch is not None else pf.schema_arrow.empty_table()
+            # errors name the part file and the row within it
+            yield validate_table(part, f, schema, on_bad_rows, quarantine, seen_ids, first_row=first), part.num_rows
+            first += part.num_rows
+            if batch is None:
+                break
+
+
 def read_logs(
     path: str | Path, schema=None, known_entity_ids: set[str] | frozenset[str] | None = None,
     on_bad_rows: str = "error", max_bad_fraction: float = 0.0, quarantine_path: str | Path | None = None,
@@ -252,7 +289,7 @@ def read_logs(
     quarantine_path when given, counted by reason in the report) and stops only when more than max_bad_fraction
     of all rows are bad.
     """
-    from homepage.validation import ON_BAD_ROWS, Quarantine, count_unknown_entities, validate_table
+    from homepage.validation import ON_BAD_ROWS, Quarantine, SeenIds, count_unknown_entities
 
     if on_bad_rows not in ON_BAD_ROWS:
         raise ValueError(f"on_bad_rows must be one of {list(ON_BAD_ROWS)}, got {on_bad_rows!r}")
@@ -264,22 +301,11 @@ def read_logs(
     files = log_parts(path)
     if not files:
         raise FileNotFoundError(f"{path}: directory holds no .parquet files")
-    tables, quarantine, seen_ids, rows_read = [], Quarantine(), {}, 0
-    for f in files:
-        try:
-            pf = pq.ParquetFile(f)
-            meta = pf.schema_arrow.metadata or {}
-            version = meta.get(SCHEMA_VERSION_KEY, SCHEMA_VERSION.encode()).decode()
-            if version != SCHEMA_VERSION:
-                raise LogSchemaError(f"{f}: schema version {version!r}; this reader understands {SCHEMA_VERSION!r}")
-            part = pf.read()
-        except LogSchemaError:
-            raise
-        except Exception as e:  # pyarrow raises several types for a corrupt or truncated file
-            raise LogSchemaError(f"{f}: not a readable Parquet file ({type(e).__name__}: {e})") from e
-        rows_read += part.num_rows
-        # errors name the part file and the row within it
-        tables.append(validate_table(part, f, schema, on_bad_rows, quarantine, seen_ids))
+    tables, quarantine, seen_ids, rows_read = [], Quarantine(), SeenIds(), 0
+    batches = _validated_parts(files, schema, on_bad_rows, quarantine, seen_ids)
+    for kept, read in tqdm(batches, desc=f"validating {path}", unit=" batches", delay=2):  # shown past 2 s
+        tables.append(kept)
+        rows_read += read
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     report = LogReport(str(path), rows=table.num_rows, rows_read=rows_read, quarantine=quarantine)
     if len(quarantine):

@@ -86,13 +86,14 @@ def _json_record(row: dict) -> str:
 
 class RowChecker:
     """The rows of one log part still in play. `refuse` either raises (error mode) or moves rows into the
-    quarantine and drops them from `table`, keeping `index` (each remaining row's number in the part)."""
+    quarantine and drops them from `table`, keeping `index` (each remaining row's number in the part: the table
+    may be a batch of the part's rows, starting at row first_row)."""
 
-    def __init__(self, table: pa.Table, path: Path, on_bad_rows: OnBadRows, quarantine: Quarantine):
+    def __init__(self, table: pa.Table, path: Path, on_bad_rows: OnBadRows, quarantine: Quarantine, first_row: int = 0):
         if on_bad_rows not in ON_BAD_ROWS:
             raise ValueError(f"on_bad_rows must be one of {list(ON_BAD_ROWS)}, got {on_bad_rows!r}")
         self.table, self.path, self.mode, self.quarantine = table, path, on_bad_rows, quarantine
-        self.index = np.arange(table.num_rows)
+        self.index = first_row + np.arange(table.num_rows)
 
     def refuse(self, rows: np.ndarray, name: str, reason: str, detail: Callable[[int], str]) -> None:
         """rows: [n] bool mask or row numbers of the current table; detail(r) the message for current row r."""
@@ -322,27 +323,61 @@ def check_rows_viewed(check: RowChecker) -> None:
         f"{int(v[r])} but the page has {int(n_rows[r])} rows; rows_viewed is in [0, rows on the page]"))
 
 
-def check_unique_ids(check: RowChecker, seen: dict[int, tuple[str, int]]) -> None:
-    """impression_id unique across every part read so far (`seen`: id -> (part, row) of its first row). A
+class SeenIds:
+    """The impression ids kept so far and where each was first read: sorted int64 ids with the part and row of
+    each, 20 bytes an id (a dict of Python ints and tuples costs about 150), merged in once per batch."""
+
+    def __init__(self):
+        self.ids = np.zeros(0, np.int64)  # [K] sorted
+        self.part = np.zeros(0, np.int32)  # [K] index into paths
+        self.row = np.zeros(0, np.int64)  # [K] row within that part
+        self.paths: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def find(self, ids: np.ndarray) -> np.ndarray:
+        """[n] int64 ids -> [n] their index here, -1 for ids not seen."""
+        if not len(self.ids):
+            return np.full(len(ids), -1, np.int64)
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        return np.where(self.ids[pos] == ids, pos, -1)
+
+    def where(self, k: int) -> tuple[str, int]:
+        return self.paths[int(self.part[k])], int(self.row[k])
+
+    def add(self, ids: np.ndarray, path: str, rows: np.ndarray) -> None:
+        """ids: [n] new, distinct, none seen; rows: [n] their rows in part `path`."""
+        if not self.paths or self.paths[-1] != path:
+            self.paths.append(path)
+        ids = np.concatenate([self.ids, ids])
+        order = np.argsort(ids, kind="stable")  # two sorted runs: a radix / merge pass, not a full sort
+        self.ids = ids[order]
+        self.part = np.concatenate([self.part, np.full(len(rows), len(self.paths) - 1, np.int32)])[order]
+        self.row = np.concatenate([self.row, np.asarray(rows, np.int64)])[order]
+
+
+def check_unique_ids(check: RowChecker, seen: SeenIds) -> None:
+    """impression_id unique across every part read so far (`seen`, updated with this table's kept rows). A
     repeated impression would count its feedback twice; the first occurrence is kept."""
     ids = numpy(check.table.column("impression_id")).astype(np.int64)
-    first_in_part: dict[int, int] = {}
-    bad = np.zeros(len(ids), dtype=bool)
-    for r, i in enumerate(ids.tolist()):
-        if i in seen or i in first_in_part:
-            bad[r] = True
-        else:
-            first_in_part[i] = r
+    before = seen.find(ids)  # [n] where an id was read in an earlier table, -1 if not
+    unique, first = np.unique(ids, return_index=True)
+    is_first = np.zeros(len(ids), dtype=bool)
+    is_first[first] = True
+    bad = (before >= 0) | ~is_first
     path = str(check.path)
-    here = {i: (path, int(check.index[r])) for i, r in first_in_part.items()}  # this part's first rows
 
-    def first_read(i: int) -> tuple[str, int]:  # `seen` is looked up, never copied: parts cost their own rows
-        return seen[i] if i in seen else here[i]
+    def first_read(r: int) -> tuple[str, int]:
+        if before[r] >= 0:
+            return seen.where(before[r])
+        return path, int(check.index[first[np.searchsorted(unique, ids[r])]])
 
+    kept_ids, kept_rows = ids[~bad], check.index[~bad]
     check.refuse(bad, "impression_id", "duplicate impression id", lambda r: (
-        f"impression {int(ids[r])} was already read at {first_read(int(ids[r]))[0]} row {first_read(int(ids[r]))[1]}; "
+        f"impression {int(ids[r])} was already read at {first_read(r)[0]} row {first_read(r)[1]}; "
         "impression ids must be unique across all log parts"))
-    seen.update(here)
+    seen.add(kept_ids, path, kept_rows)
 
 
 # -- one part ---------------------------------------------------------------------------------------------------
@@ -370,15 +405,17 @@ def check_columns(table: pa.Table, path: Path) -> pa.Table:
 
 
 def validate_table(table: pa.Table, path: str | Path = "<table>", schema=None, on_bad_rows: OnBadRows = "error",
-                   quarantine: Quarantine | None = None, seen_ids: dict[int, tuple[str, int]] | None = None) -> pa.Table:
+                   quarantine: Quarantine | None = None, seen_ids: SeenIds | None = None,
+                   first_row: int = 0) -> pa.Table:
     """Checks a log table row by row against LOG_SCHEMA and, when given, the dataset's schema
     (`homepage.dataset.DatasetSchema`: closed context vocabularies, action and feedback types, row ids, the
     reward system). Returns the rows that pass: all of them, or (error mode) raises LogSchemaError at the first
     refused row; in quarantine mode the refused ones go to `quarantine`. seen_ids: impression ids of the parts
-    read before (updated), for uniqueness across parts."""
+    read before (updated), for uniqueness across parts. first_row: the number in the part of the table's first row,
+    when the table is one batch of a part (errors and quarantined rows name rows of the part)."""
     path = Path(path)
     check = RowChecker(check_columns(table, path), path, on_bad_rows,
-                       quarantine if quarantine is not None else Quarantine())
+                       quarantine if quarantine is not None else Quarantine(), first_row)
     check_nulls(check, LOG_SCHEMA)
     for name, lo, hi in (("hour", 0, 23), ("day_of_week", 0, 6)):
         v = numpy(check.table.column(name)).astype(np.int64)
@@ -399,7 +436,7 @@ def validate_table(table: pa.Table, path: str | Path = "<table>", schema=None, o
     check_duplicates_on_page(check)
     check_rewards(check, schema.rewards if schema is not None else None)
     check_rows_viewed(check)
-    check_unique_ids(check, seen_ids if seen_ids is not None else {})  # last: `seen` holds only rows kept
+    check_unique_ids(check, seen_ids if seen_ids is not None else SeenIds())  # last: `seen` holds only rows kept
     return check.table
 
 

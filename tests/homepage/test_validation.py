@@ -74,6 +74,25 @@ def test_impression_ids_are_unique_across_parts(tmp_path, table):
     assert kept.num_rows == N_ROWS - 1 and report.quarantine.row == [5]  # the later copy goes, the first stays
 
 
+def test_a_part_is_validated_in_batches_that_name_the_parts_rows(tmp_path, table, monkeypatch):
+    """A part larger than a batch: each batch is checked on its own (the checks' temporaries grow with the batch,
+    not the part), and errors, quarantined rows and repeated ids still name rows of the part."""
+    import homepage.logs
+
+    monkeypatch.setattr(homepage.logs, "VALIDATE_BATCH_ROWS", 8)  # 50 rows: 7 batches
+    ids = table.column("impression_id")
+    bad = set_cell(set_cell(table, "hour", 13, 30), "impression_id", 41, ids[2].as_py())  # rows in batches 1 and 5
+    path = write(tmp_path / "log.parquet", bad)
+    with pytest.raises(LogSchemaError, match=r"log.parquet: row 13, field 'hour'"):
+        read_logs(path, CONTEXT["schema"])
+    kept, report = read_logs(path, CONTEXT["schema"], on_bad_rows="quarantine", max_bad_fraction=0.1)
+    assert report.quarantine.row == [13, 41] and report.rows_read == N_ROWS and kept.num_rows == N_ROWS - 2
+    assert "already read at " + path + " row 2" in report.quarantine.detail[1]
+    whole, _ = read_logs(write(tmp_path / "good.parquet", table), CONTEXT["schema"])  # in batches of 8
+    monkeypatch.setattr(homepage.logs, "VALIDATE_BATCH_ROWS", 10_000)  # in one batch
+    assert read_logs(write(tmp_path / "one.parquet", table), CONTEXT["schema"])[0].to_pylist() == whole.to_pylist()
+
+
 # -- quarantine ---------------------------------------------------------------------------------------------
 def test_quarantine_sets_the_bad_rows_aside_names_them_and_counts_them(tmp_path, table):
     bad = set_cell(table, "hour", 4, 30)
