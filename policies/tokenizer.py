@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -83,21 +82,25 @@ class ContextVocab:
     def from_schema(cls, schema, logs=None) -> "ContextVocab":
         """From a `homepage.dataset.DatasetSchema`; vocabularies marked "learned" are counted in `logs` (a log
         table; train-split rows when it has a split column) and keep values seen at least min_count times."""
-        train = logs
-        if logs is not None and "split" in logs.column_names:
-            import pyarrow.compute as pc
+        import pyarrow.compute as pc
 
-            train = logs.filter(pc.equal(logs.column("split"), "train"))
+        # train-split rows of one column at a time, counted by Arrow: no copy of the table's train rows and no
+        # Python object per value, so the cost is one column, not the log (every stage builds this tokenizer)
+        train = None
+        if logs is not None and "split" in logs.column_names:
+            train = pc.equal(logs.column("split"), "train")
 
         def values(vocab, column: str, nested: bool = False) -> tuple[str, ...]:
             if vocab.closed:
                 return tuple(vocab.values)
-            if train is None:
+            if logs is None:
                 raise ValueError(f"'{column}' is learned from the logs: pass the log table")
-            col = train.column(column).combine_chunks()
-            items = col.flatten().to_pylist() if nested else col.to_pylist()
-            counts = Counter(items)
-            return tuple(sorted(v for v, n in counts.items() if n >= vocab.min_count))
+            col = logs.column(column) if train is None else pc.filter(logs.column(column), train)
+            if nested:
+                col = pc.list_flatten(col)
+            counts = pc.value_counts(col)  # [distinct] {values, counts}
+            kept = pc.filter(counts.field("values"), pc.greater_equal(counts.field("counts"), vocab.min_count))
+            return tuple(sorted(v for v in kept.to_pylist() if v is not None))
 
         return cls(
             values(schema.context["language"], "language"), values(schema.context["profile_type"], "profile_type"),
