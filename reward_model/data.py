@@ -148,22 +148,29 @@ def entity_targets(table: pa.Table, source, feedback_types: tuple[str, ...]) -> 
     feedback = _per_token(table, "feedback", code_of[cells.indices.to_numpy(zero_copy_only=False)])
     thumbs = _per_token(table, "thumbs_up", _leaves(table, "thumbs_up").to_numpy(zero_copy_only=False).astype(np.float32))
     F = len(feedback_types)
-    codes = np.concatenate([f[~np.isnan(f)] for f in feedback]).astype(np.int64) if feedback else np.zeros(0, np.int64)
-    up = np.concatenate([t[~np.isnan(t)] for t in thumbs]) if thumbs else np.zeros(0)
-    y = np.concatenate([r[~np.isnan(r)] for r in reward]).astype(np.float64) if reward else np.zeros(0)
-    X = np.zeros((len(codes), F + 1))
-    X[np.arange(len(codes)), codes] = 1.0
-    X[:, F] = up
-    coef = np.linalg.lstsq(X, y, rcond=None)[0] if len(y) else np.zeros(F + 1)  # [F + 1]
-    residual = np.abs(X @ coef - y)
+    # The fit runs on the distinct (feedback, thumbs_up) combinations, weighted by their counts: the normal
+    # equations are those of the per-title least squares (X^T X and X^T y are sums over titles), without an
+    # [titles, F + 1] design matrix.
+    codes = code_of[cells.indices.to_numpy(zero_copy_only=False)].astype(np.int64)  # [L] every logged title, in order
+    up = _leaves(table, "thumbs_up").to_numpy(zero_copy_only=False).astype(np.int64)  # [L]
+    y = _leaves(table, "entity_rewards").to_numpy(zero_copy_only=False).astype(np.float64)  # [L]
+    combo, of_title = np.unique(codes * 2 + up, return_inverse=True)  # [K] distinct combinations, [L] each title's
+    n = np.bincount(of_title, minlength=len(combo)).astype(np.float64)  # [K]
+    X = np.zeros((len(combo), F + 1))
+    X[np.arange(len(combo)), combo // 2] = 1.0
+    X[:, F] = combo % 2
+    mean = np.bincount(of_title, weights=y, minlength=len(combo)) / np.maximum(n, 1)  # [K]
+    w = np.sqrt(n)[:, None]
+    coef = np.linalg.lstsq(X * w, mean * w[:, 0], rcond=None)[0] if len(y) else np.zeros(F + 1)  # [F + 1]
+    residual = np.abs((X @ coef)[of_title] - y)  # [L]
     if len(y) and residual.max() > REWARD_SYSTEM_TOLERANCE:
         worst = int(residual.argmax())
         row = row_of_leaf(table, "entity_rewards", 2, worst)  # the impression holding that title
         raise ValueError(
             f"{source}: the entity rewards are not a function of (feedback, thumbs_up): impression_id "
             f"{table.column('impression_id')[row].as_py()} has an entity reward {y[worst]:.4f} where its feedback "
-            f"{feedback_types[codes[worst]]!r} (thumbs_up {bool(up[worst])}) gets {X[worst] @ coef:.4f} elsewhere. "
-            "The entity_feedback head needs one reward per feedback type; train with reward_head=entity_sum")
+            f"{feedback_types[codes[worst]]!r} (thumbs_up {bool(up[worst])}) gets {X[of_title[worst]] @ coef:.4f} "
+            "elsewhere. The entity_feedback head needs one reward per feedback type; train with reward_head=entity_sum")
     counts = np.bincount(codes, minlength=F)
     return EntityTargets(reward, feedback, thumbs, [float(v) for v in coef[:F]], float(coef[F]),
                          [int(c) for c in counts], int(up.sum()))

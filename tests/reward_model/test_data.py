@@ -109,3 +109,21 @@ def test_per_token_targets_of_a_whole_log_are_the_cell_by_cell_ones(small_world)
     assert len(got) == len(by_hand) == 500
     for a, b in zip(got, by_hand):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_reward_system_fit_on_feedback_combinations_is_the_per_title_least_squares(small_world):
+    """entity_targets fits on the distinct (feedback, thumbs_up) combinations weighted by count; the per-title
+    least squares on the explicit [titles, F + 1] design gives the same coefficients."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from homepage.logs import batch_to_table
+
+    table = pa.concat_tables([batch_to_table(b, small_world) for b in small_world.iter_logs(500)])
+    types = sorted(set(pc.list_flatten(pc.list_flatten(table.column("feedback"))).to_pylist()))
+    targets = entity_targets(table, "logs/", tuple(types))
+    leaves = lambda c: pc.list_flatten(pc.list_flatten(table.column(c))).to_pylist()  # noqa: E731
+    X = np.array([[float(f == t) for t in types] + [float(u)] for f, u in zip(leaves("feedback"), leaves("thumbs_up"))])
+    coef = np.linalg.lstsq(X, np.array(leaves("entity_rewards"), np.float64), rcond=None)[0]
+    np.testing.assert_allclose([*targets.feedback_rewards, targets.thumbs_up_reward], coef, atol=1e-9)
+    assert len(X) > 1000 and targets.thumbs_up_count > 0
