@@ -260,21 +260,22 @@ def _validated_parts(files: list[Path], schema, on_bad_rows: str, quarantine, se
             raise
         except Exception as e:  # pyarrow raises several types for a corrupt or truncated file
             raise LogSchemaError(f"{f}: not a readable Parquet file ({type(e).__name__}: {e})") from e
-        first = 0
-        while True:
-            try:
-                batch = next(batches, None)
-            except Exception as e:  # a corrupt page or row group, found when it is decoded
-                raise LogSchemaError(f"{f}: not a readable Parquet file ({type(e).__name__}: {e})") from e
-            if batch is None and first > 0:
-                break
+        first, any_batch = 0, False
+        while (batch := _next_batch(batches, f)) is not None or not any_batch:
+            any_batch = True
             # an empty part still has its columns checked
             part = pa.Table.from_batches([batch]) if batch is not None else pf.schema_arrow.empty_table()
             # errors name the part file and the row within it
             yield validate_table(part, f, schema, on_bad_rows, quarantine, seen_ids, first_row=first), part.num_rows
             first += part.num_rows
-            if batch is None:
-                break
+
+
+def _next_batch(batches: Iterator, f: Path):
+    """The next record batch of part f, None at its end."""
+    try:
+        return next(batches, None)
+    except Exception as e:  # a corrupt page or row group, found when it is decoded
+        raise LogSchemaError(f"{f}: not a readable Parquet file ({type(e).__name__}: {e})") from e
 
 
 def read_logs(

@@ -333,9 +333,6 @@ class SeenIds:
         self.row = np.zeros(0, np.int64)  # [K] row within that part
         self.paths: list[str] = []
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
     def find(self, ids: np.ndarray) -> np.ndarray:
         """[n] int64 ids -> [n] their index here, -1 for ids not seen."""
         if not len(self.ids):

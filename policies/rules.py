@@ -63,6 +63,7 @@ RULESET_VERSION = 3
 # The per-title tables, beside config.json in a checkpoint. NumPy's .npz, read without pickle: not .safetensors,
 # which vLLM's and HF's weight loaders take for a weights file of the model.
 RULES_FILE = "business_rules.npz"
+HEADER_TABLES = ("vocab_size", "eop_id", "page_id", "row_ids", "row_tokens", "history_rows", "partial_duration_buckets")
 
 
 @dataclass(frozen=True)
@@ -263,8 +264,7 @@ class RuleSet:
         header = {
             "version": RULESET_VERSION, "config": _config_to_dict(self.config), "file": RULES_FILE,
             "sha256": hashlib.sha256(data).hexdigest(),
-            **{k: t[k] for k in ("vocab_size", "eop_id", "page_id", "row_ids", "row_tokens", "history_rows",
-                                 "partial_duration_buckets")},
+            **{k: t[k] for k in HEADER_TABLES},  # the per-row facts: small, kept in config.json
             "eligible_rows": eligible_rows, "restricted_profiles": [int(p) for p in profiles],
         }
         return header, data
@@ -299,8 +299,7 @@ class RuleSet:
             raise ValueError(f"{path} does not match config.json's business_rules (SHA-256 differs): the file belongs "
                              f"to another ruleset; rebuild with `python -m policies.rules --model {model_dir}`")
         arrays = dict(np.load(io.BytesIO(data), allow_pickle=False))
-        tables = {k: header[k] for k in ("vocab_size", "eop_id", "page_id", "row_ids", "row_tokens", "history_rows",
-                                         "partial_duration_buckets")}
+        tables = {k: header[k] for k in HEADER_TABLES}
         tables["entities"] = arrays["entities"]
         tables["row_eligible"] = dict(zip(header["eligible_rows"], arrays["row_eligible"]))
         tables["restricted"] = {str(p): m for p, m in zip(header["restricted_profiles"], arrays["restricted"])}

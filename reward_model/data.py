@@ -139,21 +139,21 @@ def entity_targets(table: pa.Table, source, feedback_types: tuple[str, ...]) -> 
 
     feedback_types = tuple(feedback_types)
     feedback_index = {name: i for i, name in enumerate(feedback_types)}
-    reward = page_token_rewards(table)
     cells = pc.dictionary_encode(_leaves(table, "feedback")).combine_chunks()  # each title's feedback, coded
     unknown = [v for v in cells.dictionary.to_pylist() if v not in feedback_index]
     if unknown:
         raise ValueError(f"{source}: feedback {unknown[0]!r} is not one of the dataset's types {list(feedback_types)}")
-    code_of = np.array([feedback_index[v] for v in cells.dictionary.to_pylist()], dtype=np.float32)
-    feedback = _per_token(table, "feedback", code_of[cells.indices.to_numpy(zero_copy_only=False)])
-    thumbs = _per_token(table, "thumbs_up", _leaves(table, "thumbs_up").to_numpy(zero_copy_only=False).astype(np.float32))
+    code_of = np.array([feedback_index[v] for v in cells.dictionary.to_pylist()], dtype=np.int64)
+    codes = code_of[cells.indices.to_numpy(zero_copy_only=False)]  # [L] every logged title, in order
+    up = _leaves(table, "thumbs_up").to_numpy(zero_copy_only=False).astype(np.int64)  # [L]
+    y = _leaves(table, "entity_rewards").to_numpy(zero_copy_only=False).astype(np.float64)  # [L]
+    reward = _per_token(table, "entity_rewards", y)
+    feedback = _per_token(table, "feedback", codes)
+    thumbs = _per_token(table, "thumbs_up", up)
     F = len(feedback_types)
     # The fit runs on the distinct (feedback, thumbs_up) combinations, weighted by their counts: the normal
     # equations are those of the per-title least squares (X^T X and X^T y are sums over titles), without an
     # [titles, F + 1] design matrix.
-    codes = code_of[cells.indices.to_numpy(zero_copy_only=False)].astype(np.int64)  # [L] every logged title, in order
-    up = _leaves(table, "thumbs_up").to_numpy(zero_copy_only=False).astype(np.int64)  # [L]
-    y = _leaves(table, "entity_rewards").to_numpy(zero_copy_only=False).astype(np.float64)  # [L]
     combo, of_title = np.unique(codes * 2 + up, return_inverse=True)  # [K] distinct combinations, [L] each title's
     n = np.bincount(of_title, minlength=len(combo)).astype(np.float64)  # [K]
     X = np.zeros((len(combo), F + 1))
