@@ -100,6 +100,16 @@ def non_embedding_params(config) -> int:
     return int(dense_flops_per_token(config) / 2)
 
 
+def anonymous_pss(pid: int) -> float:
+    """Bytes of a process's PSS that are anonymous or shared memory (Pss_Anon + Pss_Shmem of smaps_rollup); 0 where
+    the kernel does not say."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return sum(int(line.split()[1]) * 1024 for line in f if line.startswith(("Pss_Anon:", "Pss_Shmem:")))
+    except OSError:
+        return 0.0
+
+
 def run_monitored(cmd: list[str], log_path: str | Path, milestones: dict[str, str] | None = None,
                   env: dict | None = None, interval: float = 0.5) -> dict:
     """Runs cmd as a subprocess; samples the memory of its whole process tree (Ray and vLLM workers
@@ -107,6 +117,8 @@ def run_monitored(cmd: list[str], log_path: str | Path, milestones: dict[str, st
 
     Returns wall_s, rc, peak_rss_mb (sum of RSS over the tree; shared pages counted once per process),
     peak_pss_mb (sum of PSS: shared pages split between processes, the tree's real footprint),
+    peak_pss_anon_mb (the part of it that is anonymous or shared memory, Pss_Anon + Pss_Shmem: what the kernel
+    cannot drop; the rest is mapped files, such as the memory-mapped log and encoding caches, that it can),
     peak_single_rss_mb (largest process), processes_max, peak_processes (at the sample of peak PSS, the
     largest processes as [command line, PSS in MB]: where the memory is) and milestones {name: seconds of the
     first output line containing the given text}."""
@@ -118,7 +130,7 @@ def run_monitored(cmd: list[str], log_path: str | Path, milestones: dict[str, st
 
     milestones = milestones or {}
     seen: dict[str, float] = {}
-    peak = {"rss": 0.0, "pss": 0.0, "single": 0.0, "procs": 0, "at_peak": []}
+    peak = {"rss": 0.0, "pss": 0.0, "anon": 0.0, "single": 0.0, "procs": 0, "at_peak": []}
     done = threading.Event()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
@@ -131,7 +143,7 @@ def run_monitored(cmd: list[str], log_path: str | Path, milestones: dict[str, st
                 procs = [root] + root.children(recursive=True)
             except psutil.Error:
                 break
-            rss = pss = single = 0.0
+            rss = pss = anon = single = 0.0
             each = []
             for p in procs:
                 try:
@@ -140,11 +152,12 @@ def run_monitored(cmd: list[str], log_path: str | Path, milestones: dict[str, st
                 except psutil.Error:
                     continue
                 rss += mem.rss
+                anon += anonymous_pss(p.pid)
                 pss += getattr(mem, "pss", mem.rss)
                 single = max(single, mem.rss)
             if pss > peak["pss"]:
                 peak["at_peak"] = sorted(each, reverse=True)[:6]
-            peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
+            peak["rss"], peak["pss"], peak["anon"] = max(peak["rss"], rss), max(peak["pss"], pss), max(peak["anon"], anon)
             peak["single"], peak["procs"] = max(peak["single"], single), max(peak["procs"], len(procs))
             done.wait(interval)
 
@@ -165,5 +178,5 @@ def run_monitored(cmd: list[str], log_path: str | Path, milestones: dict[str, st
     sampler.join()
     mb = 1024 ** 2
     return {"cmd": " ".join(cmd), "rc": rc, "wall_s": time.perf_counter() - t0, "peak_rss_mb": peak["rss"] / mb,
-            "peak_pss_mb": peak["pss"] / mb, "peak_single_rss_mb": peak["single"] / mb, "processes_max": peak["procs"],
+            "peak_pss_mb": peak["pss"] / mb, "peak_pss_anon_mb": peak["anon"] / mb, "peak_single_rss_mb": peak["single"] / mb, "processes_max": peak["procs"],
             "peak_processes": [[cmd, round(b / mb)] for b, cmd in peak["at_peak"]], "milestones": seen, "log": str(log_path)}

@@ -38,16 +38,17 @@ STAGES = ("world", "data", "pretrain", "train_rm", "generation", "dr_grpo")
 def paths(scratch: Path, preset: str) -> dict[str, Path]:
     base = scratch / preset
     return {"world": base / "world", "pretrain": base / "pretrain", "rm": base / "rm", "dr_grpo": base / "dr_grpo",
-            "cache": base / "cache", "logs": base / "logs"}
+            "cache": base / "cache", "logs_cache": base / "cache_logs", "logs": base / "logs"}
 
 
 def commands(preset: str, p: dict[str, Path], bound: dict) -> dict[str, list[str]]:
     py, cfg = sys.executable, CONFIGS[preset]
-    shared = [f"data_dir={p['world']}", f"cache_dir={p['cache']}", "num_threads=2"]
+    shared = [f"data_dir={p['world']}", f"cache_dir={p['cache']}", f"logs_cache_dir={p['logs_cache']}", "num_threads=2"]
     steps_p, steps_r = bound["pretrain_steps"], bound["rm_steps"]
     return {
         "world": [py, "recipes/make_world.py", "--config", f"{cfg}/world.yaml", f"out_dir={p['world']}", "workers=2"],
-        "data": [py, __file__, "--measure-data", str(p["world"]), "--cache", str(p["cache"])],
+        "data": [py, __file__, "--measure-data", str(p["world"]), "--cache", str(p["cache"]),
+                 "--logs-cache", str(p["logs_cache"])],
         "pretrain": [py, "recipes/pretrain.py", "--config", f"{cfg}/pretrain.yaml", f"out_dir={p['pretrain']}", *shared,
                      f"steps={steps_p}", f"eval_interval={steps_p}", f"checkpoint_interval={steps_p}",
                      f"eval_users={bound['eval_users']}", "warmup_steps=10"],
@@ -55,17 +56,19 @@ def commands(preset: str, p: dict[str, Path], bound: dict) -> dict[str, list[str
                      f"pretrained_dir={p['pretrain']}/model", f"steps={steps_r}", f"eval_interval={steps_r}",
                      f"checkpoint_interval={steps_r}", "generated_users=50", "warmup_steps=10"],
         "generation": [py, __file__, "--measure-generation", str(p["pretrain"] / "model"), "--world", str(p["world"]),
-                       "--prompts", str(bound["gen_prompts"])],
+                       "--prompts", str(bound["gen_prompts"]), "--logs-cache", str(p["logs_cache"])],
         "dr_grpo": [py, "recipes/dr_grpo.py", "--config", f"{cfg}/dr_grpo.yaml", f"out_dir={p['dr_grpo']}",
                     f"data_dir={p['world']}", f"policy_dir={p['pretrain']}/model", f"rm_dir={p['rm']}/model",
-                    "seeds=[0]", f"steps={bound['grpo_steps']}", "eval_users=16", "num_threads=2"],
+                    f"logs_cache_dir={p['logs_cache']}", "seeds=[0]", f"steps={bound['grpo_steps']}", "eval_users=16",
+                    "num_threads=2"],
     }
 
 
 # -- measured in a child process (its own memory) ---------------------------------------------------------------
 
-def measure_data(world: str, cache: str) -> dict:
-    """Validation of the logs (rows/s) and their encoding into the cache (impressions/s)."""
+def measure_data(world: str, cache: str, logs_cache: str) -> dict:
+    """Validation of the logs into the validated-logs cache (rows/s) and their encoding into the encoding cache
+    (impressions/s)."""
     import shutil
 
     from homepage.dataset import open_dataset
@@ -73,8 +76,9 @@ def measure_data(world: str, cache: str) -> dict:
     from policies.data import encode_logs
     from policies.tokenizer import GenPageTokenizer
 
+    shutil.rmtree(logs_cache, ignore_errors=True)  # time a fresh validation (the stages after it map this entry)
     t0 = time.perf_counter()
-    dataset, table, report = open_dataset(world)
+    dataset, table, report = open_dataset(world, cache_dir=logs_cache)
     validate_s = time.perf_counter() - t0
     tok = GenPageTokenizer.from_dataset(dataset, table)
     shutil.rmtree(cache, ignore_errors=True)  # time a fresh encoding (the stages after it read this entry)
@@ -87,7 +91,7 @@ def measure_data(world: str, cache: str) -> dict:
             "table_mb": table.nbytes / 2 ** 20, "bad_rows": report.bad_rows()}
 
 
-def measure_generation(model_dir: str, world: str, n: int) -> dict:
+def measure_generation(model_dir: str, world: str, n: int, logs_cache: str) -> dict:
     """Masked and unmasked sampled pages for n held-out logged contexts on the serving engine (median of 3)."""
     from homepage.dataset import open_dataset
     from homepage.logs import sample_impressions
@@ -95,7 +99,7 @@ def measure_generation(model_dir: str, world: str, n: int) -> dict:
     from policies.tokenizer import GenPageTokenizer
     from policies.vllm_rules import OPT_OUT_KEY
 
-    _, table, _ = open_dataset(world)
+    _, table, _ = open_dataset(world, cache_dir=logs_cache)
     tok = GenPageTokenizer.from_pretrained(model_dir)
     prompts = [tok.encode_context(imp.context) for imp in sample_impressions(table, "test", n, 0)]
     llm = vllm_engine.make_llm(model_dir, seed=0)
@@ -180,14 +184,15 @@ def main() -> None:
     ap.add_argument("--measure-data", help=argparse.SUPPRESS)
     ap.add_argument("--measure-generation", help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
+    ap.add_argument("--logs-cache", help=argparse.SUPPRESS)
     ap.add_argument("--world", help=argparse.SUPPRESS)
     ap.add_argument("--prompts", type=int, default=256, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure_data:
-        print("SCALE_RESULT " + json.dumps(measure_data(args.measure_data, args.cache)), flush=True)
+        print("SCALE_RESULT " + json.dumps(measure_data(args.measure_data, args.cache, args.logs_cache)), flush=True)
         return
     if args.measure_generation:
-        print("SCALE_RESULT " + json.dumps(measure_generation(args.measure_generation, args.world, args.prompts)),
+        print("SCALE_RESULT " + json.dumps(measure_generation(args.measure_generation, args.world, args.prompts, args.logs_cache)),
               flush=True)
         return
 

@@ -59,6 +59,9 @@ class StageConfig:
                                     "quarantine.parquet, counts them by reason in summary.json and goes on")
     max_bad_fraction: float = option(0.01, "quarantine mode: stop when more than this share of the rows is bad "
                                      "(a producer bug, not a few bad rows)")
+    logs_cache_dir: str = option("runs/cache/logs", "validated logs as a memory-mapped Arrow file, shared by every "
+                                 "stage on the same dataset and bad-row policy (keyed by both and the validating code: "
+                                 "a change validates again); '' to validate into memory")
     cache_dir: str = option("runs/cache/encoded", "encoded impressions, memory-mapped and shared by every stage on "
                             "the same logs and tokenizer (keyed by both: a change re-encodes); '' to encode in memory")
 

@@ -481,24 +481,98 @@ def write_dataset(root: str | Path, schema: dict, catalog: pa.Table) -> Dataset:
 
 
 def open_dataset(root: str | Path, on_bad_rows: str = "error", max_bad_fraction: float = 0.0,
-                 quarantine_path: str | Path | None = None):
+                 quarantine_path: str | Path | None = None, cache_dir: str | Path | None = None):
     """(Dataset, validated log table, LogReport) of a dataset directory: what every stage starts from. Bad log
-    rows stop it (error) or are set aside into quarantine_path (quarantine; homepage/validation.py)."""
+    rows stop it (error) or are set aside into quarantine_path (quarantine; homepage/validation.py).
+    cache_dir: keep the validated table there as a memory-mapped Arrow file (cached_logs), so memory does not
+    hold the log and the next stage on the same dataset skips validation; None: validated into memory."""
     from homepage.logs import read_logs
 
     dataset = load_dataset(root)
     if not dataset.logs.exists():
         raise DatasetError(f"{dataset.logs} is missing: put the impression logs there as Parquet (docs/log_schema.md)")
-    table, report = read_logs(dataset.logs, dataset.schema, known_entity_ids=frozenset(dataset.entity_ids),
-                              on_bad_rows=on_bad_rows, max_bad_fraction=max_bad_fraction,
-                              quarantine_path=quarantine_path)
+    if cache_dir is not None:
+        table, report = cached_logs(dataset, cache_dir, on_bad_rows, max_bad_fraction, quarantine_path)
+    else:
+        table, report = read_logs(dataset.logs, dataset.schema, known_entity_ids=frozenset(dataset.entity_ids),
+                                  on_bad_rows=on_bad_rows, max_bad_fraction=max_bad_fraction,
+                                  quarantine_path=quarantine_path)
     return dataset, table, report
 
 
-def open_stage_dataset(cfg, out: str | Path, quarantine: bool = True):
-    """open_dataset for a stage config (`common.config.StageConfig`): its data_dir and bad-row policy, the
-    quarantine file in the stage's output directory (quarantine=False: not written, for the data-parallel
-    ranks but rank 0, which read the same rows)."""
-    return open_dataset(cfg.data_dir, cfg.on_bad_rows, cfg.max_bad_fraction,
-                        Path(out) / QUARANTINE_FILE if quarantine else None)
+LOGS_TABLE, LOGS_REPORT = "logs.arrow", "report.json"  # a validated-logs cache entry's files (and QUARANTINE_FILE)
 
+
+def logs_key(dataset: Dataset, on_bad_rows: str, max_bad_fraction: float) -> str:
+    """What the validated table depends on: the validating code, the dataset's schema and catalog, the log files'
+    names and bytes, and the bad-row policy."""
+    import hashlib
+
+    import homepage.logs
+    import homepage.validation
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((on_bad_rows, float(max_bad_fraction))).encode())
+    sources = [Path(homepage.logs.__file__), Path(homepage.validation.__file__), dataset.root / SCHEMA_FILE,
+               dataset.root / CATALOG_FILE, *homepage.logs.log_parts(dataset.logs)]
+    for path in sources:
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def cached_logs(dataset: Dataset, cache_dir: str | Path, on_bad_rows: str = "error", max_bad_fraction: float = 0.0,
+                quarantine_path: str | Path | None = None):
+    """The dataset's validated logs as a memory-mapped Arrow file under cache_dir/<logs_key>, with the report and
+    the quarantined rows beside it. The first stage on a dataset validates batch by batch into a temporary entry
+    renamed when whole (a kill never leaves half of one); the next ones map it. -> (table, LogReport)"""
+    import json
+    import os
+    import shutil
+
+    from homepage.logs import LogReport, open_table, read_logs
+    from homepage.validation import Quarantine
+
+    entry = Path(cache_dir) / logs_key(dataset, on_bad_rows, max_bad_fraction)
+    fresh = not (entry / LOGS_REPORT).exists()
+    if fresh:
+        tmp = entry.with_name(f".tmp_{entry.name}_{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            _, report = read_logs(dataset.logs, dataset.schema, known_entity_ids=frozenset(dataset.entity_ids),
+                                  on_bad_rows=on_bad_rows, max_bad_fraction=max_bad_fraction,
+                                  quarantine_path=tmp / QUARANTINE_FILE, out_file=tmp / LOGS_TABLE)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        facts = {k: getattr(report, k) for k in ("rows", "filled", "unknown_entities", "rows_with_unknown", "rows_read")}
+        (tmp / LOGS_REPORT).write_text(json.dumps(facts))
+        try:
+            tmp.rename(entry)
+        except OSError:  # another rank or stage wrote the same entry meanwhile: theirs is as good
+            shutil.rmtree(tmp, ignore_errors=True)
+    facts = json.loads((entry / LOGS_REPORT).read_text())
+    quarantine = Quarantine()
+    if (entry / QUARANTINE_FILE).exists():
+        rows = pq.read_table(entry / QUARANTINE_FILE).to_pydict()
+        quarantine = Quarantine(**rows)
+    report = LogReport(str(dataset.logs), quarantine=quarantine, from_cache=not fresh, **facts)
+    if len(quarantine) and quarantine_path is not None:
+        quarantine_path = Path(quarantine_path)
+        quarantine_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_q = quarantine_path.with_name(f".{quarantine_path.name}.tmp")
+        shutil.copyfile(entry / QUARANTINE_FILE, tmp_q)
+        tmp_q.rename(quarantine_path)
+        report.quarantine_file = str(quarantine_path)
+    return open_table(entry / LOGS_TABLE), report
+
+
+def open_stage_dataset(cfg, out: str | Path, quarantine: bool = True):
+    """open_dataset for a stage config (`common.config.StageConfig`): its data_dir, bad-row policy and validated-logs
+    cache, the quarantine file in the stage's output directory (quarantine=False: not written, for the
+    data-parallel ranks but rank 0, which read the same rows)."""
+    return open_dataset(cfg.data_dir, cfg.on_bad_rows, cfg.max_bad_fraction,
+                        Path(out) / QUARANTINE_FILE if quarantine else None, cfg.logs_cache_dir or None)

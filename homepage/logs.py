@@ -110,6 +110,7 @@ class LogReport:
     rows_read: int = 0  # impressions in the files, kept or quarantined
     quarantine: object = None  # homepage.validation.Quarantine: the rows set aside (quarantine mode)
     quarantine_file: str | None = None  # where they were written
+    from_cache: bool = False  # read from the validated-logs cache an earlier stage left (homepage.dataset.cached_logs)
 
     @property
     def quarantined(self) -> int:
@@ -278,9 +279,43 @@ def _next_batch(batches: Iterator, f: Path):
         raise LogSchemaError(f"{f}: not a readable Parquet file ({type(e).__name__}: {e})") from e
 
 
+def output_schema(files: list[Path]) -> pa.Schema:
+    """The schema of read_logs' table for these parts, known before any row is read: the LOG_SCHEMA fields the
+    parts hold, in the order they first appear, with LOG_SCHEMA's types, and `split` (derived when a part lacks
+    it) last unless a part holds it. Optional fields a part lacks are null in its rows."""
+    names: list[str] = []
+    for f in files:
+        try:
+            have = pq.read_schema(f).names
+        except Exception:  # unreadable: _validated_parts names the file and the error
+            continue
+        names += [n for n in have if n in LOG_SCHEMA.names and n not in names]
+    if "split" not in names:
+        names.append("split")
+    return pa.schema([LOG_SCHEMA.field(n) for n in names], metadata=LOG_SCHEMA.metadata)
+
+
+def _conform(batch: pa.Table, layout: pa.Schema, report: LogReport, known) -> pa.Table:
+    """A validated batch in the table's layout (output_schema), its unknown entity ids counted into report."""
+    if "split" not in batch.column_names:
+        batch = batch.append_column("split", pa.array([split_of_user(u) for u in batch.column("user_id").to_pylist()],
+                                                      pa.string()))
+        report.filled["split"] = report.filled.get("split", 0) + batch.num_rows
+    if known is not None:
+        from homepage.validation import count_unknown_entities
+
+        ids, rows = count_unknown_entities(batch, known)
+        report.unknown_entities += ids
+        report.rows_with_unknown += rows
+    columns = [batch.column(f.name) if f.name in batch.column_names else pa.nulls(batch.num_rows, f.type)
+               for f in layout]
+    return pa.Table.from_arrays(columns, schema=layout)
+
+
 def read_logs(
     path: str | Path, schema=None, known_entity_ids: set[str] | frozenset[str] | None = None,
     on_bad_rows: str = "error", max_bad_fraction: float = 0.0, quarantine_path: str | Path | None = None,
+    out_file: str | Path | None = None,
 ) -> tuple[pa.Table, LogReport]:
     """Reads and validates a log file (or a directory of Parquet files). Returns the table and a report.
 
@@ -289,8 +324,11 @@ def read_logs(
     on_bad_rows: "error" stops at the first bad row; "quarantine" sets bad rows aside (written to
     quarantine_path when given, counted by reason in the report) and stops only when more than max_bad_fraction
     of all rows are bad.
+    out_file: write the valid rows there as an Arrow IPC file, batch by batch, and return the table memory-mapped
+    from it: memory then holds one batch of rows, not the log (homepage.dataset.cached_logs keeps such files).
+    None: the table is built in memory.
     """
-    from homepage.validation import ON_BAD_ROWS, Quarantine, SeenIds, count_unknown_entities
+    from homepage.validation import ON_BAD_ROWS, Quarantine, SeenIds
 
     if on_bad_rows not in ON_BAD_ROWS:
         raise ValueError(f"on_bad_rows must be one of {list(ON_BAD_ROWS)}, got {on_bad_rows!r}")
@@ -302,29 +340,42 @@ def read_logs(
     files = log_parts(path)
     if not files:
         raise FileNotFoundError(f"{path}: directory holds no .parquet files")
-    tables, quarantine, seen_ids, rows_read = [], Quarantine(), SeenIds(), 0
-    batches = _validated_parts(files, schema, on_bad_rows, quarantine, seen_ids)
-    for kept, read in tqdm(batches, desc=f"validating {path}", unit=" batches", delay=2):  # shown past 2 s
-        tables.append(kept)
-        rows_read += read
-    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-    report = LogReport(str(path), rows=table.num_rows, rows_read=rows_read, quarantine=quarantine)
+    layout = output_schema(files)
+    quarantine, seen_ids = Quarantine(), SeenIds()
+    report = LogReport(str(path), quarantine=quarantine)
+    known = pa.array(sorted(known_entity_ids), pa.string()) if known_entity_ids is not None else None
+    tables, writer = [], pa.ipc.new_file(str(out_file), layout) if out_file is not None else None
+    try:
+        batches = _validated_parts(files, schema, on_bad_rows, quarantine, seen_ids)
+        for kept, read in tqdm(batches, desc=f"validating {path}", unit=" batches", delay=2):  # shown past 2 s
+            kept = _conform(kept, layout, report, known)
+            report.rows += kept.num_rows
+            report.rows_read += read
+            if writer is not None:
+                writer.write_table(kept)
+            else:
+                tables.append(kept)
+    finally:
+        if writer is not None:
+            writer.close()
     if len(quarantine):
         if quarantine_path is not None:
             report.quarantine_file = str(quarantine.write(quarantine_path))
-        if len(quarantine) > max_bad_fraction * rows_read:
+        if len(quarantine) > max_bad_fraction * report.rows_read:
             raise LogSchemaError(
-                f"{path}: {len(quarantine)} of {rows_read} rows ({len(quarantine) / rows_read:.2%}) are bad, more "
-                f"than max_bad_fraction={max_bad_fraction:g}; by reason: {report.bad_row_reasons()}"
+                f"{path}: {len(quarantine)} of {report.rows_read} rows ({len(quarantine) / report.rows_read:.2%}) are "
+                f"bad, more than max_bad_fraction={max_bad_fraction:g}; by reason: {report.bad_row_reasons()}"
                 + (f"; the rows are in {report.quarantine_file}" if report.quarantine_file else "")
                 + ". Fix them at the source, or raise max_bad_fraction to train on the rest")
-    if "split" not in table.column_names:
-        splits = [split_of_user(u) for u in table.column("user_id").to_pylist()]
-        table = table.append_column("split", pa.array(splits, pa.string()))
-        report.filled["split"] = table.num_rows
-    if known_entity_ids is not None:
-        report.unknown_entities, report.rows_with_unknown = count_unknown_entities(table, known_entity_ids)
-    return table, report
+    if writer is not None:
+        return open_table(out_file), report
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0], report
+
+
+def open_table(path: str | Path) -> pa.Table:
+    """An Arrow IPC file's table, memory-mapped: its pages are the file's, read when touched and dropped by the
+    kernel under memory pressure, so a stage's own memory does not grow with the log."""
+    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
 
 
 def iter_impressions(table: pa.Table) -> Iterator[Impression]:

@@ -437,9 +437,11 @@ def validate_table(table: pa.Table, path: str | Path = "<table>", schema=None, o
     return check.table
 
 
-def count_unknown_entities(table: pa.Table, known_entity_ids: set[str] | frozenset[str]) -> tuple[int, int]:
-    """(unknown entity ids, impressions holding one) over page and history entity ids."""
-    known = pa.array(sorted(known_entity_ids), pa.string())
+def count_unknown_entities(table: pa.Table, known_entity_ids: set[str] | frozenset[str] | pa.Array) -> tuple[int, int]:
+    """(unknown entity ids, impressions holding one) over page and history entity ids. known_entity_ids: a set,
+    or a string array of them (built once when batches are counted one by one)."""
+    known = (known_entity_ids if isinstance(known_entity_ids, pa.Array)
+             else pa.array(sorted(known_entity_ids), pa.string()))
     total, rows = 0, np.zeros(table.num_rows, dtype=bool)
     for depth, name in ((2, "page_entity_ids"), (1, "history_entity_ids")):
         unknown = numpy(pc.invert(pc.is_in(leaves(table.column(name), depth), value_set=known)))

@@ -127,13 +127,15 @@ class EncodedLogs:
                              self.page_reward[idx], self.stats), skipped
 
 
-def _encode_arrays(table: pa.Table, tok: GenPageTokenizer, progress: bool) -> dict:
-    """Chunk by chunk of ENCODE_CHUNK rows: flat prompt and page token arrays with offsets, and per-row columns."""
+ENCODED_ARRAYS = (("prompt_values", np.int32), ("page_values", np.int32), ("prompt_len", np.int64),
+                  ("page_len", np.int64), ("split", str), ("user_ids", str), ("page_reward", np.float32))
+
+
+def _encode_chunks(table: pa.Table, tok: GenPageTokenizer, stats: EncodeStats, progress: bool):
+    """Chunk by chunk of ENCODE_CHUNK rows: flat prompt and page token arrays, their lengths and per-row columns.
+    -> iterator of {name: array} (ENCODED_ARRAYS)"""
     from tqdm import tqdm
 
-    stats = EncodeStats()
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("prompt_values", "page_values", "prompt_len", "page_len",
-                                                          "split", "user_ids", "page_reward")}
     chunks = range(0, table.num_rows, ENCODE_CHUNK)
     for s in tqdm(chunks, desc="encode", unit="chunk", disable=not progress or len(chunks) < 2):
         pv, gv, pl, gl, sp, us, rw = [], [], [], [], [], [], []
@@ -141,16 +143,57 @@ def _encode_arrays(table: pa.Table, tok: GenPageTokenizer, progress: bool) -> di
             p, g = tok.encode(imp, stats)
             pv.extend(p), gv.extend(g), pl.append(len(p)), gl.append(len(g))
             sp.append(imp.split), us.append(imp.context.user_id), rw.append(imp.page_reward)
-        for name, values, dtype in (("prompt_values", pv, np.int32), ("page_values", gv, np.int32),
-                                    ("prompt_len", pl, np.int64), ("page_len", gl, np.int64), ("split", sp, str),
-                                    ("user_ids", us, str), ("page_reward", rw, np.float32)):
-            parts[name].append(np.asarray(values, dtype=dtype))
-    cat = {k: np.concatenate(v) if v else np.zeros(0, np.int32) for k, v in parts.items()}
-    return {"prompt_values": cat["prompt_values"], "page_values": cat["page_values"],
-            "prompt_ends": np.cumsum(cat["prompt_len"], dtype=np.int64),
-            "page_ends": np.cumsum(cat["page_len"], dtype=np.int64),
-            "split": cat["split"].astype(str), "user_ids": cat["user_ids"].astype(str),
-            "page_reward": cat["page_reward"].astype(np.float32)}, stats
+        yield {name: np.asarray(values, dtype=dtype) for (name, dtype), values in zip(ENCODED_ARRAYS, (pv, gv, pl, gl, sp, us, rw))}
+
+
+def _finish(a: dict) -> dict:
+    """Lengths turned into end offsets: the arrays EncodedLogs is built from."""
+    out = {k: v for k, v in a.items() if not k.endswith("_len")}
+    for name in ("prompt", "page"):
+        out[f"{name}_ends"] = np.cumsum(a[f"{name}_len"], dtype=np.int64)
+    return out
+
+
+def _encode_arrays(table: pa.Table, tok: GenPageTokenizer, progress: bool) -> tuple[dict, EncodeStats]:
+    """The whole table encoded in memory (EncodedLogs' arrays)."""
+    stats = EncodeStats()
+    parts = list(_encode_chunks(table, tok, stats, progress))
+    cat = {name: np.concatenate([p[name] for p in parts]) if parts else np.zeros(0, dtype) for name, dtype in ENCODED_ARRAYS}
+    return _finish(cat), stats
+
+
+def _encode_to_dir(table: pa.Table, tok: GenPageTokenizer, out: Path, progress: bool) -> EncodeStats:
+    """The whole table encoded into out/<array>.npy, chunk by chunk: memory holds one chunk of impressions (and
+    one chunk of an array while the files are joined), never the whole encoding."""
+    stats = EncodeStats()
+    parts = out / "chunks"
+    parts.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for i, chunk in enumerate(_encode_chunks(table, tok, stats, progress)):
+        for name, value in chunk.items():
+            np.save(parts / f"{name}.{i}.npy", value)
+        n += 1
+    for name, dtype in ENCODED_ARRAYS:
+        pieces = [np.load(parts / f"{name}.{i}.npy", mmap_mode="r") for i in range(n)]
+        if dtype is str:  # fixed-width strings: the widest chunk's width
+            dtype = max((p.dtype for p in pieces), key=lambda d: d.itemsize, default=np.dtype("<U1"))
+        final = name.replace("_len", "_ends")
+        whole = np.lib.format.open_memmap(out / f"{final}.npy", mode="w+", dtype=dtype,
+                                          shape=(sum(len(p) for p in pieces),))
+        at, offset = 0, 0
+        for p in pieces:
+            if final.endswith("_ends"):  # lengths -> end offsets across chunks
+                whole[at:at + len(p)] = np.cumsum(p, dtype=np.int64) + offset
+                offset = int(whole[at + len(p) - 1]) if len(p) else offset
+            else:
+                whole[at:at + len(p)] = p
+            at += len(p)
+        whole.flush()
+        del whole, pieces
+    import shutil
+
+    shutil.rmtree(parts)
+    return stats
 
 
 def _from_arrays(a: dict, stats: EncodeStats, cache_dir: Path | None = None, from_cache: bool = False) -> EncodedLogs:
@@ -195,11 +238,10 @@ def encode_logs(table: pa.Table, tok: GenPageTokenizer, cache_root: str | Path |
         return _from_arrays(arrays, stats)
     entry = Path(cache_root) / encoding_key(table, tok, sources)
     if not (entry / "meta.json").exists():
-        arrays, stats = _encode_arrays(table, tok, progress)
         tmp = entry.with_name(f".tmp_{entry.name}_{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        for name, value in arrays.items():
-            np.save(tmp / f"{name}.npy", value)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        stats = _encode_to_dir(table, tok, tmp, progress)
         (tmp / "meta.json").write_text(json.dumps({"encoder": ENCODER_VERSION, "rows": table.num_rows,
                                                    "stats": dataclasses.asdict(stats)}))
         try:
@@ -245,11 +287,18 @@ def encode_table(table: pa.Table, tok: GenPageTokenizer, split: str | None = Non
     return seqs, {**skipped, "other_split": skipped["other_split"] + other}
 
 
-def split_logs(table: pa.Table, tok: GenPageTokenizer, split: str,
-               encoded: EncodedLogs | None = None) -> tuple[PageSequences, pa.Table]:
+def split_logs(table: pa.Table, tok: GenPageTokenizer, split: str, encoded: EncodedLogs | None = None,
+               columns: Sequence[str] | None = None) -> tuple[PageSequences, pa.Table]:
     """One split of validated logs (all impressions, positive or not), encoded; the table rows stay aligned
     with the sequences (row i of the returned table is sequence i), for the ground truth and per-token targets.
-    encoded: the whole table's encoding (encode_logs), reused instead of encoding the split again."""
+    encoded: the whole table's encoding (encode_logs), reused instead of encoding the split again.
+    columns: only these columns of the split's rows (the returned table is a copy of them: of a memory-mapped
+    log, only what the caller reads is copied into memory); needs `encoded`."""
+    if columns is not None:
+        if encoded is None:
+            raise ValueError("split_logs: columns needs the table's encoding (encoded=)")
+        part = table.select(list(columns)).filter(pc.equal(table.column("split"), split))
+        return encoded.select(tok, split)[0], part
     part = table.filter(pc.equal(table.column("split"), split))
     if encoded is None:
         seqs, _ = encode_table(part, tok)

@@ -23,6 +23,7 @@ import torch
 
 from common import distributed
 from common.cli import parse_recipe_args, reuse_or_start, write_summary
+from common.processes import release_freed_memory
 from homepage.dataset import DatasetError, open_stage_dataset
 from homepage.environment import load_environment
 from homepage.logs import LogSchemaError, sample_impressions
@@ -30,7 +31,7 @@ from policies.evaluation import pages_from_tokens
 from policies.tokenizer import GenPageTokenizer, check_tokenizer_matches
 from reward_model.config import RewardModelConfig
 from policies.data import encode_stage_logs, split_logs
-from reward_model.data import RewardNormalization, check_disjoint_users, entity_targets
+from reward_model.data import ENTITY_TARGET_COLUMNS, RewardNormalization, check_disjoint_users, entity_targets
 from reward_model.evaluation import (BagOfEntitiesRidge, EvalSet, evaluate, logged_eval_set, results_table,
                                      scatter_plot)
 from reward_model.heads import get_reward_head
@@ -110,7 +111,7 @@ def main() -> None:
     say(f"[data] {report.summary()}")
     encoded = encode_stage_logs(cfg, dataset, table, tok, ranks)  # pretraining's encoding when it is cached
     say(f"[data] {len(encoded)} impressions encoded" + (f" (reused: {encoded.cache_dir})" if encoded.from_cache else ""))
-    train, train_table = split_logs(table, tok, "train", encoded)
+    train, train_table = split_logs(table, tok, "train", encoded, columns=ENTITY_TARGET_COLUMNS)
     valid, valid_table = split_logs(table, tok, "valid", encoded)
     if len(train) == 0 or len(valid) == 0:
         raise SystemExit(f"{logs}: {len(train)} train and {len(valid)} valid impressions; both splits are needed "
@@ -130,6 +131,8 @@ def main() -> None:
             f"{name} {v:+.3f} ({n} titles)" for name, v, n in zip(feedback_types, targets.feedback_rewards,
                                                                   targets.feedback_counts))
               + f"; thumbs-up {targets.thumbs_up_reward:+.3f} ({targets.thumbs_up_count} titles)")
+    del train_table  # the copy of the train rows' feedback columns, read: its memory back before training
+    release_freed_memory()
     say(f"[data] train {len(train)} impressions of {len(set(train.user_ids))} users; valid {len(valid)} of "
           f"{len(set(valid.user_ids))} users; page reward mean {norm.mean:.3f}, std {norm.std:.3f}")
 

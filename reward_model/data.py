@@ -127,6 +127,9 @@ class EntityTargets:
         return np.asarray(self.feedback_counts, np.float64) / titles, self.thumbs_up_count / titles
 
 
+ENTITY_TARGET_COLUMNS = ("impression_id", "feedback", "thumbs_up", "entity_rewards")  # what entity_targets reads
+
+
 def entity_targets(table: pa.Table, source, feedback_types: tuple[str, ...]) -> EntityTargets:
     """The per-token targets of `table`'s impressions and the reward system that turned their feedback into
     entity rewards, fitted by least squares (entity_reward ~ one-hot(feedback) + thumbs_up). source names the

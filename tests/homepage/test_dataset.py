@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from homepage.dataset import DatasetError, load_dataset, open_dataset
-from homepage.logs import LogSchemaError
+from homepage.logs import LOG_SCHEMA, LogSchemaError
 from tests.datasets import music
 
 
@@ -163,3 +163,48 @@ def test_an_entity_type_the_schema_does_not_declare(data):
     edit_catalog(data, "entity_type", lambda c: pa.array([("podcast" if i == 9 else v) for i, v in enumerate(c.to_pylist())]))
     with pytest.raises(DatasetError, match=r"catalog.parquet: row 9, field 'entity_type': 'podcast' is not one of .*add it"):
         load_dataset(data)
+
+
+# -- the validated-logs cache (homepage.dataset.cached_logs) ----------------------------------------------------------
+def break_hour(root, row: int = 3):
+    """One log row out of range (hour 30), the rest unchanged."""
+    from tests.homepage.helpers import set_cell, write_log
+
+    part = root / "logs" / "part-00000.parquet"
+    write_log(part, set_cell(pq.read_table(part), "hour", row, 30))
+
+
+def test_validated_logs_are_cached_memory_mapped_and_equal(data, tmp_path):
+    cache = tmp_path / "cache"
+    _, memory, mem_report = open_dataset(data)
+    _, first, r1 = open_dataset(data, cache_dir=cache)
+    allocated = pa.total_allocated_bytes()
+    _, again, r2 = open_dataset(data, cache_dir=cache)
+    assert pa.total_allocated_bytes() - allocated < 2**16  # mapped from the file, not copied into memory
+    assert first.equals(memory) and again.equals(memory)
+    assert not r1.from_cache and r2.from_cache
+    for report in (r1, r2):
+        assert (report.rows, report.rows_read, report.filled, report.unknown_entities) == (
+            mem_report.rows, mem_report.rows_read, mem_report.filled, mem_report.unknown_entities)
+    assert [p.name for p in cache.iterdir()] == [next(cache.iterdir()).name]  # one entry, no temporary left
+    # Other log bytes: another entry, validated again.
+    part = data / "logs" / "part-00000.parquet"
+    pq.write_table(pq.read_table(part).slice(0, 100).replace_schema_metadata(LOG_SCHEMA.metadata), part)
+    _, fewer, r3 = open_dataset(data, cache_dir=cache)
+    assert not r3.from_cache and fewer.num_rows == 100 and len(list(cache.iterdir())) == 2
+
+
+def test_cached_logs_keep_the_quarantine_and_never_cache_a_refused_log(data, tmp_path):
+    cache = tmp_path / "cache"
+    break_hour(data)
+    with pytest.raises(LogSchemaError, match="hour"):
+        open_dataset(data, cache_dir=cache)
+    assert not cache.exists() or list(cache.iterdir()) == []  # the refused validation left nothing behind
+    _, memory, expected = open_dataset(data, "quarantine", 0.1, tmp_path / "memory.parquet")
+    _, first, r1 = open_dataset(data, "quarantine", 0.1, tmp_path / "a" / "q.parquet", cache)
+    _, again, r2 = open_dataset(data, "quarantine", 0.1, tmp_path / "b" / "q.parquet", cache)
+    assert r2.from_cache and again.equals(memory) and first.equals(memory)
+    for report in (r1, r2):
+        assert report.quarantined == 1 and report.bad_row_reasons() == expected.bad_row_reasons()
+        assert pq.read_table(report.quarantine_file).equals(pq.read_table(tmp_path / "memory.parquet"))
+    assert r2.quarantine_file == str(tmp_path / "b" / "q.parquet")

@@ -169,3 +169,18 @@ def test_other_page_of_user_is_the_users_next_logged_page(table):
         else:  # the next one in log order, else the first
             assert page == imps[next((j for j in rows if j > k), rows[0])].page
     assert any(p is not None for p in out) and any(p is None for p in out)
+
+
+def test_parts_with_other_optional_fields_read_as_one_table(tmp_path, table):
+    """One part with every field, one without the optional ones: the table has the first part's columns, the
+    second part's split derived and its rows_viewed and policy null; written batch by batch to an Arrow file
+    (out_file), the same table comes back memory-mapped."""
+    (tmp_path / "logs").mkdir()
+    write(tmp_path / "logs", table.slice(0, 20), "part-0.parquet")
+    write(tmp_path / "logs", table.slice(20).drop_columns(["split", "rows_viewed", "policy"]), "part-1.parquet")
+    back, report = read_logs(tmp_path / "logs", SCHEMA["toy"])
+    assert back.schema.names == table.schema.names and report.filled == {"split": table.num_rows - 20}
+    assert back.column("split").null_count == 0 and back.column("policy").null_count == table.num_rows - 20
+    assert back.slice(0, 20).equals(table.slice(0, 20))
+    mapped, _ = read_logs(tmp_path / "logs", SCHEMA["toy"], out_file=tmp_path / "logs.arrow")
+    assert mapped.equals(back)

@@ -127,3 +127,23 @@ def test_the_cache_is_read_back_memory_mapped_and_keyed_by_tokenizer_and_files(s
     assert len({first.cache_dir, other_logs.cache_dir, other_tok.cache_dir}) == 3
     assert not other_tok.from_cache and other_tok.prompts[0] != first.prompts[0]
     assert not list((tmp_path / "cache").glob(".tmp_*"))  # entries are renamed into place whole
+
+
+def test_the_cached_encoding_is_written_chunk_by_chunk_and_equals_the_in_memory_one(small_world, tmp_path, monkeypatch):
+    """Several chunks (ENCODE_CHUNK made small), joined on disk: every array equals the in-memory encoding's,
+    offsets continue across chunks and the chunk files are gone."""
+    import numpy as np
+
+    import policies.data as data
+    from tests.toy import world_tokenizer
+
+    table, tok = small_logs(small_world), world_tokenizer(small_world)
+    monkeypatch.setattr(data, "ENCODE_CHUNK", 7)  # 50 rows: 8 chunks, the last one short
+    memory = data.encode_logs(table, tok, progress=False)
+    cached = data.encode_logs(table, tok, tmp_path / "cache", progress=False)
+    for name in ("values", "starts", "ends"):
+        for seqs in ("prompts", "pages"):
+            assert np.array_equal(getattr(getattr(cached, seqs), name), getattr(getattr(memory, seqs), name)), (seqs, name)
+    for name in ("split", "user_ids", "page_reward"):
+        assert np.array_equal(getattr(cached, name), getattr(memory, name)), name
+    assert cached.stats == memory.stats and not list(cached.cache_dir.glob("chunks"))
