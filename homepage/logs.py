@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -404,10 +405,18 @@ def iter_impressions(table: pa.Table) -> Iterator[Impression]:
         )
 
 
+def rows_where(mask) -> np.ndarray:
+    """The row numbers where a boolean Arrow (chunked) array is true (null: false), without a Python object per row."""
+    mask = pc.fill_null(mask, False)
+    chunks = mask.chunks if isinstance(mask, pa.ChunkedArray) else [mask]
+    flat = np.concatenate([c.to_numpy(zero_copy_only=False) for c in chunks]) if chunks else np.zeros(0, bool)
+    return np.flatnonzero(flat)
+
+
 def sample_impressions(table: pa.Table, split: str, n: int, seed: int) -> list[Impression]:
     """Up to n impressions of `split` users drawn without replacement (deterministic in seed): logged contexts
     to generate for, with the logged page and feedback to compare against."""
-    idx = np.flatnonzero(table.column("split").to_numpy(zero_copy_only=False) == split)
+    idx = rows_where(pc.equal(table.column("split"), split))
     if len(idx) > n:
         idx = np.sort(np.random.default_rng([seed, 31]).choice(idx, size=n, replace=False))
     return list(iter_impressions(table.take(idx)))
@@ -423,10 +432,13 @@ def other_page_of_user(impressions: list[Impression], table: pa.Table) -> list[P
     """Per impression, a logged page the same user got in another impression of `table` in the same split (the
     next one in log order), None if there is none: what the logging policy shows the user, without the page
     that produced the engagement being scored (the logging policy's offline recall)."""
+    users = pa.array(sorted({imp.context.user_id for imp in impressions}), pa.string())
+    rows = rows_where(pc.is_in(table.column("user_id"), value_set=users))  # only these users' rows are read
+    mine = table.select(["user_id", "split", "impression_id"]).take(rows)
     by_user: dict[tuple[str, str], list[int]] = {}
-    for i, key in enumerate(zip(table.column("user_id").to_pylist(), table.column("split").to_pylist())):
+    for i, key in zip(rows.tolist(), zip(mine.column("user_id").to_pylist(), mine.column("split").to_pylist())):
         by_user.setdefault(key, []).append(i)
-    pos = {int(v): i for i, v in enumerate(table.column("impression_id").to_numpy())}
+    pos = dict(zip(mine.column("impression_id").to_pylist(), rows.tolist()))
     other: list[int | None] = []  # per impression, the table row of the user's other page
     for imp in impressions:
         mine = pos[imp.impression_id]

@@ -70,9 +70,10 @@ def write_prompts(cfg: DrGrpoConfig, out: Path, init: Path, lengths: SequenceLen
     """Training prompts: logged contexts of train-split users (drawn with replacement, enough for every step);
     held-out: test-split logged contexts, with their logged page (the logging policy's row of the table)."""
     import numpy as np
+    import pyarrow.compute as pc
 
     from homepage.dataset import open_stage_dataset
-    from homepage.logs import iter_impressions, other_page_of_user, sample_impressions
+    from homepage.logs import iter_impressions, other_page_of_user, rows_where, sample_impressions
     from policies.tokenizer import GenPageTokenizer, check_tokenizer_matches
     from rl.data import prompt_rows, write_prompt_parquet
 
@@ -94,7 +95,7 @@ def write_prompts(cfg: DrGrpoConfig, out: Path, init: Path, lengths: SequenceLen
             raise SystemExit("prompt_source=environment needs an environment that samples contexts (environment=...)")
         train_imps = [Impression(i, "train", c, Page(()), (), (), (), (), 0.0) for i, c in enumerate(contexts)]
     else:  # logged contexts of train-split users, drawn with replacement
-        train_idx = np.flatnonzero(table.column("split").to_numpy(zero_copy_only=False) == "train")
+        train_idx = rows_where(pc.equal(table.column("split"), "train"))
         if not len(train_idx):
             raise SystemExit(f"{dataset.logs}: no train-split impressions to take prompts from")
         train_imps = list(iter_impressions(table.take(np.random.default_rng([cfg.prompt_seed, 7]).choice(train_idx, size=n_train))))

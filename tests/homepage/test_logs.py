@@ -184,3 +184,11 @@ def test_parts_with_other_optional_fields_read_as_one_table(tmp_path, table):
     assert back.slice(0, 20).equals(table.slice(0, 20))
     mapped, _ = read_logs(tmp_path / "logs", SCHEMA["toy"], out_file=tmp_path / "logs.arrow")
     assert mapped.equals(back)
+
+
+def test_rows_where_counts_rows_across_chunks_and_reads_null_as_false():
+    from homepage.logs import rows_where
+
+    mask = pa.chunked_array([pa.array([True, False, None]), pa.array([], pa.bool_()), pa.array([False, True])])
+    assert rows_where(mask).tolist() == [0, 4]
+    assert rows_where(pa.array([False, True])).tolist() == [1]
