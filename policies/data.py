@@ -54,10 +54,16 @@ class TokenLists(Sequence):
         idx = np.asarray(idx, dtype=np.int64)
         return TokenLists(self.values, self.starts[idx], self.ends[idx])
 
-    def contains_any(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Whether each list holds any of `token_ids`.  -> [N] bool"""
-        hit = np.concatenate([[0], np.cumsum(np.isin(self.values, np.asarray(list(token_ids), dtype=np.int64)))])
-        return hit[self.ends] > hit[self.starts]
+    def contains_any(self, token_ids: Sequence[int], chunk: int = 65_536) -> np.ndarray:
+        """Whether each list holds any of `token_ids`, `chunk` lists at a time (memory holds their tokens, never
+        a mask over all of `values`).  -> [N] bool"""
+        ids = np.asarray(list(token_ids), dtype=np.int64)
+        out = np.zeros(len(self), dtype=bool)
+        for a in range(0, len(self), chunk):
+            part = TokenLists(self.values, self.starts[a:a + chunk], self.ends[a:a + chunk])
+            index, tokens = part.flat()  # [T'] each token's list within the chunk, and the token
+            out[a:a + len(part)] = np.bincount(index[np.isin(tokens, ids)], minlength=len(part)) > 0
+        return out
 
 
 @dataclass

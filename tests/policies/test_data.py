@@ -147,3 +147,18 @@ def test_the_cached_encoding_is_written_chunk_by_chunk_and_equals_the_in_memory_
     for name in ("split", "user_ids", "page_reward"):
         assert np.array_equal(getattr(cached, name), getattr(memory, name)), name
     assert cached.stats == memory.stats and not list(cached.cache_dir.glob("chunks"))
+
+
+def test_contains_any_by_chunks_equals_a_scan_of_each_list():
+    import numpy as np
+
+    from policies.data import TokenLists
+
+    rng = np.random.default_rng(0)
+    lists = TokenLists.from_lists([rng.integers(0, 30, rng.integers(0, 6)).tolist() for _ in range(200)])
+    subset = lists.take(rng.permutation(200)[:150])  # lists out of order over the same values
+    for seqs in (lists, subset):
+        expected = [any(t in (3, 17) for t in seqs[i]) for i in range(len(seqs))]
+        for chunk in (1, 7, 65_536):
+            assert seqs.contains_any([3, 17], chunk=chunk).tolist() == expected
+    assert 0 < sum(expected) < len(expected)
