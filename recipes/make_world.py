@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -25,6 +26,8 @@ from homepage.dataset import write_dataset
 from homepage.logs import batch_to_table, read_logs
 from homepage.config import MakeWorldConfig
 from homepage.world import SIMULATOR_DIR, World, batch_from_table, catalog_table, dataset_schema
+
+GROUND_TRUTH_CHUNK = 65_536  # logged pages scored by the ground truth at once (bounds the read-back's memory)
 
 
 _WORLD: World | None = None  # the world and logs directory forked workers write parts of
@@ -91,15 +94,25 @@ def main() -> None:
     c = world.catalog
 
     # -- read back through the validating reader, and the ground truth of the logged pages ---------------
-    table, report = read_logs(logs_dir, dataset.schema, known_entity_ids=frozenset(c.entity_ids))
+    # The read-back table is memory-mapped from a file of the output directory (removed at the end), and the
+    # ground truth runs GROUND_TRUTH_CHUNK pages at a time: memory holds a chunk of pages, not the log.
+    readback = out / ".readback.arrow"
+    table, report = read_logs(logs_dir, dataset.schema, known_entity_ids=frozenset(c.entity_ids), out_file=readback)
     print(f"[logs] {report.summary()}")
-    user, req, pages = batch_from_table(world, table)
-    t1 = time.perf_counter()
-    true_reward = world.true_page_reward(user, req, pages)
-    gt_seconds = time.perf_counter() - t1
+    true_reward, rows_per_page, entities_per_page, gt_seconds = [], [], [], 0.0
+    for s in range(0, table.num_rows, GROUND_TRUTH_CHUNK):
+        user, req, pages = batch_from_table(world, table.slice(s, GROUND_TRUTH_CHUNK))
+        t1 = time.perf_counter()
+        true_reward.append(world.true_page_reward(user, req, pages))
+        gt_seconds += time.perf_counter() - t1
+        rows_per_page.append((pages.rows >= 0).sum(1))
+        entities_per_page.append(pages.valid.sum((1, 2)))
+    true_reward, rows_per_page, entities_per_page = (np.concatenate(x) for x in (true_reward, rows_per_page,
+                                                                                  entities_per_page))
     observed = table.column("page_reward").to_numpy()
-    feedback = table.column("feedback").combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)
-    counts = {f: int((feedback == f).sum()) for f in dataset.schema.rewards.feedback_types}
+    feedback = pc.value_counts(pc.list_flatten(pc.list_flatten(table.column("feedback")))).to_pylist()
+    logged = {item["values"]: item["counts"] for item in feedback}
+    counts = {f: int(logged.get(f, 0)) for f in dataset.schema.rewards.feedback_types}
     previous = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     summary = {
         "impressions": table.num_rows,
@@ -107,18 +120,20 @@ def main() -> None:
         "entities": c.n,
         "rows": len(dataset.schema.row_ids),
         "gen_impressions_per_s": generated / gen_seconds if generated else previous.get("gen_impressions_per_s"),
-        "ground_truth_pages_per_s": len(pages) / gt_seconds,
+        "ground_truth_pages_per_s": table.num_rows / gt_seconds,
         "logging_true_reward_mean": float(true_reward.mean()),
         "logging_observed_reward_mean": float(observed.mean()),
         "observed_vs_true_pearson": float(np.corrcoef(observed, true_reward)[0, 1]),
-        "rows_per_page_mean": float((pages.rows >= 0).sum(1).mean()),
-        "entities_per_page_mean": float(pages.valid.sum((1, 2)).mean()),
+        "rows_per_page_mean": float(rows_per_page.mean()),
+        "entities_per_page_mean": float(entities_per_page.mean()),
         "rows_viewed_mean": float(table.column("rows_viewed").to_numpy().mean()),
         "feedback_counts": counts,
         "positive_impressions": int((observed > 0).sum()),
         "unknown_entities": report.unknown_entities,
         "config": dataclasses.asdict(cfg),
     }
+    del table
+    readback.unlink()
     write_summary(out / "summary.json", summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
 
