@@ -523,6 +523,26 @@ def logs_key(dataset: Dataset, on_bad_rows: str, max_bad_fraction: float) -> str
     return h.hexdigest()
 
 
+def remove_stale_entries(entry: Path) -> int:
+    """Removes the temporary directories `.tmp_<entry name>_<pid>` of an entry whose writer is gone (killed
+    mid-write): the next writer of the same entry leaves no debris behind. -> how many"""
+    import os
+    import shutil
+
+    removed = 0
+    for tmp in entry.parent.glob(f".tmp_{entry.name}_*"):
+        try:
+            os.kill(int(tmp.name.rsplit("_", 1)[1]), 0)
+            continue  # its writer still runs
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed += 1
+    return removed
+
+
 def cached_logs(dataset: Dataset, cache_dir: str | Path, on_bad_rows: str = "error", max_bad_fraction: float = 0.0,
                 quarantine_path: str | Path | None = None):
     """The dataset's validated logs as a memory-mapped Arrow file under cache_dir/<logs_key>, with the report and
@@ -538,6 +558,7 @@ def cached_logs(dataset: Dataset, cache_dir: str | Path, on_bad_rows: str = "err
     entry = Path(cache_dir) / logs_key(dataset, on_bad_rows, max_bad_fraction)
     fresh = not (entry / LOGS_REPORT).exists()
     if fresh:
+        remove_stale_entries(entry)
         tmp = entry.with_name(f".tmp_{entry.name}_{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -244,6 +244,9 @@ def encode_logs(table: pa.Table, tok: GenPageTokenizer, cache_root: str | Path |
         return _from_arrays(arrays, stats)
     entry = Path(cache_root) / encoding_key(table, tok, sources)
     if not (entry / "meta.json").exists():
+        from homepage.dataset import remove_stale_entries
+
+        remove_stale_entries(entry)
         tmp = entry.with_name(f".tmp_{entry.name}_{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -208,3 +208,19 @@ def test_cached_logs_keep_the_quarantine_and_never_cache_a_refused_log(data, tmp
         assert report.quarantined == 1 and report.bad_row_reasons() == expected.bad_row_reasons()
         assert pq.read_table(report.quarantine_file).equals(pq.read_table(tmp_path / "memory.parquet"))
     assert r2.quarantine_file == str(tmp_path / "b" / "q.parquet")
+
+
+def test_a_killed_writers_temporary_entry_is_removed_by_the_next_writer(data, tmp_path):
+    import subprocess
+
+    from homepage.dataset import logs_key
+
+    cache = tmp_path / "cache"
+    key = logs_key(load_dataset(data), "error", 0.0)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs
+    stale, live = cache / f".tmp_{key}_{gone.pid}", cache / f".tmp_{key}_1"  # pid 1 always runs
+    for d in (stale, live):
+        (d / "part").mkdir(parents=True)
+    _, _, report = open_dataset(data, cache_dir=cache)
+    assert not report.from_cache and not stale.exists() and live.exists() and (cache / key / "logs.arrow").exists()
