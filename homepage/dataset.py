@@ -505,14 +505,15 @@ LOGS_TABLE, LOGS_REPORT = "logs.arrow", "report.json"  # a validated-logs cache 
 
 def logs_key(dataset: Dataset, on_bad_rows: str, max_bad_fraction: float) -> str:
     """What the validated table depends on: the validating code, the dataset's schema and catalog, the log files'
-    names and bytes, and the bad-row policy."""
+    path, names and bytes, and the bad-row policy."""
     import hashlib
 
     import homepage.logs
     import homepage.validation
 
     h = hashlib.blake2b(digest_size=16)
-    h.update(repr((on_bad_rows, float(max_bad_fraction))).encode())
+    # the logs' own path too: errors and quarantined rows name their files
+    h.update(repr((on_bad_rows, float(max_bad_fraction), str(dataset.logs.resolve()))).encode())
     sources = [Path(homepage.logs.__file__), Path(homepage.validation.__file__), dataset.root / SCHEMA_FILE,
                dataset.root / CATALOG_FILE, *homepage.logs.log_parts(dataset.logs)]
     for path in sources:
@@ -562,13 +563,15 @@ def cached_logs(dataset: Dataset, cache_dir: str | Path, on_bad_rows: str = "err
         tmp = entry.with_name(f".tmp_{entry.name}_{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        try:
+        try:  # the quarantine goes to the stage's file first: when there are too many bad rows, it is there to read
             _, report = read_logs(dataset.logs, dataset.schema, known_entity_ids=frozenset(dataset.entity_ids),
                                   on_bad_rows=on_bad_rows, max_bad_fraction=max_bad_fraction,
-                                  quarantine_path=tmp / QUARANTINE_FILE, out_file=tmp / LOGS_TABLE)
+                                  quarantine_path=quarantine_path or tmp / QUARANTINE_FILE, out_file=tmp / LOGS_TABLE)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if report.quarantine_file and Path(report.quarantine_file) != tmp / QUARANTINE_FILE:
+            shutil.copyfile(report.quarantine_file, tmp / QUARANTINE_FILE)
         facts = {k: getattr(report, k) for k in ("rows", "filled", "unknown_entities", "rows_with_unknown", "rows_read")}
         (tmp / LOGS_REPORT).write_text(json.dumps(facts))
         try:
@@ -583,10 +586,11 @@ def cached_logs(dataset: Dataset, cache_dir: str | Path, on_bad_rows: str = "err
     report = LogReport(str(dataset.logs), quarantine=quarantine, from_cache=not fresh, **facts)
     if len(quarantine) and quarantine_path is not None:
         quarantine_path = Path(quarantine_path)
-        quarantine_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_q = quarantine_path.with_name(f".{quarantine_path.name}.tmp")
-        shutil.copyfile(entry / QUARANTINE_FILE, tmp_q)
-        tmp_q.rename(quarantine_path)
+        if not fresh:  # this stage's copy of the rows set aside (a fresh validation wrote it there itself)
+            quarantine_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp_q = quarantine_path.with_name(f".{quarantine_path.name}.tmp")
+            shutil.copyfile(entry / QUARANTINE_FILE, tmp_q)
+            tmp_q.rename(quarantine_path)
         report.quarantine_file = str(quarantine_path)
     return open_table(entry / LOGS_TABLE), report
 

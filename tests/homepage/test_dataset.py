@@ -224,3 +224,20 @@ def test_a_killed_writers_temporary_entry_is_removed_by_the_next_writer(data, tm
         (d / "part").mkdir(parents=True)
     _, _, report = open_dataset(data, cache_dir=cache)
     assert not report.from_cache and not stale.exists() and live.exists() and (cache / key / "logs.arrow").exists()
+
+
+def test_above_max_bad_fraction_the_stage_quarantine_file_is_there_to_read(data, tmp_path):
+    break_hour(data)
+    with pytest.raises(LogSchemaError, match="max_bad_fraction"):
+        open_dataset(data, "quarantine", 0.0, tmp_path / "out" / "quarantine.parquet", tmp_path / "cache")
+    assert pq.read_table(tmp_path / "out" / "quarantine.parquet").num_rows == 1
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_copy_of_the_dataset_elsewhere_has_its_own_entry_naming_its_own_files(data, tmp_path):
+    break_hour(data)
+    copy = shutil.copytree(data, tmp_path / "copy")
+    _, _, here = open_dataset(data, "quarantine", 0.1, None, tmp_path / "cache")
+    _, _, there = open_dataset(copy, "quarantine", 0.1, None, tmp_path / "cache")
+    assert not there.from_cache and there.quarantine.part == [str(copy / "logs" / "part-00000.parquet")]
+    assert here.quarantine.part == [str(data / "logs" / "part-00000.parquet")]
