@@ -514,14 +514,18 @@ def logs_key(dataset: Dataset, on_bad_rows: str, max_bad_fraction: float) -> str
     h = hashlib.blake2b(digest_size=16)
     # the logs' own path too: errors and quarantined rows name their files
     h.update(repr((on_bad_rows, float(max_bad_fraction), str(dataset.logs.resolve()))).encode())
-    sources = [Path(homepage.logs.__file__), Path(homepage.validation.__file__), dataset.root / SCHEMA_FILE,
-               dataset.root / CATALOG_FILE, *homepage.logs.log_parts(dataset.logs)]
-    for path in sources:
-        h.update(path.name.encode())
+    hash_files(h, [Path(homepage.logs.__file__), Path(homepage.validation.__file__), dataset.root / SCHEMA_FILE,
+                   dataset.root / CATALOG_FILE, *homepage.logs.log_parts(dataset.logs)])
+    return h.hexdigest()
+
+
+def hash_files(h, paths) -> None:
+    """Feeds each file's name and bytes into the hash h (a cache key's sources), 16 MB at a time."""
+    for path in paths:
+        h.update(Path(path).name.encode())
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 h.update(block)
-    return h.hexdigest()
 
 
 def remove_stale_entries(entry: Path) -> int:

@@ -218,14 +218,12 @@ def encoding_key(table: pa.Table, tok: GenPageTokenizer, sources: Sequence[Path]
     import hashlib
     import json
 
+    from homepage.dataset import hash_files
+
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps({"encoder": ENCODER_VERSION, "tokens": tok.tokens, "max_history": tok.max_history,
                          "rows": table.num_rows}).encode())
-    for path in sources:
-        h.update(str(Path(path).name).encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
+    hash_files(h, sources)
     h.update(np.ascontiguousarray(table.column("impression_id").to_numpy()).tobytes())
     return h.hexdigest()
 
