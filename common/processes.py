@@ -185,9 +185,8 @@ if __name__ == "__main__":
 
 
 def release_freed_memory() -> None:
-    """Hands Arrow's freed blocks back to the OS. Its allocator (mimalloc) keeps them after a table is dropped: at the
-    medium rung the 3 GB validated log table stayed in Dr. GRPO's driver (4.9 GB) for the whole verl session;
-    0.7 GB after."""
+    """Hands Arrow's freed blocks back to the OS. Its allocator (mimalloc) keeps them after a table is dropped, so a
+    process that copied log rows would hold their memory until it ends (docs/scale.md has the measurements)."""
     import gc
 
     import pyarrow as pa
